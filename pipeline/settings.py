@@ -1,0 +1,71 @@
+"""Typed configuration, built once from the environment (prefix ``AAS_``, ``.env`` supported)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the system. Secrets are ``SecretStr`` and never appear in logs or reprs."""
+
+    model_config = SettingsConfigDict(env_prefix="AAS_", env_file=".env", extra="ignore")
+
+    # Redis: broker, results, job state, registry, events.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # Object store. With s3_endpoint set, S3/MinIO is used; otherwise a local folder.
+    s3_endpoint: str | None = None  # host:port, e.g. "minio:9000"
+    s3_access_key: SecretStr = SecretStr("minioadmin")  # documented development default
+    s3_secret_key: SecretStr = SecretStr("minioadmin")  # documented development default
+    s3_bucket: str = "aas"
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    store_root: Path = Path("var/store")
+
+    # Workers.
+    device: str = "auto"  # "auto" picks cuda when available; "cpu", "cuda", "cuda:1" force one
+    torch_threads: int = Field(default=1, ge=1)  # per CPU worker process
+    slow_factor: float = Field(default=1.0, ge=1.0)  # tests/benchmarks only: stretch each task's compute time
+
+    # Celery reliability. The visibility timeout must exceed the longest task, or Redis redelivers
+    # a running task to a second worker; tasks are idempotent regardless.
+    visibility_timeout_s: int = Field(default=600, ge=1)
+    task_time_limit_s: int = Field(default=300, ge=1)
+    task_max_retries: int = Field(default=5, ge=0)
+    retry_backoff_s: float = Field(default=1.0, gt=0)
+    retry_backoff_max_s: float = Field(default=30.0, gt=0)
+    max_deliveries: int = Field(default=5, ge=1)  # poison-message cap: deliveries of one task before it is failed
+
+    # Limits on what is accepted.
+    max_blob_bytes: int = Field(default=2 * 1024**3, ge=1)
+    signing_key: SecretStr | None = None  # HMAC-SHA256 key for blobs and artifacts, when set
+
+    # Registry / serving.
+    registry_token: SecretStr | None = None
+    max_predict_batch: int = Field(default=1024, ge=1)
+
+    # Flower.
+    flower_user: str | None = None
+    flower_password: SecretStr | None = None
+
+    def store_kind(self) -> str:
+        return "s3" if self.s3_endpoint else "local"
+
+    def redis_display(self) -> str:
+        """The Redis URL without a password, safe to print."""
+        from urllib.parse import urlsplit, urlunsplit
+
+        parts = urlsplit(self.redis_url)
+        if parts.password:
+            netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+        return self.redis_url
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,85 @@
+"""Every Redis key and object-store key layout in one place (the whole on-store layout, readable here)."""
+
+from __future__ import annotations
+
+PREFIX = "aas"
+
+# ---------------------------------------------------------------- Redis keys
+
+
+def job(job_id: str) -> str:
+    """Hash: the job's durable state (spec, status, version, counters, error)."""
+    return f"{PREFIX}:job:{job_id}"
+
+
+def job_metrics(job_id: str) -> str:
+    """List of JSON objects, one per published version: loss, accuracy, bytes, wall time."""
+    return f"{PREFIX}:job:{job_id}:metrics"
+
+
+def job_events(job_id: str) -> str:
+    """Stream: everything notable that happened to the job (rejections, retries, failures)."""
+    return f"{PREFIX}:job:{job_id}:events"
+
+
+def job_consumed(job_id: str, version: int) -> str:
+    """Set: identities of the gradient blobs that produced `version` (recorded with the version bump)."""
+    return f"{PREFIX}:job:{job_id}:consumed:v{version}"
+
+
+def job_launched(job_id: str, version: int) -> str:
+    """String: set once the round computing on `version` has been enqueued (idempotent relaunch)."""
+    return f"{PREFIX}:job:{job_id}:launched:v{version}"
+
+
+def jobs_index() -> str:
+    """Sorted set: job ids by creation time."""
+    return f"{PREFIX}:jobs"
+
+
+def deliveries(task_id: str) -> str:
+    """Counter: how many times a task message was delivered (poison-message cap)."""
+    return f"{PREFIX}:deliveries:{task_id}"
+
+
+# ---------------------------------------------------------------- object keys
+
+
+def dataset_prefix(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}"
+
+
+def dataset_manifest(dataset_id: str) -> str:
+    """JSON: shard keys, sample counts and sha256 of every shard, plus the test split."""
+    return f"datasets/{dataset_id}/manifest.json"
+
+
+def dataset_shard(dataset_id: str, shard: int) -> str:
+    return f"datasets/{dataset_id}/shard-{shard:05d}.aast"
+
+
+def dataset_test(dataset_id: str) -> str:
+    return f"datasets/{dataset_id}/test.aast"
+
+
+def job_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/"
+
+
+def checkpoint(job_id: str, version: int) -> str:
+    """Training checkpoint: fp32 weights + optimizer state + model arguments + step."""
+    return f"jobs/{job_id}/ckpt/v{version:06d}.aast"
+
+
+def gradient(job_id: str, version: int, shard: int, attempt: int) -> str:
+    """A gradient (or pseudo-gradient) blob; its identity is (job, shard, base version, attempt)."""
+    return f"jobs/{job_id}/grads/v{version:06d}/s{shard:05d}-a{attempt}.aast"
+
+
+def artifact(model: str, version: int) -> str:
+    """A serving artifact registered in the model registry."""
+    return f"models/{model}/v{version:06d}.aast"
+
+
+def gradient_identity(job_id: str, shard: int, version: int, attempt: int) -> str:
+    return f"{job_id}/s{shard}/v{version}/a{attempt}"

@@ -1,0 +1,239 @@
+"""Object storage behind one Protocol: S3/MinIO (any S3 endpoint, through the ``minio`` client) and a local folder."""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+
+class StoreError(Exception):
+    """The object store failed or refused a request."""
+
+
+class ObjectNotFound(StoreError):
+    def __init__(self, key: str, where: str) -> None:
+        super().__init__(f"object {key!r} not found in {where}")
+        self.key = key
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached at all (connection refused, DNS, timeout)."""
+
+
+@runtime_checkable
+class ObjectStore(Protocol):
+    """Flat key → bytes storage. Writes are atomic: a reader sees the whole object or none of it."""
+
+    def put(self, key: str, data: bytes) -> None: ...
+
+    def get(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def list(self, prefix: str) -> Iterator[str]: ...
+
+    def check(self) -> None:
+        """Raise StoreUnavailable with a one-line reason when the store cannot be used."""
+        ...
+
+    def describe(self) -> str: ...
+
+
+def _check_key(key: str) -> str:
+    # Keys are relative, slash-separated, without traversal: a key must never escape its prefix.
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise StoreError(f"invalid object key {key!r}: keys are relative paths without '.', '..' or empty parts")
+    return key
+
+
+class LocalStore:
+    """A folder on disk. Atomic writes through a temporary file and ``os.replace``."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key, self.describe()) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> Iterator[str]:
+        base = self.root
+        if not base.exists():
+            return
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.startswith(".tmp-"):
+                key = p.relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    yield key
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise StoreUnavailable(f"local store {self.root} is not writable: {e.strerror}") from None
+        if not os.access(self.root, os.W_OK):
+            raise StoreUnavailable(f"local store {self.root} is not writable")
+
+    def describe(self) -> str:
+        return f"local folder {self.root}"
+
+
+class S3Store:
+    """Any S3 endpoint (MinIO in production) through the ``minio`` client. S3 PUTs are atomic per object."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        *,
+        secure: bool = False,
+        region: str = "us-east-1",
+        timeout_s: float = 10.0,
+    ) -> None:
+        import urllib3
+        from minio import Minio
+
+        self.endpoint = endpoint
+        self.bucket = bucket
+        # Short connect timeout and a few retries: an unreachable store should fail fast with a clear
+        # message; the Celery task's own retry with backoff rides out longer outages.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=timeout_s, read=max(timeout_s, 60.0)),
+            maxsize=16,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self._client = Minio(
+            endpoint, access_key=access_key, secret_key=secret_key, secure=secure, region=region, http_client=http
+        )
+        self._bucket_ok = False
+
+    def _wrap(self, e: Exception) -> StoreError:
+        import urllib3
+
+        if isinstance(e, (urllib3.exceptions.HTTPError, OSError)):
+            return StoreUnavailable(f"S3 endpoint {self.endpoint} unreachable: {type(e).__name__}")
+        return StoreError(f"S3 {self.endpoint}/{self.bucket}: {e}")
+
+    def ensure_bucket(self) -> None:
+        if self._bucket_ok:
+            return
+        try:
+            if not self._client.bucket_exists(self.bucket):
+                self._client.make_bucket(self.bucket)
+        except Exception as e:  # noqa: BLE001 - normalised into StoreError
+            raise self._wrap(e) from None
+        self._bucket_ok = True
+
+    def put(self, key: str, data: bytes) -> None:
+        self.ensure_bucket()
+        try:
+            self._client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+
+    def get(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        resp = None
+        try:
+            resp = self._client.get_object(self.bucket, _check_key(key))
+            return resp.read()
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectNotFound(key, self.describe()) from None
+            raise self._wrap(e) from None
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+        finally:
+            if resp is not None:
+                resp.close()
+                resp.release_conn()
+
+    def exists(self, key: str) -> bool:
+        from minio.error import S3Error
+
+        try:
+            self._client.stat_object(self.bucket, _check_key(key))
+            return True
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
+                return False
+            raise self._wrap(e) from None
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self._client.remove_object(self.bucket, _check_key(key))
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+
+    def list(self, prefix: str) -> Iterator[str]:
+        try:
+            for obj in self._client.list_objects(self.bucket, prefix=prefix, recursive=True):
+                yield obj.object_name
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+
+    def check(self) -> None:
+        self._bucket_ok = False
+        self.ensure_bucket()
+
+    def describe(self) -> str:
+        return f"S3 endpoint {self.endpoint} bucket {self.bucket}"
+
+
+def open_store(settings: object | None = None) -> ObjectStore:
+    """Build the store the settings name: S3 when ``s3_endpoint`` is set, else the local folder."""
+    from pipeline.settings import Settings, get_settings
+
+    s: Settings = settings if settings is not None else get_settings()  # type: ignore[assignment]
+    if s.s3_endpoint:
+        return S3Store(
+            s.s3_endpoint,
+            s.s3_access_key.get_secret_value(),
+            s.s3_secret_key.get_secret_value(),
+            s.s3_bucket,
+            secure=s.s3_secure,
+            region=s.s3_region,
+        )
+    return LocalStore(s.store_root)
