@@ -1,0 +1,87 @@
+"""Training checkpoint format: weights + optimizer state + model arguments + version/step.
+
+Stored as a blob (safetensors inside the AaS envelope): tensors ``model.<name>`` (the full state dict)
+and ``opt.<slot>.<name>`` (optimizer slots such as momentum buffers); meta records the model's name and
+arguments so a resume can rebuild the module and check every shape before loading.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.models import build_model
+from storage import blobs
+
+KIND = "checkpoint"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    model: str
+    model_args: dict[str, Any]
+    version: int
+    state: dict[str, torch.Tensor]  # full model state dict (parameters and buffers), fp32 on CPU
+    opt: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # slot → name → tensor
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, device: str | torch.device = "cpu") -> nn.Module:
+        """Rebuild the module and load the weights; shapes are checked by load_state_dict(strict=True)."""
+        model = build_model(self.model, self.model_args)
+        model.load_state_dict(self.state, strict=True)
+        return model.to(device)
+
+
+def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None) -> bytes:
+    tensors = {f"model.{k}": v for k, v in ckpt.state.items()}
+    for slot, named in ckpt.opt.items():
+        tensors.update({f"opt.{slot}.{k}": v for k, v in named.items()})
+    meta = {
+        "kind": KIND,
+        "model": ckpt.model,
+        "model_args": ckpt.model_args,
+        "version": ckpt.version,
+        "opt_slots": sorted(ckpt.opt),
+        **ckpt.meta,
+    }
+    return blobs.encode(tensors, meta, signing_key=signing_key)
+
+
+def decode_checkpoint(data: bytes, where: str, *, signing_key: bytes | None = None) -> Checkpoint:
+    blob = blobs.decode(data, where, signing_key=signing_key)
+    meta = dict(blob.meta)
+    if meta.get("kind") != KIND:
+        raise blobs.BlobError(where, f"not a checkpoint (kind {meta.get('kind')!r})")
+    state: dict[str, torch.Tensor] = {}
+    opt: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in meta.get("opt_slots", [])}
+    for key, t in blob.tensors.items():
+        head, _, rest = key.partition(".")
+        if head == "model":
+            state[rest] = t
+        elif head == "opt":
+            slot, _, name = rest.partition(".")
+            if slot not in opt:
+                raise blobs.BlobError(where, f"optimizer slot {slot!r} not declared in the header")
+            opt[slot][name] = t
+        else:
+            raise blobs.BlobError(where, f"unexpected tensor {key!r}")
+    extra = {k: v for k, v in meta.items() if k not in ("kind", "model", "model_args", "version", "opt_slots")}
+    return Checkpoint(
+        model=str(meta["model"]),
+        model_args=dict(meta.get("model_args") or {}),
+        version=int(meta["version"]),
+        state=state,
+        opt=opt,
+        meta=extra,
+    )
+
+
+def initial_checkpoint(model_name: str, model_args: dict[str, Any], seed: int) -> Checkpoint:
+    """Version 0: the model's seeded initialisation."""
+    torch.manual_seed(seed)
+    model = build_model(model_name, model_args)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return Checkpoint(model=model_name, model_args=model_args, version=0, state=state)

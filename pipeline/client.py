@@ -1,0 +1,180 @@
+"""The Python client: submit a job, follow it, cancel or resume it.
+
+    from pipeline import Client, JobSpec
+    client = Client()
+    job_id = client.submit(JobSpec(model="digits-cnn", shards=2, epochs=4))
+    state = client.wait(job_id, timeout=600)
+
+Submit validates everything it can before it writes anything: the spec, the services, the data set
+against the shard count, the model against a sample. A rejected job enqueues nothing.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
+from pipeline.data import DataError, load_dataset, total_rounds
+from pipeline.datastore import write_dataset
+from pipeline.models import ModelError, build_model
+from pipeline.settings import Settings, get_settings
+from pipeline.spec import JobSpec, SpecError, parse_spec
+from storage import keys
+from storage.jobstate import TERMINAL, JobStore
+from storage.objectstore import ObjectStore, StoreError, open_store
+
+
+class ServiceUnavailable(RuntimeError):
+    """Redis or the object store cannot be reached. One line, naming the endpoint."""
+
+
+class Client:
+    def __init__(self, settings: Settings | None = None, *, store: ObjectStore | None = None,
+                 redis_client: redis.Redis | None = None) -> None:
+        self.settings = settings or get_settings()
+        self.redis = redis_client or redis.Redis.from_url(
+            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30
+        )
+        self.store = store or open_store(self.settings)
+        self.jobs = JobStore(self.redis)
+
+    # ------------------------------------------------------------------ checks
+
+    def check_services(self) -> None:
+        try:
+            self.redis.ping()
+        except redis.RedisError as e:
+            raise ServiceUnavailable(
+                f"cannot reach Redis at {self.settings.redis_display()}: {e.__class__.__name__}: {e}"
+                " (set AAS_REDIS_URL or start Redis)"
+            ) from None
+        try:
+            self.store.check()
+        except StoreError as e:
+            raise ServiceUnavailable(f"object store unavailable: {e}") from None
+
+    def _context(self) -> Any:
+        from workers.context import Context
+
+        return Context(settings=self.settings, redis=self.redis, store=self.store, jobs=self.jobs)
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, spec: JobSpec | dict[str, Any]) -> str:
+        """Validate, stage data and version 0, enqueue round 0; return the job id."""
+        self.check_services()
+        job_id = self.stage(spec)
+        try:
+            from workers.tasks import advance
+
+            advance(self._context(), job_id)
+        except Exception as e:
+            self.jobs.delete(job_id)
+            raise ServiceUnavailable(f"could not enqueue job on {self.settings.redis_display()}: {e}") from None
+        return job_id
+
+    def stage(self, spec: JobSpec | dict[str, Any]) -> str:
+        """Validate the spec against its data, write shards and version 0, record the job; enqueue nothing."""
+        spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
+        try:
+            ds = load_dataset(spec.dataset, spec.dataset_args)
+        except (DataError, TypeError) as e:
+            raise SpecError(f"invalid job spec: dataset: {e}") from None
+        if spec.shards > ds.n_train:
+            raise SpecError(
+                f"invalid job spec: shards: {spec.shards} shards for {ds.n_train} training samples"
+                " (at most one shard per sample)"
+            )
+        self._check_model(spec, ds.x_train[:2], ds.y_train[:2])
+        if spec.kind == "distill":
+            self._check_teacher(spec)
+        try:
+            manifest = write_dataset(self.store, ds, spec.shards, spec.seed)
+            job_id = uuid.uuid4().hex[:12]
+            ckpt = initial_checkpoint(spec.model, spec.model_args, spec.seed)
+            self.store.put(keys.checkpoint(job_id, 0), encode_checkpoint(ckpt, signing_key=self._signing_key()))
+        except StoreError as e:
+            raise ServiceUnavailable(f"object store unavailable: {e}") from None
+        rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
+        self.jobs.create(job_id, spec.model_dump(mode="json"), total_rounds=rounds,
+                         fields={"manifest": keys.dataset_manifest(manifest.dataset_id),
+                                 "checkpoint": keys.checkpoint(job_id, 0)})
+        return job_id
+
+    def _signing_key(self) -> bytes | None:
+        k = self.settings.signing_key
+        return k.get_secret_value().encode() if k else None
+
+    @staticmethod
+    def _check_model(spec: JobSpec, x: Any, y: Any) -> None:
+        try:
+            model = build_model(spec.model, spec.model_args)
+            out = model(x)
+        except (ModelError, TypeError, RuntimeError, ValueError) as e:
+            raise SpecError(f"invalid job spec: model: {spec.model!r} does not run on {spec.dataset!r}: {e}") from None
+        if out.shape[0] != x.shape[0]:
+            raise SpecError(f"invalid job spec: model: output batch {out.shape[0]} != input batch {x.shape[0]}")
+
+    def _check_teacher(self, spec: JobSpec) -> None:
+        from storage.registry import Registry, RegistryError
+
+        name, _, ref = str(spec.teacher).partition("@")
+        try:
+            Registry(self.redis, self.store).resolve(name, ref or "production")
+        except RegistryError as e:
+            raise SpecError(f"invalid job spec: teacher: {e}") from None
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        state = self.jobs.get(job_id)
+        out = state.to_dict()
+        out["metrics"] = self.jobs.metrics(job_id)
+        out["spec"] = state.spec
+        return out
+
+    def list(self, limit: int = 20) -> list[dict[str, Any]]:
+        return [self.jobs.get(j).to_dict() for j in self.jobs.list(limit)]
+
+    def wait(self, job_id: str, timeout: float | None = None, *, poll_s: float = 0.2,
+             on_progress: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+        """Block until the job ends; call on_progress(state, new_metrics) as versions arrive."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = 0
+        while True:
+            state = self.jobs.get(job_id).to_dict()
+            if on_progress is not None:
+                new = self.redis.lrange(keys.job_metrics(job_id), seen, -1)
+                if new:
+                    import json
+
+                    seen += len(new)
+                    on_progress(state, [json.loads(m) for m in new])
+            if state["status"] in TERMINAL:
+                return self.status(job_id)
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state['status']} at version {state['version']} "
+                                   f"after {timeout} s")
+            time.sleep(poll_s)
+
+    def cancel(self, job_id: str) -> bool:
+        self.jobs.get(job_id)
+        return self.jobs.set_status(job_id, "cancelled", error="cancelled by user")
+
+    def resume(self, job_id: str) -> dict[str, Any]:
+        """Re-enqueue the round of the job's last committed version (after a crash or a Redis restart)."""
+        from workers.tasks import advance, launch_round
+
+        state = self.jobs.get(job_id)
+        if state.status in TERMINAL and state.status != "failed":
+            return state.to_dict()
+        if state.status == "failed":
+            self.redis.hset(keys.job(job_id), mapping={"status": "running", "error": ""})
+        ctx = self._context()
+        spec = JobSpec.model_validate(state.spec)
+        if advance(ctx, job_id) == "running":
+            launch_round(ctx, job_id, spec, self.jobs.get(job_id).version, force=True)
+        return self.jobs.get(job_id).to_dict()

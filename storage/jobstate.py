@@ -1,0 +1,207 @@
+"""Durable job state in Redis (not in Celery results, which expire): status, version, metrics, events.
+
+The version bump is the commit point of an update: ``commit_version`` moves the job from version N to
+N+1, records the exact set of gradient identities that produced it and the version's metrics, all in
+one MULTI/EXEC guarded by WATCH, so a redelivered or duplicate aggregation commits nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from storage import keys
+
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = ("succeeded", "failed", "cancelled")
+EVENTS_MAXLEN = 10_000
+
+
+class JobNotFound(KeyError):
+    def __init__(self, job_id: str) -> None:
+        super().__init__(job_id)
+        self.job_id = job_id
+
+    def __str__(self) -> str:
+        return f"no job {self.job_id!r} (aas status lists jobs)"
+
+
+@dataclass(frozen=True)
+class JobState:
+    job_id: str
+    status: str
+    version: int
+    total_rounds: int
+    spec: dict[str, Any]
+    fields: dict[str, str]
+
+    @property
+    def error(self) -> str | None:
+        return self.fields.get("error") or None
+
+    def num(self, name: str, default: float = 0.0) -> float:
+        try:
+            return float(self.fields.get(name, default))
+        except ValueError:
+            return default
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "job_id": self.job_id,
+            "status": self.status,
+            "version": self.version,
+            "total_rounds": self.total_rounds,
+            "error": self.error,
+            "bytes_up": int(self.num("bytes_up")),
+            "bytes_down": int(self.num("bytes_down")),
+        }
+        for k in ("created_at", "started_at", "finished_at", "test_accuracy", "test_loss", "perplexity"):
+            if k in self.fields:
+                out[k] = float(self.fields[k])
+        for k in ("checkpoint", "manifest", "registered_model"):
+            if k in self.fields:
+                out[k] = self.fields[k]
+        return out
+
+
+class JobStore:
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+
+    def create(self, job_id: str, spec: dict[str, Any], *, total_rounds: int, fields: dict[str, Any]) -> None:
+        mapping = {
+            "spec": json.dumps(spec),
+            "status": "queued",
+            "version": 0,
+            "total_rounds": total_rounds,
+            "created_at": time.time(),
+            "bytes_up": 0,
+            "bytes_down": 0,
+            **fields,
+        }
+        pipe = self.r.pipeline()
+        pipe.hset(keys.job(job_id), mapping={k: str(v) for k, v in mapping.items()})
+        pipe.zadd(keys.jobs_index(), {job_id: time.time()})
+        pipe.execute()
+
+    def delete(self, job_id: str) -> None:
+        """Remove every trace of a job's state (used when a submit is rolled back)."""
+        pipe = self.r.pipeline()
+        pipe.delete(keys.job(job_id), keys.job_metrics(job_id), keys.job_events(job_id))
+        pipe.zrem(keys.jobs_index(), job_id)
+        pipe.execute()
+
+    def get(self, job_id: str) -> JobState:
+        raw = self.r.hgetall(keys.job(job_id))
+        if not raw:
+            raise JobNotFound(job_id)
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return JobState(
+            job_id=job_id,
+            status=f.get("status", "queued"),
+            version=int(f.get("version", 0)),
+            total_rounds=int(f.get("total_rounds", 0)),
+            spec=json.loads(f.get("spec", "{}")),
+            fields=f,
+        )
+
+    def list(self, limit: int = 50) -> list[str]:
+        return [j.decode() for j in self.r.zrevrange(keys.jobs_index(), 0, limit - 1)]
+
+    def set_fields(self, job_id: str, **fields: Any) -> None:
+        self.r.hset(keys.job(job_id), mapping={k: str(v) for k, v in fields.items()})
+
+    def set_status(self, job_id: str, status: str, *, error: str | None = None) -> bool:
+        """Move to `status` unless the job already ended; returns whether it moved."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        key = keys.job(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    current = pipe.hget(key, "status")
+                    if current is None or current.decode() in TERMINAL:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    mapping: dict[str, str] = {"status": status}
+                    if status == "running":
+                        mapping["started_at"] = str(time.time())
+                    if status in TERMINAL:
+                        mapping["finished_at"] = str(time.time())
+                    if error:
+                        mapping["error"] = error
+                    pipe.hset(key, mapping=mapping)
+                    pipe.execute()
+                    break
+                except redis.WatchError:
+                    continue
+        self.event(job_id, "status", status=status, **({"error": error} if error else {}))
+        return True
+
+    def commit_version(
+        self,
+        job_id: str,
+        *,
+        base_version: int,
+        new_version: int,
+        checkpoint_key: str,
+        identities: list[str],
+        metrics: dict[str, Any],
+    ) -> bool:
+        """Atomically move version base→new with its consumed identities and metrics.
+
+        Returns False (and changes nothing) when the job is no longer at `base_version`: another
+        aggregation already committed, so this one is a duplicate.
+        """
+        key = keys.job(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(key)
+                    cur = pipe.hget(key, "version")
+                    if cur is None or int(cur) != base_version:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    fields = {"version": str(new_version), "checkpoint": checkpoint_key}
+                    for k in ("accuracy", "loss", "perplexity"):
+                        if k in metrics:
+                            fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
+                    pipe.hset(key, mapping=fields)
+                    if identities:
+                        pipe.sadd(keys.job_consumed(job_id, new_version), *identities)
+                    pipe.rpush(keys.job_metrics(job_id), json.dumps({"version": new_version, **metrics}))
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    def consumed(self, job_id: str, version: int) -> set[str]:
+        return {m.decode() for m in self.r.smembers(keys.job_consumed(job_id, version))}
+
+    def add_bytes(self, job_id: str, *, up: int = 0, down: int = 0) -> None:
+        pipe = self.r.pipeline()
+        if up:
+            pipe.hincrby(keys.job(job_id), "bytes_up", up)
+        if down:
+            pipe.hincrby(keys.job(job_id), "bytes_down", down)
+        pipe.execute()
+
+    def metrics(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(m) for m in self.r.lrange(keys.job_metrics(job_id), 0, -1)]
+
+    def event(self, job_id: str, kind: str, **fields: Any) -> None:
+        body = {"kind": kind, "t": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}
+        self.r.xadd(keys.job_events(job_id), body, maxlen=EVENTS_MAXLEN, approximate=True)
+
+    def events(self, job_id: str, count: int = 100) -> list[dict[str, str]]:
+        out = []
+        for eid, body in self.r.xrevrange(keys.job_events(job_id), count=count):
+            out.append({"id": eid.decode(), **{k.decode(): v.decode() for k, v in body.items()}})
+        return list(reversed(out))

@@ -1,0 +1,178 @@
+"""Shared fixtures: real services for integration tests, fakes for unit tests.
+
+Integration tests use the machine's Redis (a dedicated db, flushed before and after) and an S3 server
+(moto's, a subprocess on a loopback port) through the same `minio` client code as production. A
+missing service skips locally and fails under CI=true.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+REDIS_BASE = os.environ.get("AAS_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def missing(reason: str) -> None:
+    if IN_CI:
+        pytest.fail(f"required service missing under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def fake_redis():
+    import fakeredis
+
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def local_store(tmp_path: Path):
+    from storage.objectstore import LocalStore
+
+    return LocalStore(tmp_path / "store")
+
+
+@pytest.fixture
+def unit_ctx(fake_redis, local_store):
+    """A worker Context on fakeredis and a local folder: the shard and aggregator code, no services."""
+    from pipeline.settings import Settings
+    from storage.jobstate import JobStore
+    from workers.context import Context
+
+    return Context(settings=Settings(redis_url="redis://fake", store_root=local_store.root), redis=fake_redis,
+                   store=local_store, jobs=JobStore(fake_redis))
+
+
+# ---------------------------------------------------------------- real services
+
+
+def _db_for_worker() -> int:
+    # pytest-xdist workers get their own db; a plain run uses 14.
+    wid = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return 14 - int(wid.removeprefix("gw") or 0)
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    import redis
+
+    url = f"{REDIS_BASE}/{_db_for_worker()}"
+    r = redis.Redis.from_url(url, socket_connect_timeout=2)
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        missing(f"Redis at {url} not answering ({e})")
+    r.flushdb()
+    yield url
+    r.flushdb()
+    r.close()
+
+
+class S3Server:
+    """moto's S3 server in a subprocess on a fixed loopback port; can be stopped and started again."""
+
+    def __init__(self) -> None:
+        from pipeline.services import free_port
+
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.1)
+        self.stop()
+        missing("moto S3 server did not start")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+
+@pytest.fixture
+def s3_server() -> Iterator[S3Server]:
+    try:
+        import moto.server  # noqa: F401
+    except ImportError:
+        missing("moto[server] is not installed")
+    server = S3Server()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def services_env(redis_url: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """AAS_* settings for real Redis + S3, applied to this process and handed to worker processes."""
+    env = {
+        "AAS_REDIS_URL": redis_url,
+        "AAS_S3_ENDPOINT": s3_server.endpoint,
+        "AAS_S3_ACCESS_KEY": "testing",
+        "AAS_S3_SECRET_KEY": "testing",
+        "AAS_S3_BUCKET": "aas-test",
+        "AAS_VISIBILITY_TIMEOUT_S": "8",
+        "AAS_RETRY_BACKOFF_S": "0.2",
+        "AAS_RETRY_BACKOFF_MAX_S": "1",
+        "AAS_TASK_MAX_RETRIES": "3",
+    }
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    from pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    yield env
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def workers(services_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., object]]:
+    """Factory: start real `celery worker` processes; every one is stopped at teardown."""
+    from pipeline.services import ProcessGroup, wait_for_workers
+    from pipeline.settings import Settings
+    from workers.app import app_for
+
+    env = {**os.environ, **services_env, "PYTHONPATH": str(REPO)}
+    group = ProcessGroup(env=env, cwd=REPO, logdir=tmp_path / "logs")
+
+    def start(name: str, queue: str = "shards", extra_env: dict[str, str] | None = None, wait: bool = True):
+        group.start_worker(name, queue, extra_env)
+        if wait:
+            wait_for_workers(app_for(Settings()), [name], timeout_s=90)
+        return group
+
+    start.group = group  # type: ignore[attr-defined]
+    yield start
+    group.close()
+    for log in sorted((tmp_path / "logs").glob("*.log")) if (tmp_path / "logs").exists() else []:
+        text = log.read_text(errors="replace")
+        if "Traceback" in text:
+            print(f"--- {log.name} (tail)\n{text[-3000:]}")

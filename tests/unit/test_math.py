@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.aggregate import (
+    Update,
+    UpdateRejected,
+    check_update,
+    select_round,
+    sgd_step,
+    staleness_lr,
+    weighted_mean,
+)
+
+
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.9, False, 0.0), (0.9, True, 1e-3)])
+def test_sgd_step_matches_torch_optim_sgd_over_several_steps(momentum: float, nesterov: bool, wd: float) -> None:
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, 3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    params = {"w": p.detach().clone()}
+    bufs: dict[str, torch.Tensor] = {}
+    for _ in range(4):
+        g = torch.randn(5, 3)
+        p.grad = g.clone()
+        opt.step()
+        params, bufs = sgd_step(params, {"w": g}, bufs, lr=0.1, momentum=momentum, nesterov=nesterov,
+                                weight_decay=wd)
+    assert torch.allclose(params["w"], p.detach(), atol=1e-6)
+
+
+def test_weighted_mean_weights_each_update_by_its_samples() -> None:
+    a = Update("a", 0, {"w": torch.tensor([1.0, 1.0])}, samples=1, loss=1.0)
+    b = Update("b", 1, {"w": torch.tensor([4.0, 0.0])}, samples=3, loss=3.0)
+    mean, n, loss = weighted_mean([a, b])
+    assert n == 4
+    assert torch.allclose(mean["w"], torch.tensor([3.25, 0.25]))
+    assert loss == pytest.approx(2.5)
+
+
+def test_weighted_mean_of_only_empty_updates_is_rejected() -> None:
+    with pytest.raises(UpdateRejected, match="no samples"):
+        weighted_mean([Update("a", 0, {"w": torch.zeros(1)}, samples=0, loss=0.0)])
+
+
+def test_select_round_keeps_one_result_per_shard_and_reports_the_missing_one() -> None:
+    # A redelivered header task made the chord fire with shard 1 twice and shard 2 absent.
+    results = [{"shard": 0, "key": "k0"}, {"shard": 1, "key": "k1"}, {"shard": 1, "key": "k1-again"}]
+    by_shard, missing = select_round(results, [0, 1, 2])
+    assert sorted(by_shard) == [0, 1]
+    assert by_shard[1]["key"] == "k1"
+    assert missing == [2]
+
+
+def test_check_update_rejects_nan_and_wrong_shapes_and_names() -> None:
+    params = {"w": torch.zeros(2, 2)}
+    check_update({"w": torch.ones(2, 2)}, params, "blob")
+    with pytest.raises(UpdateRejected, match="NaN or Inf"):
+        check_update({"w": torch.tensor([[1.0, float("nan")], [0, 0]])}, params, "blob")
+    with pytest.raises(UpdateRejected, match="shape"):
+        check_update({"w": torch.ones(3)}, params, "blob")
+    with pytest.raises(UpdateRejected, match="names differ"):
+        check_update({"v": torch.ones(2, 2)}, params, "blob")
+
+
+def test_staleness_scales_the_learning_rate_and_refuses_future_updates() -> None:
+    assert staleness_lr(0.1, 0, "inverse") == pytest.approx(0.1)
+    assert staleness_lr(0.1, 3, "inverse") == pytest.approx(0.025)
+    assert staleness_lr(0.1, 3, "constant") == pytest.approx(0.1)
+    with pytest.raises(UpdateRejected, match="future"):
+        staleness_lr(0.1, -1, "inverse")

@@ -1,0 +1,107 @@
+"""A sync round through the real shard and aggregator code equals a single-process computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.checkpoint import decode_checkpoint
+from pipeline.client import Client
+from pipeline.data import batch_rows, batches_per_epoch, load_digits
+from pipeline.datastore import Manifest, read_split
+from pipeline.training import loss_fn
+from storage import blobs, keys
+from workers import aggregator, shard
+
+
+def stage(unit_ctx, **spec) -> str:
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    return client.stage({"momentum": 0.0, "lr": 0.1, "batch_size": 16, **spec})
+
+
+def reference_step(unit_ctx, job_id: str, shards: int, lr: float) -> dict[str, torch.Tensor]:
+    """One SGD step on the mean loss over the union of the round's mini-batches, in one process."""
+    job = unit_ctx.jobs.get(job_id)
+    manifest = Manifest.from_json(unit_ctx.store.get(job.fields["manifest"]))
+    ckpt = decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, 0)), "v0")
+    model = ckpt.build()
+    bpe = batches_per_epoch(manifest.shard_sizes, 16)
+    xs, ys = [], []
+    for s in range(shards):
+        x, y, _ = read_split(unit_ctx.store, manifest.shards[s])
+        rows = batch_rows(manifest.shard_sizes[s], 16, 0, bpe, 0, s)
+        xs.append(x[rows])
+        ys.append(y[rows])
+    loss = loss_fn(model(torch.cat(xs)), torch.cat(ys))
+    loss.backward()
+    return {n: (p - lr * p.grad).detach() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_sync_round_with_plain_sgd_equals_single_process_weighted_mean_gradient(unit_ctx, shards: int) -> None:
+    job_id = stage(unit_ctx, shards=shards)
+    results = [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(shards)]
+    outcome = aggregator.aggregate_round(unit_ctx, job_id, 0, results)
+    assert outcome.committed and outcome.version == 1
+    got = decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, 1)), "v1").state
+    want = reference_step(unit_ctx, job_id, shards, 0.1)
+    for name, w in want.items():
+        assert (got[name] - w).abs().max().item() <= 1e-6, name
+
+
+def test_aggregator_checks_shard_identities_not_the_count_of_results(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=3)
+    r0 = shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    r1 = shard.train_shard(unit_ctx, job_id, 1, 0, 0, 0)
+    # The chord fired early: three results, but shard 1 twice and shard 2 never computed.
+    with pytest.raises(aggregator.RoundIncomplete, match="shard 2"):
+        aggregator.aggregate_round(unit_ctx, job_id, 0, [r0, r1, r1])
+    assert unit_ctx.jobs.get(job_id).version == 0
+    # Once shard 2's blob exists, the same (defective) result list commits with all three shards.
+    shard.train_shard(unit_ctx, job_id, 2, 0, 0, 0)
+    outcome = aggregator.aggregate_round(unit_ctx, job_id, 0, [r0, r1, r1])
+    assert outcome.committed
+    assert unit_ctx.jobs.consumed(job_id, 1) == {keys.gradient_identity(job_id, s, 0, 0) for s in range(3)}
+
+
+def test_duplicate_aggregation_of_a_round_commits_once(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=2)
+    results = [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
+    first = aggregator.aggregate_round(unit_ctx, job_id, 0, results)
+    second = aggregator.aggregate_round(unit_ctx, job_id, 0, results)
+    assert first.committed and not second.committed
+    assert unit_ctx.jobs.get(job_id).version == 1
+    assert len(unit_ctx.jobs.metrics(job_id)) == 1
+
+
+def test_corrupt_gradient_blob_is_never_applied_and_its_shard_is_recomputed(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=2)
+    results = [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
+    key = results[1]["key"]
+    data = bytearray(unit_ctx.store.get(key))
+    data[-5] ^= 0xFF
+    unit_ctx.store.put(key, bytes(data))
+    with pytest.raises(aggregator.RoundIncomplete) as err:
+        aggregator.aggregate_round(unit_ctx, job_id, 0, results)
+    assert err.value.recompute == [1]
+    assert "sha256" in str(err.value)
+    assert not unit_ctx.store.exists(key)  # removed, so it can never be applied
+    assert unit_ctx.jobs.get(job_id).version == 0
+    events = [e for e in unit_ctx.jobs.events(job_id) if e["kind"] == "rejected"]
+    assert events and events[0]["shard"] == "1"
+
+
+def test_sync_round_blob_is_identical_when_a_shard_task_is_redelivered(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=2)
+    a = shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    unit_ctx.checkpoints = type(unit_ctx.checkpoints)(4)  # a different worker: cold caches
+    unit_ctx.data = type(unit_ctx.data)(64)
+    b = shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    assert a["sha256"] == b["sha256"]
+
+
+def test_digits_split_is_fixed_and_seeded() -> None:
+    a, b = load_digits(), load_digits()
+    assert a.n_train == 1437 and a.x_test.shape == (360, 1, 8, 8)
+    assert torch.equal(a.y_test, b.y_test)
+    assert blobs.sha256_hex(a.x_train.numpy().tobytes()) == blobs.sha256_hex(b.x_train.numpy().tobytes())

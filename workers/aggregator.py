@@ -1,0 +1,159 @@
+"""The aggregator's work for a sync round: verify the set of shard blobs, average, step, checkpoint, commit.
+
+Exactly once: the version bump (``JobStore.commit_version``) is the commit point; it records the
+identities of the blobs consumed, and refuses when the job already moved on. Everything before it is
+deterministic and idempotent (the checkpoint for N+1 is the same bytes however often it is written),
+so a crash at any point followed by redelivery commits the same version once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline import codecs
+from pipeline.aggregate import Update, UpdateRejected, check_update, select_round, sgd_step, weighted_mean
+from pipeline.checkpoint import Checkpoint, encode_checkpoint
+from pipeline.data import total_rounds
+from pipeline.spec import JobSpec
+from pipeline.training import evaluate
+from storage import blobs, keys
+from storage.jobstate import TERMINAL
+from storage.objectstore import ObjectNotFound
+from workers import faults
+from workers.context import Context
+
+log = logging.getLogger(__name__)
+
+
+class RoundIncomplete(Exception):
+    """Some shards' blobs are missing or bad; the round is retried after they are (re)computed."""
+
+    def __init__(self, reasons: list[str], recompute: list[int]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+        self.recompute = recompute
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    committed: bool
+    version: int
+    metrics: dict[str, Any]
+    finished: bool
+
+
+def _opt_hparams(spec: JobSpec) -> dict[str, Any]:
+    if spec.local_steps > 1:  # DiLoCo outer optimizer: Nesterov momentum on the mean pseudo-gradient
+        return {"lr": spec.outer_lr, "momentum": spec.outer_momentum, "nesterov": True, "weight_decay": 0.0}
+    return {"lr": spec.lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
+
+
+def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params: dict[str, torch.Tensor],
+                expect: dict[str, int]) -> Update:
+    """Fetch, verify (sha256, signature, identity, codec, shapes, finiteness) and decode one blob."""
+    data = ctx.store.get(key)
+    ctx.jobs.add_bytes(job_id, down=len(data))
+    if len(data) > ctx.settings.max_blob_bytes:
+        raise blobs.BlobError(key, f"{len(data)} bytes exceeds the limit of {ctx.settings.max_blob_bytes}")
+    if sha256 is not None and blobs.sha256_hex(data) != sha256:
+        raise blobs.BlobError(key, "sha256 differs from what the shard task reported")
+    blob = blobs.decode(data, key, signing_key=ctx.signing_key)
+    m = blob.meta
+    for field, want in expect.items():
+        if m.get(field) != want:
+            raise blobs.BlobError(key, f"header {field}={m.get(field)!r}, expected {want!r}")
+    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    try:
+        tensors = codecs.decode(blob.tensors, m.get("codec") or {}, key, expected_shapes=shapes)
+    except codecs.CodecError as e:
+        raise blobs.BlobError(key, str(e)) from None
+    check_update(tensors, params, key)
+    ident = keys.gradient_identity(job_id, int(m["shard"]), int(m["base_version"]), int(m["attempt"]))
+    return Update(ident, int(m["shard"]), tensors, int(m["samples"]), float(m["loss"]))
+
+
+def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | None:
+    prefix = keys.gradient(job_id, version, shard, 0).rsplit("-a", 1)[0] + "-a"
+    found = sorted(ctx.store.list(prefix))
+    return found[-1] if found else None
+
+
+def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any],
+                  params: dict[str, torch.Tensor]) -> list[Update]:
+    """One verified update per shard, by shard identity (never by count)."""
+    shards = list(range(spec.shards))
+    by_shard, missing = select_round(results, shards)
+    reasons: list[str] = []
+    recompute: list[int] = []
+    updates: list[Update] = []
+    for s in shards:
+        r = by_shard.get(s)
+        key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
+        sha = str(r["sha256"]) if r is not None and "sha256" in r else None
+        if key is None:
+            reasons.append(f"shard {s}: no result and no blob under version {version}")
+            continue
+        try:
+            updates.append(load_update(ctx, job_id, key, sha, params,
+                                       {"job": job_id, "shard": s, "base_version": version}))
+        except ObjectNotFound as e:
+            reasons.append(f"shard {s}: {e}")
+            recompute.append(s)
+        except (blobs.BlobError, UpdateRejected) as e:
+            reasons.append(f"shard {s}: {e}")
+            ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
+            ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
+            recompute.append(s)
+    if reasons:
+        raise RoundIncomplete(reasons, recompute)
+    del missing
+    return sorted(updates, key=lambda u: u.shard)
+
+
+def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any]) -> RoundOutcome:
+    t0 = time.perf_counter()
+    job = ctx.jobs.get(job_id)
+    spec = JobSpec.model_validate(job.spec)
+    if job.version > version or job.status in TERMINAL:
+        # A duplicate (redelivered or early-fired) aggregation: this round is already committed.
+        return RoundOutcome(False, job.version, {}, job.status in TERMINAL)
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    model = ckpt.build("cpu")
+    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    updates = collect_round(ctx, job_id, spec, version, results, params)
+    faults.point("aggregator.after_read", ctx.redis, job_id)
+
+    mean, samples, train_loss = weighted_mean(updates)
+    hp = _opt_hparams(spec)
+    new_params, bufs = sgd_step(params, mean, ckpt.opt.get("momentum", {}), **hp)
+    state = dict(ckpt.state)
+    state.update(new_params)
+    new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
+                     {"job": job_id})
+    ckey = keys.checkpoint(job_id, version + 1)
+    ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
+    faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
+
+    model.load_state_dict(state)
+    manifest = ctx.manifest(job.fields["manifest"])
+    xt, yt = ctx.split(manifest.test, job_id)
+    task = str(manifest.meta.get("task", "classify"))
+    metrics: dict[str, Any] = {**evaluate(model, xt, yt, task), "train_loss": train_loss, "samples": samples,
+                               "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
+    rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
+    metrics["epoch"] = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
+    committed = ctx.jobs.commit_version(
+        job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
+        identities=[u.identity for u in updates], metrics=metrics,
+    )
+    if not committed:
+        return RoundOutcome(False, version + 1, metrics, False)
+    ctx.jobs.event(job_id, "version", version=version + 1, loss=metrics["loss"], accuracy=metrics["accuracy"])
+    faults.point("aggregator.after_commit", ctx.redis, job_id)
+    reached = spec.target_accuracy is not None and metrics["accuracy"] >= spec.target_accuracy
+    return RoundOutcome(True, version + 1, metrics, version + 1 >= rounds or reached)

@@ -1,0 +1,85 @@
+"""The Celery app. Every setting that matters for correctness is set here, explicitly.
+
+Start workers with::
+
+    celery -A workers.app worker -Q shards --pool=solo -E        # one shard worker per process/GPU
+    celery -A workers.app worker -Q aggregate --pool=solo -E -c 1  # the aggregator
+
+GPU workers must use ``--pool=solo`` (or threads): a prefork child that inherits an initialised CUDA
+context fails ("Cannot re-initialize CUDA in forked subprocess"). CPU workers may use prefork; each
+process sets torch's thread count from ``AAS_TORCH_THREADS`` when it starts.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from pipeline.settings import Settings, get_settings
+
+QUEUE_SHARDS = "shards"
+QUEUE_AGGREGATE = "aggregate"
+QUEUE_PREDICT = "predict"
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    app = Celery("aas", broker=s.redis_url, backend=s.redis_url, include=["workers.tasks"])
+    transport = {
+        # Redis redelivers a task not acknowledged within this window, even while it still runs.
+        "visibility_timeout": s.visibility_timeout_s,
+    }
+    app.conf.update(
+        # No pickle: JSON only, in both directions.
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        # At-least-once delivery; every task's effect is idempotent.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_transport_options=transport,
+        result_backend_transport_options=transport,
+        broker_connection_retry_on_startup=True,
+        task_time_limit=s.task_time_limit_s,
+        task_soft_time_limit=max(1, s.task_time_limit_s - 10),
+        # Results are a convenience (chord bodies need them); job state lives in its own keys.
+        result_expires=24 * 3600,
+        result_extended=True,
+        task_track_started=True,
+        # Flower needs events and readable task names.
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        task_routes={
+            "aas.train_shard": {"queue": QUEUE_SHARDS},
+            "aas.aggregate": {"queue": QUEUE_AGGREGATE},
+            "aas.apply_update": {"queue": QUEUE_AGGREGATE},
+            "aas.predict": {"queue": QUEUE_PREDICT},
+        },
+        task_default_queue=QUEUE_SHARDS,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+        worker_hijack_root_logger=False,
+        broker_pool_limit=4,
+    )
+    return app
+
+
+app = make_app()
+_apps: dict[str, Celery] = {}
+
+
+def app_for(settings: Settings) -> Celery:
+    """The app for these settings: the process-wide one, or (a client pointed elsewhere) its own."""
+    if settings.redis_url == app.conf.broker_url:
+        return app
+    if settings.redis_url not in _apps:
+        _apps[settings.redis_url] = make_app(settings)
+    return _apps[settings.redis_url]
+
+
+@worker_process_init.connect
+def _limit_torch_threads(**_: object) -> None:
+    import torch
+
+    torch.set_num_threads(get_settings().torch_threads)

@@ -1,0 +1,93 @@
+"""Per-process wiring: settings, Redis, the object store, and small caches of what rounds re-read.
+
+A worker reads the same checkpoint version and the same shard again and again; caching them per
+process (keyed by object key, verified once) saves a GET per task.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import redis
+import torch
+
+from pipeline.checkpoint import Checkpoint, decode_checkpoint
+from pipeline.datastore import Manifest, read_split
+from pipeline.settings import Settings, get_settings
+from storage.jobstate import JobStore
+from storage.objectstore import ObjectStore, open_store
+
+
+class LRU:
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._d: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, key: str) -> Any | None:
+        if key in self._d:
+            self._d.move_to_end(key)
+            return self._d[key]
+        return None
+
+    def put(self, key: str, value: Any) -> None:
+        self._d[key] = value
+        self._d.move_to_end(key)
+        while len(self._d) > self.size:
+            self._d.popitem(last=False)
+
+
+@dataclass
+class Context:
+    settings: Settings
+    redis: redis.Redis
+    store: ObjectStore
+    jobs: JobStore
+    checkpoints: LRU = field(default_factory=lambda: LRU(4))
+    data: LRU = field(default_factory=lambda: LRU(64))
+    residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def signing_key(self) -> bytes | None:
+        k = self.settings.signing_key
+        return k.get_secret_value().encode() if k else None
+
+    def device(self) -> torch.device:
+        want = self.settings.device
+        if want == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(want)
+
+    def manifest(self, key: str) -> Manifest:
+        m = self.data.get("manifest:" + key)
+        if m is None:
+            m = Manifest.from_json(self.store.get(key))
+            self.data.put("manifest:" + key, m)
+        return m
+
+    def split(self, entry: dict[str, Any], job_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        hit = self.data.get(entry["key"])
+        if hit is None:
+            x, y, n = read_split(self.store, entry)
+            self.jobs.add_bytes(job_id, down=n)
+            hit = (x, y)
+            self.data.put(entry["key"], hit)
+        return hit
+
+    def checkpoint(self, key: str, job_id: str) -> Checkpoint:
+        hit = self.checkpoints.get(key)
+        if hit is None:
+            data = self.store.get(key)
+            self.jobs.add_bytes(job_id, down=len(data))
+            hit = decode_checkpoint(data, key, signing_key=self.signing_key)
+            self.checkpoints.put(key, hit)
+        return hit
+
+
+@lru_cache(maxsize=1)
+def get_context() -> Context:
+    s = get_settings()
+    r = redis.Redis.from_url(s.redis_url)
+    return Context(settings=s, redis=r, store=open_store(s), jobs=JobStore(r))

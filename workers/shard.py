@@ -1,0 +1,91 @@
+"""The shard worker's work: load version N and a shard, compute a (pseudo-)gradient, encode, upload.
+
+Returns only the blob's key and a few numbers (the claim-check pattern): Celery never carries tensors.
+The work is deterministic in (job, shard, version, step), so a redelivered task writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from pipeline import codecs
+from pipeline.data import batch_rows, batches_per_epoch
+from pipeline.spec import JobSpec
+from pipeline.training import gradient, local_steps
+from storage import blobs, keys
+from storage.jobstate import TERMINAL
+from workers.context import Context
+
+
+def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return {"shard": shard, "skipped": job.status}
+    spec = JobSpec.model_validate(job.spec)
+    manifest = ctx.manifest(job.fields["manifest"])
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    x, y = ctx.split(manifest.shards[shard], job_id)
+    t_io = time.perf_counter() - t0
+
+    device = ctx.device()
+    torch.manual_seed(hash((job_id, shard, version, step)) & 0xFFFFFFFF)
+    model = ckpt.build(device)
+    teacher = ctx.teacher(spec, device) if spec.kind == "distill" else None
+    bpe = batches_per_epoch(manifest.shard_sizes, spec.batch_size)
+    size = manifest.shard_sizes[shard]
+    batches = []
+    for k in range(step, step + spec.local_steps):
+        rows = batch_rows(size, spec.batch_size, k, bpe, spec.seed, shard)
+        batches.append((x[rows].to(device), y[rows].to(device)))
+    t1 = time.perf_counter()
+    if spec.local_steps == 1:
+        result = gradient(model, *batches[0], teacher, spec.temperature, spec.alpha)
+    else:
+        lr = spec.inner_lr
+        result = local_steps(model, batches, optimizer=spec.inner_optimizer, lr=lr, teacher=teacher,
+                             temperature=spec.temperature, alpha=spec.alpha)
+    if ctx.settings.slow_factor > 1:
+        time.sleep((time.perf_counter() - t1) * (ctx.settings.slow_factor - 1))
+    t_compute = time.perf_counter() - t1
+
+    # Error feedback lives with the worker process, keyed by (job, shard): it costs no upload. If the
+    # shard moves to another worker, the residual stays behind (that worker starts from zero).
+    cfg = codecs.CodecConfig(name=spec.codec, density=spec.codec_density)
+    rkey = (job_id, shard)
+    enc = codecs.encode(result.update, cfg, ctx.residuals.get(rkey))
+    if enc.residual is not None:
+        ctx.residuals[rkey] = enc.residual
+    meta = {
+        "kind": "gradient",
+        "job": job_id,
+        "shard": shard,
+        "base_version": version,
+        "step": step,
+        "attempt": attempt,
+        "samples": result.samples,
+        "loss": result.loss,
+        "codec": enc.meta,
+    }
+    data = blobs.encode(enc.tensors, meta, signing_key=ctx.signing_key)
+    key = keys.gradient(job_id, version, shard, attempt)
+    t2 = time.perf_counter()
+    ctx.store.put(key, data)
+    ctx.jobs.add_bytes(job_id, up=len(data))
+    t_io += time.perf_counter() - t2
+    return {
+        "shard": shard,
+        "version": version,
+        "step": step,
+        "attempt": attempt,
+        "key": key,
+        "sha256": blobs.sha256_hex(data),
+        "bytes": len(data),
+        "samples": result.samples,
+        "loss": result.loss,
+        "compute_s": round(t_compute, 4),
+        "io_s": round(t_io, 4),
+    }

@@ -1,0 +1,124 @@
+"""Celery tasks: thin entry points. Each decodes its JSON arguments and calls a plain function.
+
+Failure policy, in one place (``_guarded``): transient errors (store or Redis unreachable, a missing
+or corrupt blob) are retried with exponential backoff up to ``task_max_retries``; then the job is
+marked failed with the reason, and the last committed version stays readable. A message delivered
+more than ``max_deliveries`` times (it keeps killing its worker) is a poison message: the job fails.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import redis
+from celery import Task, chord, group
+
+from pipeline.spec import JobSpec
+from storage import blobs, keys
+from storage.jobstate import TERMINAL
+from storage.objectstore import StoreError
+from workers import aggregator, shard
+from workers.app import app, app_for
+from workers.context import Context, get_context
+
+log = logging.getLogger(__name__)
+
+TRANSIENT = (StoreError, blobs.BlobError, aggregator.RoundIncomplete, redis.ConnectionError, redis.TimeoutError,
+             ConnectionError, TimeoutError)
+LAUNCH_MARKER_TTL_S = 7 * 24 * 3600
+
+
+def _backoff_s(ctx: Context, retries: int) -> float:
+    s = ctx.settings
+    return float(min(s.retry_backoff_max_s, s.retry_backoff_s * (2**retries)))
+
+
+def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
+             on_retry: Callable[[Context, Exception], None] | None = None) -> dict[str, Any]:
+    ctx = get_context()
+    dkey = keys.deliveries(f"{task.request.id}:{task.request.retries}")
+    n = int(ctx.redis.incr(dkey))
+    ctx.redis.expire(dkey, 7 * 24 * 3600)
+    if n > ctx.settings.max_deliveries:
+        reason = f"{what}: delivered {n} times without finishing (a poison message that kills its worker?)"
+        ctx.jobs.set_status(job_id, "failed", error=reason)
+        return {"failed": reason}
+    try:
+        return fn(ctx)
+    except TRANSIENT as e:
+        retries = task.request.retries
+        if retries >= ctx.settings.task_max_retries:
+            reason = f"{what}: gave up after {retries} retries: {e}"
+            log.error(reason)
+            ctx.jobs.set_status(job_id, "failed", error=reason)
+            return {"failed": reason}
+        ctx.jobs.event(job_id, "retry", task=what, attempt=retries + 1, reason=str(e))
+        if on_retry is not None:
+            on_retry(ctx, e)
+        raise task.retry(exc=e, countdown=_backoff_s(ctx, retries), max_retries=None) from None
+
+
+@app.task(name="aas.train_shard", bind=True)
+def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step: int, attempt: int = 0
+                     ) -> dict[str, Any]:
+    """Compute shard `shard_id`'s update on version `version`; upload it; return its key and numbers."""
+    job_id, shard_id, version, step, attempt = str(job_id), int(shard_id), int(version), int(step), int(attempt)
+    return _guarded(self, job_id, f"shard {shard_id} of job {job_id} v{version}",
+                    lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt))
+
+
+@app.task(name="aas.aggregate", bind=True)
+def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) -> dict[str, Any]:
+    """Apply round `version`'s updates (a chord body): commit version+1, then start the next round."""
+    job_id, version = str(job_id), int(version)
+    results = results if isinstance(results, list) else []
+
+    def run(ctx: Context) -> dict[str, Any]:
+        outcome = aggregator.aggregate_round(ctx, job_id, version, results)
+        advance(ctx, job_id)
+        return {"job": job_id, "version": outcome.version, "committed": outcome.committed,
+                "accuracy": outcome.metrics.get("accuracy")}
+
+    def recompute(ctx: Context, e: Exception) -> None:
+        if isinstance(e, aggregator.RoundIncomplete):
+            spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
+            for s in e.recompute:
+                train_shard_task.apply_async(
+                    (job_id, s, version, version * spec.local_steps, self.request.retries + 1))
+
+    return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute)
+
+
+def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, force: bool = False) -> bool:
+    """Enqueue the chord for the round that computes on `version`. Idempotent unless forced.
+
+    The marker is set after the enqueue: a crash between the two enqueues the round twice, which is
+    harmless (shard work is deterministic; the second aggregation finds the version committed).
+    """
+    marker = keys.job_launched(job_id, version)
+    if not force and ctx.redis.exists(marker):
+        return False
+    step = version * spec.local_steps
+    capp = app_for(ctx.settings)
+    header = group(capp.signature("aas.train_shard", args=(job_id, s, version, step, 0)) for s in range(spec.shards))
+    chord(header, app=capp)(capp.signature("aas.aggregate", args=(job_id, version)))
+    ctx.redis.set(marker, 1, ex=LAUNCH_MARKER_TTL_S)
+    return True
+
+
+def advance(ctx: Context, job_id: str) -> str:
+    """Move a job forward from its committed state: finish it, or make sure its next round is queued."""
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return job.status
+    spec = JobSpec.model_validate(job.spec)
+    target = spec.target_accuracy
+    if job.version >= job.total_rounds or (target is not None and job.num("test_accuracy") >= target):
+        ctx.jobs.set_status(job_id, "succeeded")
+        return "succeeded"
+    if job.status == "queued":
+        ctx.jobs.set_status(job_id, "running")
+    launch_round(ctx, job_id, spec, job.version)
+    return "running"
