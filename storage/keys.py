@@ -83,3 +83,71 @@ def artifact(model: str, version: int) -> str:
 
 def gradient_identity(job_id: str, shard: int, version: int, attempt: int) -> str:
     return f"{job_id}/s{shard}/v{version}/a{attempt}"
+
+
+# ---- registry
+# Records live in Redis as JSON; artifacts live in the object store at ``artifact(model, version)``.
+# Model names never contain ':' (the registry validates them), so these keys cannot collide.
+
+
+def registry_models() -> str:
+    """Set: names of every model that has had at least one committed version."""
+    return f"{PREFIX}:registry:models"
+
+
+def registry_version_counter(model: str) -> str:
+    """Counter: the last version number handed out for `model` (INCR; numbers are never reused)."""
+    return f"{PREFIX}:registry:model:{model}:counter"
+
+
+def registry_versions(model: str) -> str:
+    """Hash: version number → VersionRecord JSON. A field appears only once its artifact is verified."""
+    return f"{PREFIX}:registry:model:{model}:versions"
+
+
+def registry_aliases(model: str) -> str:
+    """Hash: alias name → version number."""
+    return f"{PREFIX}:registry:model:{model}:aliases"
+
+
+def registry_alias_history(model: str, alias: str) -> str:
+    """List: versions `alias` pointed to before, newest first (what a rollback returns to)."""
+    return f"{PREFIX}:registry:model:{model}:history:{alias}"
+
+
+def registry_idempotency(model: str) -> str:
+    """Hash: idempotency key (the aggregator's ``job:version``) → version number it registered."""
+    return f"{PREFIX}:registry:model:{model}:idempotency"
+
+
+def registry_events() -> str:
+    """Stream: every registry change {type: registered|alias|deleted, model, version, alias}."""
+    return f"{PREFIX}:registry:events"
+
+
+def registry_wakeup() -> str:
+    """Pub/sub channel: a best-effort nudge after each change (the stream is the durable record)."""
+    return f"{PREFIX}:registry:wakeup"
+
+
+# ---- async mode
+
+
+def job_pending(job_id: str) -> str:
+    """List of JSON entries: accepted async updates not yet folded into a published version."""
+    return f"{PREFIX}:job:{job_id}:pending"
+
+
+def job_progress(job_id: str) -> str:
+    """Hash shard → next data step the job expects from that shard (async mode's exactly-once guard)."""
+    return f"{PREFIX}:job:{job_id}:progress"
+
+
+def job_issued(job_id: str) -> str:
+    """Hash shard → "step:generation" of the last shard task enqueued (idempotent reissue)."""
+    return f"{PREFIX}:job:{job_id}:issued"
+
+
+def job_lock(job_id: str) -> str:
+    """Lock: one aggregation at a time per job."""
+    return f"{PREFIX}:job:{job_id}:lock"
