@@ -49,7 +49,7 @@ def weighted_mean(updates: Sequence[Update]) -> tuple[Tensors, int, float]:
     if total <= 0:
         raise UpdateRejected("no samples in this round's updates")
     names = updates[0].tensors.keys()
-    mean = {n: sum((u.tensors[n].double() * (u.samples / total) for u in updates)).float() for n in names}
+    mean = {n: sum(u.tensors[n].double() * (u.samples / total) for u in updates).float() for n in names}
     loss = sum(u.loss * u.samples for u in updates) / total
     return mean, total, loss
 

@@ -101,9 +101,13 @@ class Client:
         except StoreError as e:
             raise ServiceUnavailable(f"object store unavailable: {e}") from None
         rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
-        self.jobs.create(job_id, spec.model_dump(mode="json"), total_rounds=rounds,
-                         fields={"manifest": keys.dataset_manifest(manifest.dataset_id),
-                                 "checkpoint": keys.checkpoint(job_id, 0)})
+        fields = {"manifest": keys.dataset_manifest(manifest.dataset_id), "checkpoint": keys.checkpoint(job_id, 0)}
+        if spec.mode == "async":
+            # Async: a budget of updates (as many as sync would apply), published every K.
+            budget = spec.shards * rounds
+            fields["budget"] = str(budget)
+            rounds = -(-budget // spec.publish_every)
+        self.jobs.create(job_id, spec.model_dump(mode="json"), total_rounds=rounds, fields=fields)
         return job_id
 
     def _signing_key(self) -> bytes | None:

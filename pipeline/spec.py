@@ -49,6 +49,8 @@ class JobSpec(BaseModel):
     seed: int = 0
     target_accuracy: float | None = Field(default=None, gt=0, le=1)  # stop rule: stop once reached
     register_as: str | None = None  # registry model name; defaults to the job's model name
+    publish_every_versions: int = Field(default=1, ge=0)  # register every Nth version (0: only the final one)
+    promote: str | None = "production"  # alias moved to a new version when its accuracy ≥ the current one's
     artifact_chain: str = "zstd"  # serving artifact packing, e.g. "prune:0.5,int8,zstd"
     teacher: str | None = None  # distill: "registry-model@version-or-alias"
     temperature: float = Field(default=4.0, gt=0)

@@ -60,7 +60,8 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Mod
     else:
         loss = loss_fn(logits, y)
     loss.backward()
-    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu() for n, p in params.items()}
+    grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu()
+             for n, p in params.items()}
     return ShardResult(grads, int(x.shape[0]), float(loss.detach()))
 
 

@@ -153,6 +153,7 @@ class JobStore:
         checkpoint_key: str,
         identities: list[str],
         metrics: dict[str, Any],
+        pending_consumed: int = 0,
     ) -> bool:
         """Atomically move version base→new with its consumed identities and metrics.
 
@@ -177,6 +178,40 @@ class JobStore:
                     if identities:
                         pipe.sadd(keys.job_consumed(job_id, new_version), *identities)
                     pipe.rpush(keys.job_metrics(job_id), json.dumps({"version": new_version, **metrics}))
+                    if pending_consumed:
+                        pipe.ltrim(keys.job_pending(job_id), pending_consumed, -1)
+                    pipe.execute()
+                    return True
+                except redis.WatchError:
+                    continue
+
+    # ------------------------------------------------------------ async mode
+
+    def progress(self, job_id: str) -> dict[int, int]:
+        return {int(k): int(v) for k, v in self.r.hgetall(keys.job_progress(job_id)).items()}
+
+    def pending(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.r.lrange(keys.job_pending(job_id), 0, -1)]
+
+    def accept_update(self, job_id: str, *, shard: int, step: int, next_step: int, entry: dict[str, Any]) -> bool:
+        """Record an accepted async update and advance the shard's expected step, atomically.
+
+        Refuses (returns False) unless the shard's expected step is `step`: a redelivered or duplicate
+        result for a step already accepted is never recorded twice.
+        """
+        pkey = keys.job_progress(job_id)
+        with self.r.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(pkey)
+                    cur = pipe.hget(pkey, str(shard))
+                    if int(cur or 0) != step:
+                        pipe.unwatch()
+                        return False
+                    pipe.multi()
+                    pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
+                    pipe.hset(pkey, str(shard), str(next_step))
+                    pipe.hincrby(keys.job(job_id), "accepted", 1)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -195,6 +230,14 @@ class JobStore:
 
     def metrics(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(m) for m in self.r.lrange(keys.job_metrics(job_id), 0, -1)]
+
+    def metrics_at(self, job_id: str, version: int) -> dict[str, Any] | None:
+        """The metrics recorded when `version` was committed (versions are committed in order)."""
+        raw = self.r.lindex(keys.job_metrics(job_id), version - 1)
+        if raw is None:
+            return None
+        m: dict[str, Any] = json.loads(raw)
+        return m if m.get("version") == version else None
 
     def event(self, job_id: str, kind: str, **fields: Any) -> None:
         body = {"kind": kind, "t": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}

@@ -47,7 +47,7 @@ class RoundOutcome:
     finished: bool
 
 
-def _opt_hparams(spec: JobSpec) -> dict[str, Any]:
+def opt_hparams(spec: JobSpec) -> dict[str, Any]:
     if spec.local_steps > 1:  # DiLoCo outer optimizer: Nesterov momentum on the mean pseudo-gradient
         return {"lr": spec.outer_lr, "momentum": spec.outer_momentum, "nesterov": True, "weight_decay": 0.0}
     return {"lr": spec.lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
@@ -129,7 +129,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     faults.point("aggregator.after_read", ctx.redis, job_id)
 
     mean, samples, train_loss = weighted_mean(updates)
-    hp = _opt_hparams(spec)
+    hp = opt_hparams(spec)
     new_params, bufs = sgd_step(params, mean, ckpt.opt.get("momentum", {}), **hp)
     state = dict(ckpt.state)
     state.update(new_params)

@@ -47,6 +47,7 @@ class Context:
     jobs: JobStore
     checkpoints: LRU = field(default_factory=lambda: LRU(4))
     data: LRU = field(default_factory=lambda: LRU(64))
+    update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property

@@ -19,14 +19,15 @@ from pipeline.spec import JobSpec
 from storage import blobs, keys
 from storage.jobstate import TERMINAL
 from storage.objectstore import StoreError
-from workers import aggregator, shard
+from workers import aggregator, async_agg, shard
 from workers.app import app, app_for
 from workers.context import Context, get_context
+from workers.publish import publish_version
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (StoreError, blobs.BlobError, aggregator.RoundIncomplete, redis.ConnectionError, redis.TimeoutError,
-             ConnectionError, TimeoutError)
+TRANSIENT = (StoreError, blobs.BlobError, aggregator.RoundIncomplete, async_agg.JobBusy, redis.ConnectionError,
+             redis.TimeoutError, ConnectionError, TimeoutError)
 LAUNCH_MARKER_TTL_S = 7 * 24 * 3600
 
 
@@ -91,6 +92,14 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
     return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute)
 
 
+@app.task(name="aas.apply_update", bind=True)
+def apply_update_task(self: Task, result: dict[str, Any], job_id: str) -> dict[str, Any]:
+    """Async mode: apply one shard result on arrival (a link callback of the shard task)."""
+    job_id = str(job_id)
+    return _guarded(self, job_id, f"async update of job {job_id}",
+                    lambda ctx: async_agg.apply_update(ctx, job_id, result))
+
+
 def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, force: bool = False) -> bool:
     """Enqueue the chord for the round that computes on `version`. Idempotent unless forced.
 
@@ -113,7 +122,10 @@ def advance(ctx: Context, job_id: str) -> str:
     job = ctx.jobs.get(job_id)
     if job.status in TERMINAL:
         return job.status
+    publish_version(ctx, job)
     spec = JobSpec.model_validate(job.spec)
+    if spec.mode == "async":
+        return async_agg.advance_async(ctx, job_id)
     target = spec.target_accuracy
     if job.version >= job.total_rounds or (target is not None and job.num("test_accuracy") >= target):
         ctx.jobs.set_status(job_id, "succeeded")

@@ -1,0 +1,89 @@
+"""The whole pipeline on real parts: Redis, an S3 server (moto) and `celery worker` processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_sync_job_trains_digits_to_completion_on_real_workers(workers) -> None:
+    from pipeline.client import Client
+
+    workers("shard0")
+    workers("shard1")
+    workers("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit({"shards": 2, "epochs": 2, "batch_size": 64})
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["version"] == final["total_rounds"] == 12
+    assert len(final["metrics"]) == 12
+    assert final["metrics"][-1]["accuracy"] > 0.85
+    assert final["bytes_up"] > 0 and final["bytes_down"] > 0
+    # Every version consumed exactly one blob per shard.
+    for v in range(1, final["version"] + 1):
+        assert {i.split("/")[1] for i in client.jobs.consumed(job_id, v)} == {"s0", "s1"}
+
+
+def test_corrupt_checkpoint_fails_the_job_after_retries_and_keeps_the_last_good_version(workers) -> None:
+    from pipeline.client import Client
+    from storage import keys
+
+    workers("shard0")
+    workers("aggregator", "aggregate")
+    client = Client()
+    job_id = client.stage({"shards": 1, "epochs": 1, "batch_size": 64})
+    good = client.store.get(keys.checkpoint(job_id, 0))
+    bad = bytearray(good)
+    bad[-3] ^= 0x55
+    client.store.put(keys.checkpoint(job_id, 0), bytes(bad))
+    from workers.tasks import advance
+
+    advance(client._context(), job_id)
+    final = client.wait(job_id, timeout=120)
+    assert final["status"] == "failed"
+    assert "sha256 mismatch" in final["error"] and "gave up after 3 retries" in final["error"]
+    assert final["version"] == 0
+    retries = [e for e in client.jobs.events(job_id) if e["kind"] == "retry"]
+    assert len(retries) == 3
+
+
+def test_invalid_spec_is_rejected_at_submit_and_nothing_is_enqueued(services_env, redis_url) -> None:
+    import redis
+
+    from pipeline.client import Client
+    from pipeline.spec import SpecError
+
+    client = Client()
+    r = redis.Redis.from_url(redis_url)
+    before = set(r.keys("*"))
+    for bad, field in [({"model": "nope"}, "model"), ({"lr": 0}, "lr"), ({"shards": 0}, "shards"),
+                       ({"shards": 5000}, "shards"), ({"dataset": "no_such_mod:load"}, "dataset")]:
+        with pytest.raises(SpecError, match=field):
+            client.submit(bad)
+    assert set(r.keys("*")) == before
+    assert r.llen("shards") == 0
+
+
+def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path) -> None:
+    from pipeline.services import free_port
+
+    port = free_port()
+    env = {"AAS_REDIS_URL": f"redis://127.0.0.1:{port}/0", "AAS_STORE_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2
+    assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+    port2 = free_port()
+    env2 = {**env, "AAS_REDIS_URL": "redis://127.0.0.1:6379/14", "AAS_S3_ENDPOINT": f"127.0.0.1:{port2}"}
+    p2 = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit"], env=env2, capture_output=True, text=True,
+                        timeout=120)
+    assert p2.returncode == 2
+    assert f"S3 endpoint 127.0.0.1:{port2} unreachable" in p2.stderr
+    assert "Traceback" not in p2.stderr

@@ -1,0 +1,185 @@
+"""The aggregator's work in async mode: apply each shard result on arrival, one at a time per job.
+
+Bounded staleness (Ho et al. 2013; Zhang et al. 2016): s = current version − the version the update
+was computed on; s > max_staleness → dropped and the shard's step reissued on the newest version;
+otherwise the update is applied with η/(1+s) (or η; the rule is in the spec).
+
+Exactly once: the job records, per shard, the next data step it expects (``progress``). An update is
+accepted only for that step, atomically with advancing it and appending the update to ``pending``; a
+version is published (checkpoint, then ``commit_version``, which also trims ``pending``) every K
+accepted updates. A crash anywhere re-derives the same state from the last checkpoint plus
+``pending``, whose blobs stay in the store; a redelivered result finds its step already accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import redis
+
+from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
+from pipeline.checkpoint import Checkpoint, encode_checkpoint
+from pipeline.spec import JobSpec
+from pipeline.training import evaluate
+from storage import blobs, keys
+from storage.jobstate import TERMINAL
+from workers import faults
+from workers.aggregator import load_update, opt_hparams
+from workers.context import Context
+from workers.publish import publish_version
+
+
+class JobBusy(Exception):
+    """Another aggregation of the same job holds its lock; retry shortly."""
+
+
+def apply_update(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(result, dict) or "key" not in result:
+        return {"ignored": result}
+    lock = ctx.redis.lock(keys.job_lock(job_id), timeout=300, blocking_timeout=5)
+    if not lock.acquire():
+        raise JobBusy(f"job {job_id} is being aggregated elsewhere")
+    try:
+        outcome = _apply_locked(ctx, job_id, result)
+        publish_if_due(ctx, job_id)
+        publish_version(ctx, ctx.jobs.get(job_id))
+        advance_async(ctx, job_id)
+        return outcome
+    finally:
+        try:
+            lock.release()
+        except redis.exceptions.LockError:
+            pass
+
+
+def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return {"ignored": job.status}
+    spec = JobSpec.model_validate(job.spec)
+    shard, step, base, key = int(result["shard"]), int(result["step"]), int(result["version"]), str(result["key"])
+    expected = ctx.jobs.progress(job_id).get(shard, 0)
+    budget = int(job.fields.get("budget", 0))
+    if step != expected or int(job.fields.get("accepted", 0)) >= budget:
+        return {"shard": shard, "step": step, "outcome": "duplicate"}
+    staleness = job.version - base
+    if staleness > spec.max_staleness or staleness < 0:
+        reason = f"staleness {staleness} exceeds max_staleness {spec.max_staleness}"
+        ctx.jobs.event(job_id, "dropped", shard=shard, step=step, base_version=base, reason=reason)
+        _bump_generation(ctx, job_id, shard)
+        return {"shard": shard, "step": step, "outcome": "stale", "staleness": staleness}
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, job.version), job_id)
+    params = {n: t for n, t in ckpt.state.items() if n in _param_names(ctx, ckpt)}
+    try:
+        upd = load_update(ctx, job_id, key, str(result.get("sha256")), params,
+                          {"job": job_id, "shard": shard, "base_version": base, "step": step})
+    except (blobs.BlobError, UpdateRejected) as e:
+        ctx.jobs.event(job_id, "rejected", shard=shard, step=step, reason=str(e))
+        ctx.store.delete(key)
+        _bump_generation(ctx, job_id, shard)
+        return {"shard": shard, "step": step, "outcome": "rejected", "reason": str(e)}
+    entry = {"identity": upd.identity, "key": key, "sha256": result.get("sha256"), "shard": shard, "step": step,
+             "base_version": base, "staleness": staleness, "scale": staleness_lr(1.0, staleness, spec.staleness_rule),
+             "samples": upd.samples, "loss": upd.loss}
+    accepted = ctx.jobs.accept_update(job_id, shard=shard, step=step, next_step=step + spec.local_steps,
+                                      entry=entry)
+    if accepted:
+        ctx.update_cache.put(upd.identity, upd)
+    faults.point("aggregator.after_accept", ctx.redis, job_id)
+    return {"shard": shard, "step": step, "outcome": "applied" if accepted else "duplicate", "staleness": staleness}
+
+
+def _param_names(ctx: Context, ckpt: Checkpoint) -> set[str]:
+    names = ctx.data.get(f"params:{ckpt.model}:{json.dumps(ckpt.model_args, sort_keys=True)}")
+    if names is None:
+        names = {n for n, p in ckpt.build("cpu").named_parameters() if p.requires_grad}
+        ctx.data.put(f"params:{ckpt.model}:{json.dumps(ckpt.model_args, sort_keys=True)}", names)
+    return names  # type: ignore[no-any-return]
+
+
+def _bump_generation(ctx: Context, job_id: str, shard: int) -> None:
+    ctx.redis.hincrby(keys.job_issued(job_id), f"{shard}:gen", 1)
+
+
+def publish_if_due(ctx: Context, job_id: str) -> bool:
+    """Fold pending updates into version N+1 when K have accumulated (or the budget is spent)."""
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return False
+    spec = JobSpec.model_validate(job.spec)
+    pending = ctx.jobs.pending(job_id)
+    budget_spent = int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0))
+    if not pending or (len(pending) < spec.publish_every and not budget_spent):
+        return False
+    t0 = time.perf_counter()
+    version = job.version
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    names = _param_names(ctx, ckpt)
+    params = {n: t for n, t in ckpt.state.items() if n in names}
+    bufs = dict(ckpt.opt.get("momentum", {}))
+    hp = opt_hparams(spec)
+    for e in pending:
+        upd = ctx.update_cache.get(e["identity"])
+        if upd is None:  # a restarted aggregator: re-read (and re-verify) the recorded blob
+            upd = load_update(ctx, job_id, e["key"], e.get("sha256"), params,
+                              {"job": job_id, "shard": e["shard"], "base_version": e["base_version"]})
+        params, bufs = sgd_step(params, upd.tensors, bufs, **{**hp, "lr": hp["lr"] * float(e["scale"])})
+    state = {**ckpt.state, **params}
+    new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
+                     {"job": job_id})
+    ckey = keys.checkpoint(job_id, version + 1)
+    ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
+    faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
+    model = new.build("cpu")
+    manifest = ctx.manifest(job.fields["manifest"])
+    xt, yt = ctx.split(manifest.test, job_id)
+    samples = sum(int(e["samples"]) for e in pending)
+    metrics: dict[str, Any] = {
+        **evaluate(model, xt, yt, str(manifest.meta.get("task", "classify"))),
+        "train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
+        "samples": samples, "updates": len(pending),
+        "staleness_mean": sum(int(e["staleness"]) for e in pending) / len(pending),
+        "t": time.time(), "round_s": round(time.perf_counter() - t0, 4),
+    }
+    return ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
+                                   identities=[e["identity"] for e in pending], metrics=metrics,
+                                   pending_consumed=len(pending))
+
+
+def advance_async(ctx: Context, job_id: str) -> str:
+    """Finish the job once its update budget is applied and published; else keep every shard busy."""
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return job.status
+    spec = JobSpec.model_validate(job.spec)
+    accepted, budget = int(job.fields.get("accepted", 0)), int(job.fields.get("budget", 0))
+    target = spec.target_accuracy
+    if (accepted >= budget and not ctx.jobs.pending(job_id)) or (
+        target is not None and job.version > 0 and job.num("test_accuracy") >= target
+    ):
+        ctx.jobs.set_status(job_id, "succeeded")
+        return "succeeded"
+    if job.status == "queued":
+        ctx.jobs.set_status(job_id, "running")
+    if accepted >= budget:
+        return "running"
+    progress = ctx.jobs.progress(job_id)
+    issued = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(keys.job_issued(job_id)).items()}
+    for shard in range(spec.shards):
+        step = progress.get(shard, 0)
+        gen = int(issued.get(f"{shard}:gen", 0))
+        want = f"{step}:{gen}"
+        if issued.get(str(shard)) != want:
+            enqueue_shard(ctx, job_id, shard, job.version, step, gen)
+            ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
+    return "running"
+
+
+def enqueue_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int) -> None:
+    from workers.app import app_for
+
+    capp = app_for(ctx.settings)
+    capp.signature("aas.train_shard", args=(job_id, shard, version, step, attempt),
+                   link=capp.signature("aas.apply_update", args=(job_id,))).apply_async()

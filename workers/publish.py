@@ -1,0 +1,74 @@
+"""Publishing a committed version to the model registry: build the serving artifact, register it.
+
+Called from ``advance`` after every commit, and again by any redelivered aggregation: the registry's
+idempotency key ``{job}:{version}`` makes the registration happen once, whatever crashes in between.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
+from pipeline.spec import JobSpec
+from pipeline.training import evaluate
+from storage import keys
+from storage.jobstate import JobState
+from storage.registry import Registry
+from workers.context import Context
+
+log = logging.getLogger(__name__)
+
+
+def registry_for(ctx: Context) -> Registry:
+    return Registry(ctx.redis, ctx.store, signing_key=ctx.signing_key)
+
+
+def model_name(spec: JobSpec) -> str:
+    """The registry name a job publishes under: `register_as`, else the model's name made registry-safe."""
+    name = spec.register_as or spec.model
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+
+
+def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
+    """Register `job`'s current version (once). Returns the version record, or None if nothing to do."""
+    if job.version == 0:
+        return None
+    spec = JobSpec.model_validate(job.spec)
+    if spec.publish_every_versions == 0 and job.version < job.total_rounds:
+        return None
+    if spec.publish_every_versions > 1 and job.version % spec.publish_every_versions and job.version < job.total_rounds:
+        return None
+    reg = registry_for(ctx)
+    name = model_name(spec)
+    idem = f"{job.job_id}:{job.version}"
+    done = ctx.redis.hget(keys.registry_idempotency(name), idem)
+    if done is not None:
+        return None
+    ckpt = ctx.checkpoint(keys.checkpoint(job.job_id, job.version), job.job_id)
+    chain = ArtifactChain.parse(spec.artifact_chain)
+    metrics = dict(ctx.jobs.metrics_at(job.job_id, job.version) or {})
+    data, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain,
+                                 meta={"job": job.job_id, "version": job.version}, signing_key=ctx.signing_key)
+    # Accuracy after compression: evaluate what the inference workers will actually serve.
+    served = load_artifact(data, f"artifact of {idem}", signing_key=ctx.signing_key).model
+    manifest = ctx.manifest(job.fields["manifest"])
+    xt, yt = ctx.split(manifest.test, job.job_id)
+    after = evaluate(served, xt, yt, str(manifest.meta.get("task", "classify")))
+    rec = reg.register(
+        name, data, codec=spec.artifact_chain,
+        metrics={
+            "loss": metrics.get("loss"), "accuracy_before": metrics.get("accuracy"),
+            "accuracy": after["accuracy"], "loss_after": after["loss"],
+            **({"perplexity": after["perplexity"]} if "perplexity" in after else {}),
+            "raw_bytes": stats["raw_bytes"], "stored_bytes": stats["stored_bytes"], "ratio": stats["ratio"],
+        },
+        lineage={
+            "job": job.job_id, "round": job.version, "parent_version": job.fields.get("registered_version"),
+            "data_manifest": job.fields["manifest"], "teacher": spec.teacher, "model": spec.model,
+        },
+        idempotency_key=idem,
+        promote_if_better=spec.promote,
+    )
+    ctx.jobs.set_fields(job.job_id, registered_model=name, registered_version=rec.version)
+    return rec.to_dict()
