@@ -1,35 +1,199 @@
 """Serving artifacts: a model's weights packed for inference, rebuilt into a ready-to-serve module.
 
-An artifact is a blob (``storage.blobs``) whose meta names the model, its arguments and how the
-weights were packed. ``load_artifact`` never unpickles: it rebuilds the module from the model
-registry and loads the decoded tensors into it.
+An artifact is a blob (``storage.blobs``) whose meta names the model, its arguments and how each tensor
+was packed. The packing chain (``ArtifactChain``) is, in order:
+
+1. magnitude pruning of weight tensors (ndim ≥ 2): w · I(|w| > τ), or the smallest-|w| fraction of each
+   layer set to zero;
+2. quantisation of weight tensors: fp16, or int8 symmetric per output channel (dim 0, one fp32 scale per
+   channel); biases and other 1-D tensors stay fp32;
+3. sparse storage: a tensor with zeros is stored as a bitmask + nonzero values, or as int32 indices +
+   values, whichever is smallest (dense otherwise), so pruned zeros cost ≤ 1 bit;
+4. zstd over the whole safetensors payload.
+
+``load_artifact`` never unpickles: it rebuilds the module from the model registry, checks every packed
+tensor against the module's own shapes, and loads dense fp32 (dequantised) weights into it.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch import nn
+from safetensors.torch import save as st_save
+from torch import Tensor, nn
 
 from pipeline.models import build_model
 from storage import blobs
 
 KIND = "artifact"
+PACKING = "packed/1"
+LEGACY_PACKING = "fp32"  # artifacts written before the chain existed: fp32 tensors under their own names
+INT8_MAX = 127
+FP16_MAX = 65504.0
+QUANTIZE = ("none", "fp16", "int8")
+_STEPS = "none, fp32, fp16, int8, prune:<fraction of zeros>, threshold:<tau>, sparse, dense, zstd"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
+
+
+class ChainError(ValueError):
+    """An artifact chain that cannot be built (bad step, conflicting steps, out-of-range number)."""
 
 
 @dataclass(frozen=True)
 class ArtifactChain:
-    """How a serving artifact is derived from training weights. Default: fp32, zstd."""
+    """How a serving artifact is derived from training weights. Default: fp32, zstd.
 
+    prune_threshold: zero weights with |w| ≤ τ; prune_sparsity: zero that fraction of each weight tensor
+    (smallest |w| first); at most one of the two. quantize: weight tensors (ndim ≥ 2) to fp16 or per-channel
+    int8. sparse: store tensors with zeros as bitmask/indices + values when that is smaller.
+    """
+
+    prune_threshold: float | None = None
+    prune_sparsity: float | None = None
+    quantize: Literal["none", "fp16", "int8"] = "none"
+    sparse: bool = True
     zstd: bool = True
+
+    def __post_init__(self) -> None:
+        if self.prune_threshold is not None and self.prune_sparsity is not None:
+            raise ChainError("prune_threshold and prune_sparsity are mutually exclusive; give one")
+        if self.prune_threshold is not None and not (math.isfinite(self.prune_threshold) and self.prune_threshold >= 0):
+            raise ChainError(f"prune_threshold must be a finite number ≥ 0, got {self.prune_threshold!r}")
+        if self.prune_sparsity is not None and not (0.0 <= self.prune_sparsity < 1.0):
+            raise ChainError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity!r}")
+        if self.quantize not in QUANTIZE:
+            raise ChainError(f"unknown quantize {self.quantize!r} (known: {', '.join(QUANTIZE)})")
+
+    @classmethod
+    def parse(cls, text: str) -> ArtifactChain:
+        """Parse a job-spec string such as "prune:0.5,int8,zstd", "fp16" or "none" (steps separated by ',' or
+        '+'). The string is the whole chain: zstd applies only when listed."""
+        steps = [s.strip().lower() for s in text.replace("+", ",").split(",")]
+        if steps == ["none"] or steps == [""]:
+            return cls(zstd=False)
+        kw: dict[str, Any] = {"zstd": False}
+        seen: set[str] = set()
+        for step in steps:
+            head, _, arg = step.partition(":")
+            group = {"fp32": "quantize", "fp16": "quantize", "int8": "quantize", "prune": "prune",
+                     "threshold": "prune", "sparse": "sparse", "dense": "sparse", "zstd": "zstd"}.get(head)
+            if group is None or bool(arg) != (head in ("prune", "threshold")):
+                raise ChainError(f"unknown step {step!r} in artifact chain {text!r} (known: {_STEPS})")
+            if group in seen:
+                raise ChainError(f"artifact chain {text!r} sets {group} twice")
+            seen.add(group)
+            if group == "quantize":
+                kw["quantize"] = "none" if head == "fp32" else head
+            elif group == "prune":
+                try:
+                    value = float(arg)
+                except ValueError:
+                    raise ChainError(f"step {step!r} in artifact chain {text!r}: {arg!r} is not a number") from None
+                kw["prune_sparsity" if head == "prune" else "prune_threshold"] = value
+            else:
+                kw[group] = head != "dense"
+        return cls(**kw)
+
+    def describe(self) -> str:
+        """The canonical chain string; ``ArtifactChain.parse(c.describe()) == c``."""
+        steps = []
+        if self.prune_sparsity is not None:
+            steps.append(f"prune:{self.prune_sparsity:g}")
+        if self.prune_threshold is not None:
+            steps.append(f"threshold:{self.prune_threshold:g}")
+        if self.quantize != "none":
+            steps.append(self.quantize)
+        if not self.sparse:
+            steps.append("dense")
+        if self.zstd:
+            steps.append("zstd")
+        return ",".join(steps) or "none"
 
 
 @dataclass(frozen=True)
 class LoadedArtifact:
     model: nn.Module
     meta: dict[str, Any]
+
+
+# ---------------------------------------------------------------- packing
+
+
+def prune(w: Tensor, chain: ArtifactChain) -> Tensor:
+    """Magnitude pruning of one weight tensor (any shape) as the chain says; a new tensor."""
+    if chain.prune_threshold is not None:
+        return w * (w.abs() > chain.prune_threshold)
+    if chain.prune_sparsity:
+        flat = w.flatten()
+        keep = flat.numel() - round(chain.prune_sparsity * flat.numel())
+        out = torch.zeros_like(flat)
+        idx = torch.topk(flat.abs(), keep, sorted=False).indices
+        out[idx] = flat[idx]
+        return out.view_as(w)
+    return w.clone()
+
+
+def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 per output channel: w (C, ...) → (q (C, ...) int8, scales (C,) fp32), w ≈ q · scale."""
+    flat = w.reshape(w.shape[0], -1)  # (C, rest)
+    scales = flat.abs().amax(dim=1) / INT8_MAX  # (C,)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(flat / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.view(w.shape), scales
+
+
+def pack_bits(mask: Tensor) -> Tensor:
+    """Bool (n,) → uint8 (ceil(n/8),), bit i of byte j is element 8j + i."""
+    n = mask.numel()
+    padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8)
+    padded[:n] = mask.to(torch.uint8)
+    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(dim=1).to(torch.uint8)
+
+
+def unpack_bits(packed: Tensor, n: int) -> Tensor:
+    """uint8 (ceil(n/8),) → bool (ceil(n/8)·8,); the caller checks the padding bits."""
+    shifts = torch.arange(8, dtype=torch.uint8)
+    return ((packed[:, None] >> shifts) & 1).flatten().bool()
+
+
+def _pack_tensor(name: str, w: Tensor, chain: ArtifactChain, out: dict[str, Tensor]) -> tuple[dict[str, Any], int]:
+    """Pack one state-dict tensor into ``out``; return its layout entry and how many zeros it serves."""
+    entry: dict[str, Any] = {"shape": list(w.shape)}
+    if not torch.is_floating_point(w):  # integer buffers (e.g. BatchNorm's num_batches_tracked) pass through
+        entry.update(dtype=str(w.dtype).removeprefix("torch."), raw=True)
+        out[f"{name}.values"] = w.contiguous()
+        return entry, 0
+    w = w.to(torch.float32)
+    if w.dim() >= 2:
+        w = prune(w, chain)
+        if chain.quantize == "int8":
+            w, out[f"{name}.scales"] = quantize_per_channel(w)
+        elif chain.quantize == "fp16":
+            if w.numel() and float(w.abs().max()) > FP16_MAX:
+                raise ChainError(f"weight {name!r} exceeds the fp16 range (±{FP16_MAX:g}); use int8")
+            w = w.to(torch.float16)
+    entry["dtype"] = str(w.dtype).removeprefix("torch.")
+    flat = w.flatten()
+    nz = flat != 0
+    nnz = int(nz.sum())
+    size = {"dense": flat.numel() * flat.element_size(), "bitmask": -(-flat.numel() // 8) + nnz * flat.element_size(),
+            "coo": nnz * (flat.element_size() + 4)}
+    layout = min(("dense", "bitmask", "coo"), key=lambda k: size[k]) if chain.sparse and flat.numel() < 2**31 else "dense"
+    entry["layout"] = layout
+    if layout == "dense":
+        out[f"{name}.values"] = flat
+    else:
+        entry["nnz"] = nnz
+        out[f"{name}.values"] = flat[nz]
+        if layout == "bitmask":
+            out[f"{name}.mask"] = pack_bits(nz)
+        else:
+            out[f"{name}.indices"] = nz.nonzero().flatten().to(torch.int32)
+    return entry, flat.numel() - nnz
 
 
 def build_artifact(
@@ -41,29 +205,141 @@ def build_artifact(
     meta: dict[str, Any] | None = None,
     signing_key: bytes | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
-    """Pack weights into artifact bytes. Returns (bytes, stats with raw_bytes/stored_bytes/ratio)."""
+    """Pack weights into artifact bytes. Returns (bytes, stats): raw_bytes (the fp32 safetensors size of the
+    state dict), stored_bytes, ratio = raw/stored, sparsity (fraction of zeros in the served float weights)."""
     chain = chain or ArtifactChain()
-    tensors = {k: v.detach().float().cpu() for k, v in state_dict.items()}
-    raw_bytes = sum(t.numel() * 4 for t in tensors.values())
-    m = {"kind": KIND, "model": model_name, "model_args": model_args, "packing": "fp32", **(meta or {})}
-    data = blobs.encode(tensors, m, compress=chain.zstd, signing_key=signing_key)
-    stats = {"raw_bytes": raw_bytes, "stored_bytes": len(data), "ratio": raw_bytes / max(1, len(data))}
+    state = {k: v.detach().cpu() for k, v in state_dict.items()}
+    raw_bytes = len(st_save({k: v.float().contiguous() if torch.is_floating_point(v) else v.contiguous()
+                             for k, v in state.items()}))
+    payload: dict[str, Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    zeros = floats = 0
+    for name, w in state.items():
+        layout[name], z = _pack_tensor(name, w, chain, payload)
+        zeros += z
+        floats += w.numel() if torch.is_floating_point(w) else 0
+    m = {**(meta or {}), "kind": KIND, "model": model_name, "model_args": model_args, "packing": PACKING,
+         "chain": chain.describe(), "tensors": layout}
+    data = blobs.encode(payload, m, compress=chain.zstd, level=19 if chain.zstd else 3, signing_key=signing_key)
+    stats = {"raw_bytes": raw_bytes, "stored_bytes": len(data), "ratio": raw_bytes / max(1, len(data)),
+             "sparsity": zeros / max(1, floats), "chain": chain.describe()}
     return data, stats
+
+
+# ---------------------------------------------------------------- unpacking
+
+
+def _part(blob: blobs.Blob, name: str, part: str, dtype: torch.dtype, n: int, where: str) -> Tensor:
+    t = blob.tensors[f"{name}.{part}"]
+    if t.dtype != dtype or t.dim() != 1 or t.numel() != n:
+        raise blobs.BlobError(where, f"tensor {name!r}: {part} are {t.dtype} {tuple(t.shape)}, "
+                                     f"the header implies {dtype} ({n},)")
+    return t
+
+
+def _unpack_tensor(blob: blobs.Blob, name: str, e: dict[str, Any], ref: Tensor, where: str) -> tuple[Tensor, set[str]]:
+    """One dense tensor (fp32 for float weights) and the payload keys it used."""
+    numel, shape = ref.numel(), tuple(ref.shape)
+    if e.get("raw"):
+        if torch.is_floating_point(ref) or e.get("dtype") != str(ref.dtype).removeprefix("torch."):
+            raise blobs.BlobError(where, f"tensor {name!r}: raw {e.get('dtype')!r} where the model has {ref.dtype}")
+        return _part(blob, name, "values", ref.dtype, numel, where).reshape(shape), {f"{name}.values"}
+    dtype = _DTYPES.get(str(e.get("dtype")))
+    quantised = dtype in (torch.int8, torch.float16)
+    if dtype is None or not torch.is_floating_point(ref) or (quantised and ref.dim() < 2):
+        raise blobs.BlobError(where, f"tensor {name!r}: stored dtype {e.get('dtype')!r} cannot serve a "
+                                     f"{ref.dim()}-D {ref.dtype} tensor")
+    layout, used = e.get("layout"), {f"{name}.values"}
+    if layout == "dense":
+        flat = _part(blob, name, "values", dtype, numel, where)
+    elif layout in ("bitmask", "coo"):
+        nnz = e.get("nnz")
+        if not (isinstance(nnz, int) and not isinstance(nnz, bool) and 0 <= nnz <= numel):
+            raise blobs.BlobError(where, f"tensor {name!r}: nnz {nnz!r} outside [0, {numel}]")
+        vals = _part(blob, name, "values", dtype, nnz, where)
+        if layout == "bitmask":
+            bits = unpack_bits(_part(blob, name, "mask", torch.uint8, -(-numel // 8), where), numel)
+            if bool(bits[numel:].any()) or int(bits.sum()) != nnz:
+                raise blobs.BlobError(where, f"tensor {name!r}: bitmask does not hold exactly {nnz} set bits")
+            idx = bits[:numel].nonzero().flatten()
+        else:
+            idx = _part(blob, name, "indices", torch.int32, nnz, where).to(torch.int64)
+            if nnz and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise blobs.BlobError(where, f"tensor {name!r}: indices outside [0, {numel})")
+            if nnz > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise blobs.BlobError(where, f"tensor {name!r}: indices are not strictly increasing")
+        used.add(f"{name}.{'mask' if layout == 'bitmask' else 'indices'}")
+        flat = torch.zeros(numel, dtype=dtype)
+        flat[idx] = vals
+    else:
+        raise blobs.BlobError(where, f"tensor {name!r}: unknown layout {layout!r} (known: dense, bitmask, coo)")
+    if dtype == torch.int8:
+        scales = _part(blob, name, "scales", torch.float32, shape[0], where)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise blobs.BlobError(where, f"tensor {name!r}: channel scales must be finite and ≥ 0")
+        used.add(f"{name}.scales")
+        dense = flat.view(shape[0], -1).to(torch.float32) * scales[:, None]  # (C, rest)
+    else:
+        dense = flat.to(torch.float32)
+    if not bool(torch.isfinite(dense).all()):
+        raise blobs.BlobError(where, f"tensor {name!r}: weights contain NaN or Inf")
+    return dense.reshape(shape), used
+
+
+def _unpack(data: bytes, where: str, signing_key: bytes | None) -> tuple[dict[str, Any], nn.Module, dict[str, Tensor]]:
+    """Verify the blob, rebuild the (untrained) module, and decode every tensor against its shapes."""
+    blob = blobs.decode(data, where, signing_key=signing_key)
+    meta = blob.meta
+    if meta.get("kind") != KIND:
+        raise blobs.BlobError(where, f"not a serving artifact (kind {meta.get('kind')!r})")
+    packing = meta.get("packing")
+    if packing not in (PACKING, LEGACY_PACKING):
+        raise blobs.BlobError(where, f"unknown packing {packing!r} (known: {PACKING}, {LEGACY_PACKING})")
+    try:
+        model = build_model(str(meta["model"]), dict(meta.get("model_args") or {}))
+    except (KeyError, ValueError, TypeError) as e:
+        raise blobs.BlobError(where, f"cannot rebuild model {meta.get('model')!r}: {e}") from None
+    refs = model.state_dict()
+    layout = meta.get("tensors") if packing == PACKING else {k: "legacy" for k in blob.tensors}
+    if not isinstance(layout, dict):
+        raise blobs.BlobError(where, "header lacks a 'tensors' object")
+    if set(layout) != set(refs):
+        missing, extra = sorted(set(refs) - set(layout)), sorted(set(layout) - set(refs))
+        raise blobs.BlobError(where, f"weights do not fit model {meta['model']!r}: missing {missing[:5]}, "
+                                     f"unexpected {extra[:5]}")
+    state: dict[str, Tensor] = {}
+    used: set[str] = set()
+    for name, ref in refs.items():
+        e = layout[name]
+        if packing == LEGACY_PACKING:
+            t = blob.tensors[name]
+            if tuple(t.shape) != tuple(ref.shape) or (t.is_floating_point() and not bool(torch.isfinite(t).all())):
+                raise blobs.BlobError(where, f"tensor {name!r}: shape {tuple(t.shape)} or values do not fit the model")
+            state[name], keys = t.to(ref.dtype), {name}
+        elif not isinstance(e, dict) or e.get("shape") != list(ref.shape):
+            shape = e.get("shape") if isinstance(e, dict) else e
+            raise blobs.BlobError(where, f"tensor {name!r}: header shape {shape!r}, the model's is {list(ref.shape)}")
+        else:
+            state[name], keys = _unpack_tensor(blob, name, e, ref, where)
+        used |= keys
+    if used != set(blob.tensors):
+        raise blobs.BlobError(where, f"payload holds tensors the header does not describe: "
+                                     f"{sorted(set(blob.tensors) - used)[:5]}")
+    return meta, model, state
+
+
+def dequantized_state(data: bytes, where: str = "<artifact>", *, signing_key: bytes | None = None) -> dict[str, Tensor]:
+    """The dense weights an artifact serves (fp32 for float tensors, dequantised), checked like ``load_artifact``."""
+    return _unpack(data, where, signing_key)[2]
 
 
 def load_artifact(
     data: bytes, where: str = "<artifact>", *, signing_key: bytes | None = None, device: str = "cpu"
 ) -> LoadedArtifact:
     """Verify and decode an artifact, rebuild the module, load the weights, and return it in eval mode."""
-    blob = blobs.decode(data, where, signing_key=signing_key)
-    meta = blob.meta
-    if meta.get("kind") != KIND:
-        raise blobs.BlobError(where, f"not a serving artifact (kind {meta.get('kind')!r})")
-    if meta.get("packing") != "fp32":
-        raise blobs.BlobError(where, f"unknown packing {meta.get('packing')!r} (known: fp32)")
+    meta, model, state = _unpack(data, where, signing_key)
     try:
-        model = build_model(str(meta["model"]), dict(meta.get("model_args") or {}))
-        model.load_state_dict(blob.tensors, strict=True)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, ValueError) as e:
         raise blobs.BlobError(where, f"weights do not fit model {meta.get('model')!r}: {e}") from None
     return LoadedArtifact(model=model.to(device).eval(), meta=meta)

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if hasattr(args, "run"):
-        return int(args.run(args))
+    handler = getattr(args, "run", None) or getattr(args, "func", None)
+    if handler is not None:
+        return int(handler(args))
     if args.command == "demo":
         from pipeline.demo import DemoOptions, print_summary, run_demo
 

@@ -39,12 +39,17 @@ class Dataset:
         return int(self.x_train.shape[0])
 
 
+DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3762
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
-    """scikit-learn's digits as (N, 1, 8, 8) float32 in [0, 1] and int64 labels, split with a fixed seed."""
+    """scikit-learn's digits as (N, 1, 8, 8) standardised float32 and int64 labels, split with a fixed seed."""
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
-    x = torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    # Pixel values 0..16, standardised with the training split's mean and std (fixed constants, so the
+    # inference worker's callers can apply the same transform).
+    x = (torch.tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0 - DIGITS_MEAN) / DIGITS_STD
     y = torch.tensor(bunch.target, dtype=torch.int64)
     g = torch.Generator().manual_seed(1234 + seed)
     perm = torch.randperm(x.shape[0], generator=g)

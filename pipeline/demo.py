@@ -22,7 +22,7 @@ from typing import Any
 class DemoOptions:
     workers: int = 2
     shards: int = 2
-    epochs: int = 4
+    epochs: int = 5
     mode: str = "sync"
     local_steps: int = 1
     model: str = "digits-cnn"

@@ -31,9 +31,9 @@ class JobSpec(BaseModel):
     mode: Literal["sync", "async"] = "sync"
     local_steps: int = Field(default=1, ge=1, le=10_000)  # H inner steps per round (DiLoCo when > 1)
     batch_size: int = Field(default=32, ge=1)  # per shard and step
-    epochs: int = Field(default=4, ge=1, le=100_000)
+    epochs: int = Field(default=5, ge=1, le=100_000)
     optimizer: Literal["sgd"] = "sgd"  # the aggregator's optimizer (outer optimizer when local_steps > 1)
-    lr: float = Field(default=0.1, gt=0)
+    lr: float = Field(default=0.05, gt=0)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0)

