@@ -139,7 +139,7 @@ def services_env(redis_url: str, s3_server: S3Server, monkeypatch: pytest.Monkey
         "AAS_S3_ACCESS_KEY": "testing",
         "AAS_S3_SECRET_KEY": "testing",
         "AAS_S3_BUCKET": "aas-test",
-        "AAS_VISIBILITY_TIMEOUT_S": "8",
+        "AAS_VISIBILITY_TIMEOUT_S": "5",
         "AAS_RETRY_BACKOFF_S": "0.2",
         "AAS_RETRY_BACKOFF_MAX_S": "1",
         "AAS_TASK_MAX_RETRIES": "3",

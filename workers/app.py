@@ -28,6 +28,11 @@ def make_app(settings: Settings | None = None) -> Celery:
     transport = {
         # Redis redelivers a task not acknowledged within this window, even while it still runs.
         "visibility_timeout": s.visibility_timeout_s,
+        # How often workers sweep for abandoned (unacked, timed-out) messages. kombu's default sweep
+        # period is interval × throttle = 100 s; a dead worker's task should come back soon after its
+        # visibility timeout, so sweep every quarter timeout (1..10 s) without a throttle.
+        "unacked_restore_interval": max(1, min(10, s.visibility_timeout_s // 4)),
+        "unacked_restore_throttle": 1,
     }
     app.conf.update(
         # No pickle: JSON only, in both directions.

@@ -2,7 +2,7 @@
 
 Each process kills itself with SIGKILL at a named point (workers/faults.py), once per job: no
 cleanup and no ack, as when a machine dies. Redis redelivers the unacknowledged message after the
-visibility timeout (8 s here) and the job finishes with the same weights as a fault-free run.
+visibility timeout (5 s here) and the job finishes with the same weights as a fault-free run.
 """
 
 from __future__ import annotations
