@@ -1,0 +1,258 @@
+"""Gradient codecs: pure functions from a dict of gradients to safetensors-ready payload tensors and back.
+
+Codecs (``CODECS``):
+
+- ``none``: fp32, dense.
+- ``fp16`` / ``bf16``: a cast (2 bytes per element).
+- ``int8``: symmetric int8 with one fp32 absmax scale per ``chunk`` elements of the flattened tensor.
+- ``topk``: the k = ceil(density · numel) largest |values| of each tensor, as fp32 values + sorted indices,
+  with error feedback (Lin et al. 2018, Deep Gradient Compression): what is not sent this step is carried
+  in a residual and added to the next step's gradient.
+- ``topk+int8``: topk whose values are int8-quantised per chunk; the quantisation error feeds back too.
+
+``encode`` returns an ``Encoded``: payload tensors named ``{name}.values`` / ``{name}.indices`` /
+``{name}.scales`` and a JSON header (``meta``) that says how to read them. ``decode`` trusts neither: it
+checks every name, dtype, length, index and scale against the header (and the header against the model's
+shapes when given) and raises ``CodecError`` naming the blob rather than return a wrong gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+CODECS = ("none", "fp16", "bf16", "int8", "topk", "topk+int8")
+FORMAT = 1
+INT8_MAX = 127  # symmetric range [-127, 127]; -128 is never produced
+FP16_MAX = 65504.0
+_SPARSE = ("topk", "topk+int8")
+_QUANTISED = ("int8", "topk+int8")
+_VALUE_DTYPE = {
+    "none": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+    "int8": torch.int8,
+    "topk": torch.float32,
+    "topk+int8": torch.int8,
+}
+
+
+class CodecError(ValueError):
+    """A codec config or an encoded gradient is invalid. The message names the blob and the problem."""
+
+
+@dataclass(frozen=True)
+class CodecConfig:
+    """Which codec and its knobs. density: topk's fraction kept per tensor (≥ 1 element); chunk: int8
+    elements per scale."""
+
+    name: str = "none"
+    density: float = 0.01
+    chunk: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise CodecError(f"unknown codec {self.name!r} (known: {', '.join(CODECS)})")
+        if not (isinstance(self.density, (int, float)) and 0.0 < self.density <= 1.0):
+            raise CodecError(f"codec density must be in (0, 1], got {self.density!r}")
+        if isinstance(self.chunk, bool) or not isinstance(self.chunk, int) or self.chunk < 1:
+            raise CodecError(f"codec chunk must be an integer ≥ 1, got {self.chunk!r}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """Payload tensors (valid safetensors keys), a JSON-serialisable header, and the error-feedback residual
+    to pass to the next ``encode`` (None for codecs without error feedback)."""
+
+    tensors: dict[str, Tensor]
+    meta: dict[str, Any]
+    residual: dict[str, Tensor] | None
+
+
+def topk_count(numel: int, density: float) -> int:
+    """How many elements topk keeps of a tensor: ceil(density · numel), at least 1 (0 for an empty tensor)."""
+    if numel == 0:
+        return 0
+    return min(numel, max(1, math.ceil(density * numel)))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def quantise_int8(x: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-chunk int8 of a 1-D tensor: (q (n,) int8, scales (ceil(n/chunk),) fp32), x ≈ q · scale."""
+    n = x.numel()
+    chunks = -(-n // chunk)
+    padded = torch.zeros(chunks * chunk, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    blocks = padded.view(chunks, chunk)  # (chunks, chunk)
+    scales = blocks.abs().amax(dim=1) / INT8_MAX  # (chunks,)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+    q = torch.round(blocks / safe[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q.flatten()[:n], scales
+
+
+def dequantise_int8(q: Tensor, scales: Tensor, chunk: int) -> Tensor:
+    """Inverse of ``quantise_int8``: (n,) fp32."""
+    n = q.numel()
+    per_elem = scales.repeat_interleave(chunk)[:n] if n else scales.new_zeros(0)  # (n,)
+    return q.to(torch.float32) * per_elem
+
+
+def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tensor] | None = None) -> Encoded:
+    """Encode gradients with ``cfg``. For topk codecs the input is grads + residual and the returned residual
+    is that sum minus exactly what the receiver will decode; other codecs ignore ``residual``."""
+    name = cfg.name
+    ef = name in _SPARSE
+    if ef and residual is not None and set(residual) != set(grads):
+        raise CodecError(f"residual names {sorted(residual)} do not match the gradient's {sorted(grads)}")
+    payload: dict[str, Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    new_residual: dict[str, Tensor] = {}
+    for key, g in grads.items():
+        if not torch.is_floating_point(g):
+            raise CodecError(f"gradient {key!r} has dtype {g.dtype}, expected a floating-point tensor")
+        x = g.detach().to(torch.float32).flatten()  # (n,)
+        if ef and residual is not None:
+            r = residual[key]
+            if tuple(r.shape) != tuple(g.shape):
+                raise CodecError(f"residual {key!r} has shape {tuple(r.shape)}, gradient {tuple(g.shape)}")
+            x = x + r.detach().to(device=x.device, dtype=torch.float32).flatten()
+        if not bool(torch.isfinite(x).all()):
+            raise CodecError(f"gradient {key!r} has NaN or Inf values; refusing to encode it")
+        entry: dict[str, Any] = {"shape": list(g.shape), "dtype": str(g.dtype).removeprefix("torch.")}
+        if name == "none":
+            payload[f"{key}.values"] = x
+        elif name in ("fp16", "bf16"):
+            if name == "fp16" and x.numel() and float(x.abs().max()) > FP16_MAX:
+                raise CodecError(f"gradient {key!r} exceeds the fp16 range (±{FP16_MAX:g}); use bf16 or int8")
+            payload[f"{key}.values"] = x.to(_VALUE_DTYPE[name])
+        elif name == "int8":
+            q, scales = quantise_int8(x, cfg.chunk)
+            payload[f"{key}.values"], payload[f"{key}.scales"] = q, scales
+        else:
+            k = topk_count(x.numel(), cfg.density)
+            idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values  # (k,) ascending
+            vals = x[idx]  # (k,)
+            if name == "topk+int8":
+                q, scales = quantise_int8(vals, cfg.chunk)
+                payload[f"{key}.values"], payload[f"{key}.scales"] = q, scales
+                sent = dequantise_int8(q, scales, cfg.chunk)
+            else:
+                payload[f"{key}.values"] = vals
+                sent = vals
+            payload[f"{key}.indices"] = idx.to(index_dtype(x.numel()))
+            rest = x.clone()
+            rest[idx] -= sent  # what was not delivered, including int8 rounding error
+            new_residual[key] = rest.view(g.shape)
+            entry["k"] = k
+        layout[key] = entry
+    meta: dict[str, Any] = {"codec": name, "format": FORMAT, "tensors": layout}
+    if name in _SPARSE:
+        meta["density"] = float(cfg.density)
+    if name in _QUANTISED:
+        meta["chunk"] = cfg.chunk
+    return Encoded(tensors=payload, meta=meta, residual=new_residual if ef else None)
+
+
+def encoded_nbytes(enc: Encoded) -> int:
+    """Bytes of payload tensor data (what safetensors stores, before zstd and headers)."""
+    return sum(t.numel() * t.element_size() for t in enc.tensors.values())
+
+
+# ---------------------------------------------------------------- decode
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _header(meta: Any, where: str) -> tuple[str, dict[str, dict[str, Any]], int]:
+    """Validate the header's structure; return (codec, layout, chunk)."""
+    if not isinstance(meta, dict):
+        raise CodecError(f"codec header in blob {where} is {type(meta).__name__}, expected an object")
+    name = meta.get("codec")
+    if name not in CODECS:
+        raise CodecError(f"unknown codec {name!r} in blob {where} (known: {', '.join(CODECS)})")
+    if meta.get("format") != FORMAT:
+        raise CodecError(f"unsupported codec format {meta.get('format')!r} in blob {where} (known: {FORMAT})")
+    chunk = meta.get("chunk", 0)
+    if name in _QUANTISED and not (_is_int(chunk) and chunk >= 1):
+        raise CodecError(f"codec {name} in blob {where} needs an integer chunk ≥ 1, header has {chunk!r}")
+    layout = meta.get("tensors")
+    if not isinstance(layout, dict):
+        raise CodecError(f"codec header in blob {where} lacks a 'tensors' object")
+    for key, e in layout.items():
+        shape = e.get("shape") if isinstance(e, dict) else None
+        if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
+            raise CodecError(f"tensor {key!r} in blob {where}: header shape {shape!r} is not a list of sizes")
+        if name in _SPARSE:
+            k = e.get("k")
+            if not (_is_int(k) and 0 <= k <= math.prod(shape)):
+                raise CodecError(f"tensor {key!r} in blob {where}: header k={k!r} outside [0, {math.prod(shape)}]")
+    return name, layout, int(chunk)
+
+
+def _payload(tensors: dict[str, Tensor], key: str, part: str, dtypes: tuple[torch.dtype, ...], n: int,
+             where: str) -> Tensor:
+    t = tensors[f"{key}.{part}"]
+    if t.dtype not in dtypes:
+        want = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise CodecError(f"tensor {key!r} in blob {where}: {part} have dtype {t.dtype}, expected {want}")
+    if t.dim() != 1 or t.numel() != n:
+        raise CodecError(f"tensor {key!r} in blob {where}: {part} have shape {tuple(t.shape)}, header implies ({n},)")
+    return t
+
+
+def _scales(tensors: dict[str, Tensor], key: str, n: int, chunk: int, where: str) -> Tensor:
+    s = _payload(tensors, key, "scales", (torch.float32,), -(-n // chunk), where)
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
+        raise CodecError(f"tensor {key!r} in blob {where}: scales must be finite and ≥ 0")
+    return s
+
+
+def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob>",
+           expected_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+    """Dense fp32 gradients from payload tensors and header. Raises CodecError naming ``where`` for any
+    disagreement between header, payload and (when given) the model's shapes; never returns a partial result."""
+    name, layout, chunk = _header(meta, where)
+    if expected_shapes is not None:
+        if set(layout) != set(expected_shapes):
+            missing, extra = sorted(set(expected_shapes) - set(layout)), sorted(set(layout) - set(expected_shapes))
+            raise CodecError(f"blob {where} does not fit the model: missing tensors {missing}, unexpected {extra}")
+        for key, e in layout.items():
+            if tuple(e["shape"]) != tuple(expected_shapes[key]):
+                raise CodecError(f"tensor {key!r} in blob {where} has shape {tuple(e['shape'])}, "
+                                 f"the model's is {tuple(expected_shapes[key])}")
+    parts = ["values"] + (["indices"] if name in _SPARSE else []) + (["scales"] if name in _QUANTISED else [])
+    want = {f"{key}.{p}" for key in layout for p in parts}
+    if set(tensors) != want:
+        missing, extra = sorted(want - set(tensors)), sorted(set(tensors) - want)
+        raise CodecError(f"payload of blob {where} disagrees with its {name} header: "
+                         f"missing {missing[:5]}, unexpected {extra[:5]}")
+    out: dict[str, Tensor] = {}
+    for key, e in layout.items():
+        shape = tuple(e["shape"])
+        numel = math.prod(shape)
+        n = int(e["k"]) if name in _SPARSE else numel
+        v = _payload(tensors, key, "values", (_VALUE_DTYPE[name],), n, where)
+        vals = dequantise_int8(v, _scales(tensors, key, n, chunk, where), chunk) if name in _QUANTISED else v.float()
+        if name in _SPARSE:
+            idx = _payload(tensors, key, "indices", (torch.int32, torch.int64), n, where).to(torch.int64)
+            if n and (int(idx.min()) < 0 or int(idx.max()) >= numel):
+                raise CodecError(f"tensor {key!r} in blob {where}: indices outside [0, {numel})")
+            if n > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                raise CodecError(f"tensor {key!r} in blob {where}: indices are not strictly increasing "
+                                 "(duplicated or unsorted)")
+            dense = torch.zeros(numel, dtype=torch.float32)
+            dense[idx] = vals
+            vals = dense
+        if not bool(torch.isfinite(vals).all()):
+            raise CodecError(f"tensor {key!r} in blob {where}: decoded values contain NaN or Inf")
+        out[key] = vals.reshape(shape)
+    return out
