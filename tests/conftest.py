@@ -56,7 +56,9 @@ def unit_ctx(fake_redis, local_store):
 
 
 def _db_for_worker() -> int:
-    # pytest-xdist workers get their own db; a plain run uses 14.
+    # AAS_TEST_REDIS_DB pins one (two suites side by side); pytest-xdist workers get their own; else 14.
+    if os.environ.get("AAS_TEST_REDIS_DB"):
+        return int(os.environ["AAS_TEST_REDIS_DB"])
     wid = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
     return 14 - int(wid.removeprefix("gw") or 0)
 

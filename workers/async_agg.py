@@ -31,6 +31,9 @@ from workers.context import Context
 from workers.publish import publish_version
 
 
+NEWEST = -1  # a shard task's version argument: compute on the newest version when the task starts
+
+
 class JobBusy(Exception):
     """Another aggregation of the same job holds its lock; retry shortly."""
 
@@ -172,7 +175,7 @@ def advance_async(ctx: Context, job_id: str) -> str:
         gen = int(issued.get(f"{shard}:gen", 0))
         want = f"{step}:{gen}"
         if issued.get(str(shard)) != want:
-            enqueue_shard(ctx, job_id, shard, job.version, step, gen)
+            enqueue_shard(ctx, job_id, shard, NEWEST, step, gen)
             ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
     return "running"
 

@@ -46,18 +46,22 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
     if done is not None:
         return None
     ckpt = ctx.checkpoint(keys.checkpoint(job.job_id, job.version), job.job_id)
-    parse = getattr(ArtifactChain, "parse", None)
-    chain = parse(spec.artifact_chain) if parse else ArtifactChain()
+    chain = ArtifactChain.parse(spec.artifact_chain)
     metrics = dict(ctx.jobs.metrics_at(job.job_id, job.version) or {})
     data, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain,
                                  meta={"job": job.job_id, "version": job.version}, signing_key=ctx.signing_key)
-    # Accuracy after compression: evaluate what the inference workers will actually serve.
-    served = load_artifact(data, f"artifact of {idem}", signing_key=ctx.signing_key).model
-    manifest = ctx.manifest(job.fields["manifest"])
-    xt, yt = ctx.split(manifest.test, job.job_id)
-    after = evaluate(served, xt, yt, str(manifest.meta.get("task", "classify")))
+    # Accuracy after compression: evaluate what the inference workers will actually serve. A lossless
+    # chain (fp32, sparse storage of exact zeros, zstd) serves the very weights just evaluated.
+    lossless = chain.quantize == "none" and chain.prune_threshold is None and chain.prune_sparsity is None
+    if lossless and metrics.get("accuracy") is not None:
+        after = {k: metrics[k] for k in ("loss", "accuracy", "perplexity") if k in metrics}
+    else:
+        served = load_artifact(data, f"artifact of {idem}", signing_key=ctx.signing_key).model
+        manifest = ctx.manifest(job.fields["manifest"])
+        xt, yt = ctx.split(manifest.test, job.job_id)
+        after = evaluate(served, xt, yt, str(manifest.meta.get("task", "classify")))
     rec = reg.register(
-        name, data, codec=spec.artifact_chain,
+        name, data, codec=chain.describe(),
         metrics={
             "loss": metrics.get("loss"), "accuracy_before": metrics.get("accuracy"),
             "accuracy": after["accuracy"], "loss_after": after["loss"],

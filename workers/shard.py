@@ -22,10 +22,15 @@ from workers.context import Context
 
 
 def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int) -> dict[str, Any]:
+    """Compute shard `shard`'s update for data step `step` on `version` (−1: the newest), upload it."""
     t0 = time.perf_counter()
     job = ctx.jobs.get(job_id)
     if job.status in TERMINAL:
         return {"shard": shard, "skipped": job.status}
+    if version < 0:
+        # Async mode: compute on the newest version when the task starts, not the one current when it
+        # was queued, so time spent waiting in the queue adds no staleness.
+        version = job.version
     spec = JobSpec.model_validate(job.spec)
     manifest = ctx.manifest(job.fields["manifest"])
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)

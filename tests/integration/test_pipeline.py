@@ -87,3 +87,38 @@ def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path
     assert p2.returncode == 2
     assert f"S3 endpoint 127.0.0.1:{port2} unreachable" in p2.stderr
     assert "Traceback" not in p2.stderr
+
+
+def test_async_job_with_a_slow_worker_finishes_and_applies_each_data_step_once(workers) -> None:
+    from pipeline.client import Client
+
+    workers("shard0")
+    workers("slow", extra_env={"AAS_SLOW_FACTOR": "3"})
+    workers("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit({"mode": "async", "shards": 4, "epochs": 3, "batch_size": 32, "max_staleness": 8})
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    job = client.jobs.get(job_id)
+    assert int(job.fields["accepted"]) == int(job.fields["budget"]) == final["version"]
+    identities = set()
+    for v in range(1, final["version"] + 1):
+        consumed = client.jobs.consumed(job_id, v)
+        assert len(consumed) == 1
+        identities |= consumed
+    assert len(identities) == final["version"]  # no identity applied twice
+    assert final["metrics"][-1]["accuracy"] > 0.6  # it learns; accuracy vs sync is measured in ops/bench
+
+
+def test_local_steps_job_sends_h_times_fewer_blobs_and_still_learns(workers) -> None:
+    from pipeline.client import Client
+
+    workers("shard0")
+    workers("shard1")
+    workers("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit({"local_steps": 8, "shards": 2, "epochs": 4, "batch_size": 32, "inner_lr": 0.05})
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["version"] == final["total_rounds"] == 12  # ceil(4 epochs x 23 batches / 8)
+    assert final["metrics"][-1]["accuracy"] > 0.85

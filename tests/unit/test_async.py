@@ -1,0 +1,99 @@
+"""Async mode through the real shard and aggregator code, on fakeredis and a local folder."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+
+from pipeline.client import Client
+from storage import keys
+from workers import async_agg, shard
+
+
+@pytest.fixture
+def enqueued():
+    """Capture the shard tasks async mode enqueues instead of sending them to a broker."""
+    sent: list[tuple] = []
+    with mock.patch.object(async_agg, "enqueue_shard", lambda ctx, *a: sent.append(a)):
+        yield sent
+
+
+def stage(unit_ctx, **spec) -> str:
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    base = {"mode": "async", "shards": 2, "batch_size": 64, "epochs": 1, "publish_every_versions": 0}
+    return client.stage({**base, **spec})
+
+
+def compute(unit_ctx, job_id: str, shard_id: int, version: int, step: int, attempt: int = 0) -> dict:
+    return shard.train_shard(unit_ctx, job_id, shard_id, version, step, attempt)
+
+
+def test_async_start_issues_every_shard_on_version_zero_once(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx)
+    async_agg.advance_async(unit_ctx, job_id)
+    async_agg.advance_async(unit_ctx, job_id)
+    assert sorted(enqueued) == [(job_id, 0, -1, 0, 0), (job_id, 1, -1, 0, 0)]
+    assert unit_ctx.jobs.get(job_id).status == "running"
+
+
+def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx)
+    result = compute(unit_ctx, job_id, 0, 0, 0)
+    first = async_agg.apply_update(unit_ctx, job_id, result)
+    second = async_agg.apply_update(unit_ctx, job_id, result)
+    assert first["outcome"] == "applied" and second["outcome"] == "duplicate"
+    job = unit_ctx.jobs.get(job_id)
+    assert job.version == 1 and job.fields["accepted"] == "1"
+    assert unit_ctx.jobs.consumed(job_id, 1) == {keys.gradient_identity(job_id, 0, 0, 0)}
+    # The shard's next step was issued on the newest version, once.
+    assert enqueued.count((job_id, 0, -1, 1, 0)) == 1
+
+
+def test_updates_staler_than_the_bound_are_dropped_and_the_shard_reissued(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, max_staleness=1)
+    old = compute(unit_ctx, job_id, 1, 0, 0)  # shard 1 computes on version 0 ...
+    for step in range(2):  # ... while shard 0 moves the job to version 2
+        v = unit_ctx.jobs.get(job_id).version
+        async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, v, step))
+    assert unit_ctx.jobs.get(job_id).version == 2
+    out = async_agg.apply_update(unit_ctx, job_id, old)
+    assert out["outcome"] == "stale" and out["staleness"] == 2
+    assert unit_ctx.jobs.get(job_id).version == 2
+    assert (job_id, 1, -1, 0, 1) in enqueued  # same step, newest version, next attempt
+    dropped = [e for e in unit_ctx.jobs.events(job_id) if e["kind"] == "dropped"]
+    assert "staleness 2 exceeds max_staleness 1" in dropped[0]["reason"]
+
+
+def test_accepted_stale_update_is_scaled_by_one_over_one_plus_staleness(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, max_staleness=4)
+    old = compute(unit_ctx, job_id, 1, 0, 0)
+    async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))
+    async_agg.apply_update(unit_ctx, job_id, old)
+    metrics = unit_ctx.jobs.metrics(job_id)
+    assert [m["staleness_mean"] for m in metrics] == [0, 1]
+
+
+def test_versions_publish_every_k_updates_and_a_restarted_aggregator_replays_pending(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, publish_every=2)
+    async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))
+    assert unit_ctx.jobs.get(job_id).version == 0
+    assert len(unit_ctx.jobs.pending(job_id)) == 1
+    unit_ctx.update_cache = type(unit_ctx.update_cache)(256)  # the aggregator restarted: memory is gone
+    async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 1, 0, 0))
+    job = unit_ctx.jobs.get(job_id)
+    assert job.version == 1 and unit_ctx.jobs.pending(job_id) == []
+    assert len(unit_ctx.jobs.consumed(job_id, 1)) == 2
+
+
+def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, batch_size=512)  # 2 shards x 2 steps = a budget of 4 updates
+    budget = int(unit_ctx.jobs.get(job_id).fields["budget"])
+    assert budget == 4
+    for _ in range(budget):
+        job = unit_ctx.jobs.get(job_id)
+        progress = unit_ctx.jobs.progress(job_id)
+        s = min(range(2), key=lambda i: progress.get(i, 0))
+        async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, s, job.version, progress.get(s, 0)))
+    job = unit_ctx.jobs.get(job_id)
+    assert job.status == "succeeded" and job.version == 4
