@@ -11,6 +11,7 @@ against the shard count, the model against a sample. A rejected job enqueues not
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from collections.abc import Callable
@@ -25,8 +26,8 @@ from pipeline.models import ModelError, build_model
 from pipeline.settings import Settings, get_settings
 from pipeline.spec import JobSpec, SpecError, parse_spec
 from storage import keys
-from storage.jobstate import TERMINAL, JobStore
-from storage.objectstore import ObjectStore, StoreError, open_store
+from storage.jobstate import TERMINAL, JobNotFound, JobStore
+from storage.objectstore import ObjectNotFound, ObjectStore, StoreError, open_store
 
 
 class ServiceUnavailable(RuntimeError):
@@ -107,7 +108,12 @@ class Client:
             budget = spec.shards * rounds
             fields["budget"] = str(budget)
             rounds = -(-budget // spec.publish_every)
-        self.jobs.create(job_id, spec.model_dump(mode="json"), total_rounds=rounds, fields=fields)
+        record = {"job_id": job_id, "spec": spec.model_dump(mode="json"), "total_rounds": rounds, "fields": fields}
+        try:
+            self.store.put(keys.job_record(job_id), json.dumps(record).encode())
+        except StoreError as e:
+            raise ServiceUnavailable(f"object store unavailable: {e}") from None
+        self.jobs.create(job_id, record["spec"], total_rounds=rounds, fields=fields)
         return job_id
 
     def _signing_key(self) -> bytes | None:
@@ -153,8 +159,6 @@ class Client:
             if on_progress is not None:
                 new = self.redis.lrange(keys.job_metrics(job_id), seen, -1)
                 if new:
-                    import json
-
                     seen += len(new)
                     on_progress(state, [json.loads(m) for m in new])
             if state["status"] in TERMINAL:
@@ -169,16 +173,44 @@ class Client:
         return self.jobs.set_status(job_id, "cancelled", error="cancelled by user")
 
     def resume(self, job_id: str) -> dict[str, Any]:
-        """Re-enqueue the round of the job's last committed version (after a crash or a Redis restart)."""
+        """Re-enqueue a job from its last committed version (after a crash, a failure or a Redis restart).
+
+        With its Redis state gone, the job is rebuilt from what the object store keeps: the job record
+        (spec, data set) and the newest checkpoint. Metrics of earlier versions are not recoverable, and
+        an async job's per-shard data positions restart from an even split of the updates applied.
+        """
         from workers.tasks import advance, launch_round
 
-        state = self.jobs.get(job_id)
-        if state.status in TERMINAL and state.status != "failed":
+        try:
+            state = self.jobs.get(job_id)
+        except JobNotFound:
+            state = self._rebuild(job_id)
+        if state.status in ("succeeded", "cancelled"):
             return state.to_dict()
-        if state.status == "failed":
-            self.redis.hset(keys.job(job_id), mapping={"status": "running", "error": ""})
+        self.redis.hset(keys.job(job_id), mapping={"status": "running", "error": ""})
         ctx = self._context()
         spec = JobSpec.model_validate(state.spec)
-        if advance(ctx, job_id) == "running":
+        self.redis.delete(keys.job_issued(job_id))  # async: reissue every shard's current step
+        if advance(ctx, job_id) == "running" and spec.mode == "sync":
             launch_round(ctx, job_id, spec, self.jobs.get(job_id).version, force=True)
+        self.jobs.event(job_id, "resumed", version=self.jobs.get(job_id).version)
         return self.jobs.get(job_id).to_dict()
+
+    def _rebuild(self, job_id: str) -> Any:
+        try:
+            record = json.loads(self.store.get(keys.job_record(job_id)))
+        except ObjectNotFound:
+            raise JobNotFound(job_id) from None
+        versions = [int(k.rsplit("/v", 1)[1].split(".")[0]) for k in self.store.list(keys.checkpoint_prefix(job_id))]
+        version = max(versions, default=0)
+        spec = JobSpec.model_validate(record["spec"])
+        fields = dict(record["fields"])
+        fields.update(version=version, checkpoint=keys.checkpoint(job_id, version), rebuilt_from_store="1")
+        self.jobs.create(job_id, record["spec"], total_rounds=int(record["total_rounds"]), fields=fields)
+        if spec.mode == "async":
+            accepted = version * spec.publish_every
+            per_shard = accepted // spec.shards
+            self.redis.hset(keys.job(job_id), "accepted", accepted)
+            self.redis.hset(keys.job_progress(job_id),
+                            mapping={str(s): per_shard * spec.local_steps for s in range(spec.shards)})
+        return self.jobs.get(job_id)

@@ -66,6 +66,15 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
+def job_record(job_id: str) -> str:
+    """JSON: the job's spec and staging facts, so a job survives the loss of Redis (aas resume)."""
+    return f"jobs/{job_id}/job.json"
+
+
+def checkpoint_prefix(job_id: str) -> str:
+    return f"jobs/{job_id}/ckpt/"
+
+
 def checkpoint(job_id: str, version: int) -> str:
     """Training checkpoint: fp32 weights + optimizer state + model arguments + step."""
     return f"jobs/{job_id}/ckpt/v{version:06d}.aast"
@@ -151,3 +160,38 @@ def job_issued(job_id: str) -> str:
 def job_lock(job_id: str) -> str:
     """Lock: one aggregation at a time per job."""
     return f"{PREFIX}:job:{job_id}:lock"
+
+
+# ---- ops
+# Beat schedules live in RedBeat's own records under ``redbeat_prefix()``; what a schedule has seen and
+# done lives under ``aas:schedule:<name>:*``. Schedule names never contain ':' (validated).
+
+
+def redbeat_prefix() -> str:
+    """RedBeat's key prefix: its entries (hash per schedule), its due-time zset and its beat lock."""
+    return f"{PREFIX}:beat:"
+
+
+def schedule_seen(name: str) -> str:
+    """Set: object keys under the schedule's dataset prefix already handed to a retrain job."""
+    return f"{PREFIX}:schedule:{name}:seen"
+
+
+def schedule_runs(name: str) -> str:
+    """Stream: one entry per firing of the schedule {outcome: submitted|skipped|failed, reason, job}."""
+    return f"{PREFIX}:schedule:{name}:runs"
+
+
+def schedule_fired(name: str) -> str:
+    """Counter: how many times the schedule's retrain task ran (each beat firing runs it once)."""
+    return f"{PREFIX}:schedule:{name}:fired"
+
+
+def schedule_lock(name: str) -> str:
+    """Lock: one retrain of a schedule at a time (two overlapping firings never submit the same data)."""
+    return f"{PREFIX}:schedule:{name}:lock"
+
+
+def schedule_firing(name: str, firing_id: str) -> str:
+    """String, set once per firing (the retrain task's id): a redelivered firing does not run twice."""
+    return f"{PREFIX}:schedule:{name}:firing:{firing_id}"

@@ -83,3 +83,33 @@ def test_aggregator_killed_between_read_and_commit_loses_nothing_and_applies_not
     assert len(job["metrics"]) == job["version"]  # one commit per version, none twice
     assert_same_weights(final_state(client, job["job_id"]), reference)
     assert_one_blob_per_shard_per_version(client, job["job_id"], job["version"], 2)
+
+
+def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers) -> None:
+    import time
+
+    import redis
+
+    from pipeline.client import Client
+
+    start = workers
+    start("shard0")
+    start("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit({**SPEC, "epochs": 3})
+    deadline = time.monotonic() + 60
+    while client.jobs.get(job_id).version < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    start.group.close()  # type: ignore[attr-defined]  # every worker gone ...
+    r = redis.Redis.from_url(client.settings.redis_url)
+    r.flushdb()  # ... and Redis lost everything: job state, queues, results
+    last = max(int(k.rsplit("/v", 1)[1].split(".")[0]) for k in client.store.list(f"jobs/{job_id}/ckpt/"))
+    assert last >= 4
+
+    start("shard0b")
+    start("aggregator2", "aggregate")
+    state = client.resume(job_id)
+    assert state["version"] == last
+    final = client.wait(job_id, timeout=120)
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["version"] == final["total_rounds"]
