@@ -55,6 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     _spec_args(d)
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.add_argument("--keep", action="store_true", help="keep the demo's folder (logs, store)")
+    d.add_argument("--no-serve", action="store_true", help="do not run an inference worker alongside")
 
     s = sub.add_parser("submit", help="submit a job; prints its id")
     _spec_args(s)
@@ -109,7 +110,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         spec = _spec_from(args)
         known = {k: spec.pop(k) for k in ("model", "dataset", "shards", "epochs", "mode", "local_steps", "codec")
                  if k in spec}
-        opts = DemoOptions(workers=args.workers, as_json=args.json, keep=args.keep,
+        opts = DemoOptions(workers=args.workers, as_json=args.json, keep=args.keep, serve=not args.no_serve,
                            spec_overrides=tuple(spec.items()), **known)
         summary = run_demo(opts)
         print_summary(summary, args.json)

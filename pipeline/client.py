@@ -92,8 +92,7 @@ class Client:
                 " (at most one shard per sample)"
             )
         self._check_model(spec, ds.x_train[:2], ds.y_train[:2])
-        if spec.kind == "distill":
-            self._check_teacher(spec)
+        teacher = self._resolve_teacher(spec) if spec.kind == "distill" else None
         try:
             manifest = write_dataset(self.store, ds, spec.shards, spec.seed)
             job_id = uuid.uuid4().hex[:12]
@@ -103,6 +102,8 @@ class Client:
             raise ServiceUnavailable(f"object store unavailable: {e}") from None
         rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
         fields = {"manifest": keys.dataset_manifest(manifest.dataset_id), "checkpoint": keys.checkpoint(job_id, 0)}
+        if teacher:
+            fields["teacher"] = teacher
         if spec.mode == "async":
             # Async: a budget of updates (as many as sync would apply), published every K.
             budget = spec.shards * rounds
@@ -130,14 +131,16 @@ class Client:
         if out.shape[0] != x.shape[0]:
             raise SpecError(f"invalid job spec: model: output batch {out.shape[0]} != input batch {x.shape[0]}")
 
-    def _check_teacher(self, spec: JobSpec) -> None:
+    def _resolve_teacher(self, spec: JobSpec) -> str:
+        """Pin the teacher to a version now ("model@alias" → "model@7"), so the whole job distils one model."""
         from storage.registry import Registry, RegistryError
 
         name, _, ref = str(spec.teacher).partition("@")
         try:
-            Registry(self.redis, self.store).resolve(name, ref or "production")
+            rec = Registry(self.redis, self.store).resolve(name, ref or "production")
         except RegistryError as e:
             raise SpecError(f"invalid job spec: teacher: {e}") from None
+        return f"{rec.model}@{rec.version}"
 
     def status(self, job_id: str) -> dict[str, Any]:
         state = self.jobs.get(job_id)

@@ -31,6 +31,7 @@ class DemoOptions:
     as_json: bool = False
     keep: bool = False
     timeout_s: float = 1800.0
+    serve: bool = True  # run an inference worker that follows the `production` alias during training
     spec_overrides: tuple[tuple[str, Any], ...] = ()
 
 
@@ -79,15 +80,31 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         print(f"[demo] starting {opts.workers} shard workers and 1 aggregator (logs: {workdir / 'logs'})", file=out)
         wait_for_workers(app_for(settings), names, timeout_s=120)
 
+        watcher = None
+        if opts.serve:
+            from pipeline.services import free_port
+            from workers.publish import model_name
+
+            port = free_port()
+            group.start("inference", [sys.executable, "-m", "workers.inference", "--model", model_name(spec),
+                                      "--alias", "production", "--port", str(port), "--log-level", "warning"])
+            watcher = ServedWatcher(f"http://127.0.0.1:{port}", model_name(spec), spec.dataset, spec.dataset_args)
+            print(f"[demo] inference worker on http://127.0.0.1:{port} follows {model_name(spec)}@production",
+                  file=out)
+
         client = Client(settings)
         t0 = time.monotonic()
         job_id = client.submit(spec)
         total = client.jobs.get(job_id).total_rounds
         print(f"[demo] job {job_id}: {spec.model} on {spec.dataset}, {spec.shards} shards, {spec.mode} mode, "
               f"{total} versions", file=out)
-        final = _follow(client, job_id, total, opts.timeout_s, quiet=opts.as_json)
+        if watcher is not None:
+            watcher.start()
+        final = _follow(client, job_id, total, opts.timeout_s, quiet=opts.as_json, watcher=watcher)
         wall = time.monotonic() - t0
         summary = _summary(final, wall)
+        if watcher is not None:
+            summary.update(watcher.finish(client, final))
         if final["status"] != "succeeded":
             summary["error"] = final.get("error")
         return summary
@@ -100,7 +117,71 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _follow(client: Any, job_id: str, total: int, timeout_s: float, quiet: bool) -> dict[str, Any]:
+class ServedWatcher:
+    """Polls the inference worker: which version it serves, and that version's accuracy on the test split."""
+
+    def __init__(self, base_url: str, model: str, dataset: str, dataset_args: dict[str, Any]) -> None:
+        import threading
+
+        from pipeline.data import load_dataset
+
+        ds = load_dataset(dataset, dataset_args)
+        self.inputs = ds.x_test.tolist()
+        self.labels = ds.y_test.tolist()
+        self.url, self.model = base_url, model
+        self.version: int | None = None
+        self.accuracy: float | None = None
+        self.versions_seen: set[int] = set()
+        self.failed_requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="served-watcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poll(self) -> None:
+        import httpx
+
+        try:
+            r = httpx.post(f"{self.url}/v1/models/{self.model}/predict", json={"inputs": self.inputs}, timeout=10)
+        except httpx.HTTPError:
+            return  # not up yet
+        if r.status_code == 503:
+            return  # no version loaded yet
+        if r.status_code != 200:
+            self.failed_requests += 1
+            return
+        body = r.json()
+        self.version = int(body["version"])
+        self.versions_seen.add(self.version)
+        hits = sum(int(p == y) for p, y in zip(body["predictions"], self.labels, strict=True))
+        self.accuracy = hits / len(self.labels)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            self.poll()
+
+    def finish(self, client: Any, final: dict[str, Any]) -> dict[str, Any]:
+        """Stop polling once the worker serves what `production` points at (or after 15 s)."""
+        from storage.registry import Registry, RegistryError
+
+        self._stop.set()
+        self._thread.join(timeout=15)
+        target = None
+        try:
+            target = Registry(client.redis, client.store).resolve(self.model, "production").version
+        except RegistryError:
+            pass
+        deadline = time.monotonic() + 15
+        while target is not None and self.version != target and time.monotonic() < deadline:
+            time.sleep(0.3)
+            self.poll()
+        return {"served_version": self.version, "production_version": target, "served_accuracy": self.accuracy,
+                "served_versions_seen": len(self.versions_seen), "failed_predict_requests": self.failed_requests}
+
+
+def _follow(client: Any, job_id: str, total: int, timeout_s: float, quiet: bool,
+            watcher: ServedWatcher | None = None) -> dict[str, Any]:
     from tqdm import tqdm
 
     bar = tqdm(total=total, unit="version", desc=f"job {job_id}", file=sys.stderr, disable=quiet, dynamic_ncols=True)
@@ -110,6 +191,9 @@ def _follow(client: Any, job_id: str, total: int, timeout_s: float, quiet: bool)
         post = {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.3f}"}
         if "perplexity" in last:
             post["ppl"] = f"{last['perplexity']:.2f}"
+        if watcher is not None and watcher.version is not None:
+            post["served"] = f"v{watcher.version}"
+            post["served_acc"] = f"{watcher.accuracy:.3f}"
         bar.set_postfix(post, refresh=False)
         bar.update(len(new))
 
@@ -150,5 +234,10 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
         print(f"  perplexity {summary['perplexity']:.2f}")
     print(f"  bytes moved through the object store: {summary['bytes_moved']:,} "
           f"(up {summary['bytes_up']:,}, down {summary['bytes_down']:,})")
+    if summary.get("served_version") is not None:
+        print(f"  inference worker served {summary['served_versions_seen']} versions while training; now serves "
+              f"v{summary['served_version']} (production → v{summary['production_version']}) at "
+              f"{summary['served_accuracy']:.4f} test accuracy; failed predict requests: "
+              f"{summary['failed_predict_requests']}")
     if summary.get("error"):
         print(f"  error: {summary['error']}")

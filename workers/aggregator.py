@@ -137,6 +137,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
                      {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
     ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
+    ctx.checkpoints.put(ckey, new)  # the next round starts from it: no need to download what we wrote
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
 
     model.load_state_dict(state)

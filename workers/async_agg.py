@@ -134,6 +134,7 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
                      {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
     ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
+    ctx.checkpoints.put(ckey, new)  # the next round starts from it: no need to download what we wrote
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
     model = new.build("cpu")
     manifest = ctx.manifest(job.fields["manifest"])

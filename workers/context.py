@@ -77,6 +77,23 @@ class Context:
             self.data.put(entry["key"], hit)
         return hit
 
+    def teacher(self, model: str, version: int, device: torch.device) -> torch.nn.Module:
+        """A registered model version, loaded once per process, for distillation (frozen, eval mode)."""
+        key = f"teacher:{model}:{version}"
+        hit = self.checkpoints.get(key)
+        if hit is None:
+            from pipeline.artifacts import load_artifact
+            from storage.registry import Registry
+
+            reg = Registry(self.redis, self.store, signing_key=self.signing_key)
+            rec = reg.get(model, version)
+            hit = load_artifact(reg.fetch_artifact(model, version), rec.artifact_key,
+                                signing_key=self.signing_key).model
+            for p in hit.parameters():
+                p.requires_grad_(False)
+            self.checkpoints.put(key, hit)
+        return hit.to(device)
+
     def checkpoint(self, key: str, job_id: str) -> Checkpoint:
         hit = self.checkpoints.get(key)
         if hit is None:

@@ -70,7 +70,7 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         },
         lineage={
             "job": job.job_id, "round": job.version, "parent_version": job.fields.get("registered_version"),
-            "data_manifest": job.fields["manifest"], "teacher": spec.teacher, "model": spec.model,
+            "data_manifest": job.fields["manifest"], "teacher": job.fields.get("teacher"), "model": spec.model,
         },
         idempotency_key=idem,
         promote_if_better=spec.promote,

@@ -40,7 +40,10 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     device = ctx.device()
     torch.manual_seed(hash((job_id, shard, version, step)) & 0xFFFFFFFF)
     model = ckpt.build(device)
-    teacher = ctx.teacher(spec, device) if spec.kind == "distill" else None
+    teacher = None
+    if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
+        name, _, version_text = job.fields["teacher"].rpartition("@")
+        teacher = ctx.teacher(name, int(version_text), device)
     bpe = batches_per_epoch(manifest.shard_sizes, spec.batch_size)
     size = manifest.shard_sizes[shard]
     batches = []
