@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 
+    # Operations: beat schedules and Prometheus metrics.
+    schedules_json: str | None = None  # JSON list of schedules installed when beat starts (see pipeline/schedules.py)
+    beat_lock_timeout_s: int = Field(default=60, ge=2)  # RedBeat lock: a dead beat's lock frees after this long
+    metrics_port: int | None = Field(default=None, ge=1, le=65535)  # worker /metrics port; None: not served
+    metrics_host: str = "127.0.0.1"  # interface for /metrics ("0.0.0.0" in containers)
+
     def store_kind(self) -> str:
         return "s3" if self.s3_endpoint else "local"
 

@@ -30,7 +30,6 @@ from workers.aggregator import load_update, opt_hparams
 from workers.context import Context
 from workers.publish import publish_version
 
-
 NEWEST = -1  # a shard task's version argument: compute on the newest version when the task starts
 
 
