@@ -93,6 +93,8 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
     updates: list[Update] = []
     for s in shards:
         r = by_shard.get(s)
+        if r is not None and "rejected" in r:
+            continue  # the shard worker refused its own update (NaN/Inf): weight 0 this round
         key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
         sha = str(r["sha256"]) if r is not None and "sha256" in r else None
         if key is None:
@@ -112,6 +114,8 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
     if reasons:
         raise RoundIncomplete(reasons, recompute)
     del missing
+    if not updates:
+        raise UpdateRejected(f"every shard's update of round v{version} was rejected (NaN/Inf): diverged")
     return sorted(updates, key=lambda u: u.shard)
 
 

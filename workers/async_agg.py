@@ -38,6 +38,8 @@ class JobBusy(Exception):
 
 
 def apply_update(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    if isinstance(result, dict) and "rejected" in result:
+        return skip_rejected(ctx, job_id, result)
     if not isinstance(result, dict) or "key" not in result:
         return {"ignored": result}
     lock = ctx.redis.lock(keys.job_lock(job_id), timeout=300, blocking_timeout=5)
@@ -54,6 +56,21 @@ def apply_update(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str,
             lock.release()
         except redis.exceptions.LockError:
             pass
+
+
+def skip_rejected(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str, Any]:
+    """A shard refused its own update (NaN/Inf): move that shard past the step, apply nothing."""
+    spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
+    shard, step = int(result["shard"]), int(result["step"])
+    pkey = keys.job_progress(job_id)
+    if int(ctx.redis.hget(pkey, str(shard)) or 0) == step:
+        # The step is consumed (it counts towards the budget, so a diverged model cannot loop forever).
+        pipe = ctx.redis.pipeline()
+        pipe.hset(pkey, str(shard), str(step + spec.local_steps))
+        pipe.hincrby(keys.job(job_id), "accepted", 1)
+        pipe.execute()
+    advance_async(ctx, job_id)
+    return {"shard": shard, "step": step, "outcome": "rejected", "reason": result["rejected"]}
 
 
 def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str, Any]:

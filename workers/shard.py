@@ -61,6 +61,15 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         time.sleep((time.perf_counter() - t1) * (ctx.settings.slow_factor - 1))
     t_compute = time.perf_counter() - t1
 
+    bad = [n for n, t in result.update.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        # A diverged step (NaN/Inf): never uploaded, never applied. The shard contributes nothing to this
+        # round (weight 0) and the job goes on; the reason is in the job's events.
+        reason = f"shard {shard} step {step} on v{version}: NaN or Inf in {bad[:3]}"
+        ctx.jobs.event(job_id, "rejected", shard=shard, version=version, reason=reason)
+        return {"shard": shard, "version": version, "step": step, "attempt": attempt, "rejected": reason,
+                "samples": 0, "loss": float("nan"), "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
+
     # Error feedback lives with the worker process, keyed by (job, shard): it costs no upload. If the
     # shard moves to another worker, the residual stays behind (that worker starts from zero).
     cfg = codecs.CodecConfig(name=spec.codec, density=spec.codec_density)

@@ -73,8 +73,10 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
                      ) -> dict[str, Any]:
     """Compute shard `shard_id`'s update on version `version`; upload it; return its key and numbers."""
     job_id, shard_id, version, step, attempt = str(job_id), int(shard_id), int(version), int(step), int(attempt)
-    return _guarded(self, job_id, f"shard {shard_id} of job {job_id} v{version}",
-                    lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt))
+    out = _guarded(self, job_id, f"shard {shard_id} of job {job_id} v{version}",
+                   lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt))
+    out["worker"] = self.request.hostname
+    return out
 
 
 @app.task(name="aas.aggregate", bind=True)

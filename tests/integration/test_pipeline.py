@@ -122,3 +122,39 @@ def test_local_steps_job_sends_h_times_fewer_blobs_and_still_learns(workers) -> 
     assert final["status"] == "succeeded", final.get("error")
     assert final["version"] == final["total_rounds"] == 12  # ceil(4 epochs x 23 batches / 8)
     assert final["metrics"][-1]["accuracy"] > 0.85
+
+
+def test_elastic_fleet_a_worker_joining_mid_job_takes_shards_and_one_leaving_loses_nothing(workers) -> None:
+    import json
+    import signal
+    import time
+
+    from pipeline.client import Client
+
+    start = workers
+    start("first")
+    start("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit({"shards": 2, "epochs": 3, "batch_size": 32})
+
+    def wait_version(v: int) -> None:
+        deadline = time.monotonic() + 120
+        while client.jobs.get(job_id).version < v and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    wait_version(10)
+    start("late")
+    wait_version(35)
+    start.group.kill("first", signal.SIGTERM)  # type: ignore[attr-defined]  # warm shutdown mid-job
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["version"] == final["total_rounds"] == 69
+    workers_seen = set()
+    for key in client.redis.scan_iter("celery-task-meta-*"):
+        meta = json.loads(client.redis.get(key))
+        result = meta.get("result")
+        if isinstance(result, dict) and result.get("key", "").startswith(f"jobs/{job_id}/"):
+            workers_seen.add(result["worker"].split("@")[0])
+    assert {"first", "late"} <= workers_seen
+    for v in range(1, final["version"] + 1):
+        assert len(client.jobs.consumed(job_id, v)) == 2

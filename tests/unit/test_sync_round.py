@@ -105,3 +105,45 @@ def test_digits_split_is_fixed_and_seeded() -> None:
     assert a.n_train == 1438 and a.x_test.shape == (359, 1, 8, 8)
     assert torch.equal(a.y_test, b.y_test)
     assert blobs.sha256_hex(a.x_train.numpy().tobytes()) == blobs.sha256_hex(b.x_train.numpy().tobytes())
+
+
+def test_nan_gradient_is_rejected_with_a_reason_never_applied_and_the_round_goes_on(unit_ctx, monkeypatch) -> None:
+    from pipeline import training
+
+    job_id = stage(unit_ctx, shards=2)
+    real = training.gradient
+
+    def poisoned(model, x, y, *a, **k):
+        r = real(model, x, y, *a, **k)
+        if x.shape[0] and float(x.sum()) == poisoned.target:
+            r.update["fc2.bias"][0] = float("nan")
+        return r
+
+    from workers import shard as shard_mod
+
+    rows = [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
+    monkeypatch.setattr(shard_mod, "gradient", poisoned)
+    unit_ctx.data = type(unit_ctx.data)(64)
+    x1, _ = unit_ctx.split(unit_ctx.manifest(unit_ctx.jobs.get(job_id).fields["manifest"]).shards[1], job_id)
+    from pipeline.data import batch_rows, batches_per_epoch
+
+    sizes = unit_ctx.manifest(unit_ctx.jobs.get(job_id).fields["manifest"]).shard_sizes
+    poisoned.target = float(x1[batch_rows(sizes[1], 16, 0, batches_per_epoch(sizes, 16), 0, 1)].sum())
+    bad = shard.train_shard(unit_ctx, job_id, 1, 0, 0, 1)
+    assert "NaN or Inf" in bad["rejected"] and "key" not in bad
+    outcome = aggregator.aggregate_round(unit_ctx, job_id, 0, [rows[0], bad])
+    assert outcome.committed
+    assert unit_ctx.jobs.consumed(job_id, 1) == {keys.gradient_identity(job_id, 0, 0, 0)}
+    assert any(e["kind"] == "rejected" and e["shard"] == "1" for e in unit_ctx.jobs.events(job_id))
+
+
+def test_topk_error_feedback_residual_is_kept_per_job_and_shard_and_used_on_the_next_step(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    residual = unit_ctx.residuals[(job_id, 0)]
+    assert sum(float(t.abs().sum()) for t in residual.values()) > 0
+    with_feedback = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    unit_ctx.residuals.clear()  # as on a worker that never saw this shard
+    without = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    assert with_feedback["sha256"] != without["sha256"]
+    assert with_feedback["bytes"] < 0.1 * 4 * 38282  # 1% of the values (plus indices and header)
