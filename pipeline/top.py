@@ -1,0 +1,145 @@
+"""``aas top``: a live terminal view of jobs, workers and queue depths (``--once`` prints one frame).
+
+``collect`` reads a snapshot (job state from Redis, workers through Celery's control ``ping`` and
+``active``, queue depths as LLEN of the broker's lists); ``render`` turns it into text. Both are plain
+functions so a test can drive them without a terminal.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from storage.jobstate import JobStore
+
+QUEUES = ("shards", "aggregate", "predict", "beat")
+# kombu's Redis transport keeps a queue's prioritised messages in sibling lists named queue + SEP + step.
+PRIORITY_SEP = "\x06\x16"
+PRIORITY_STEPS = (3, 6, 9)
+CLEAR = "\x1b[H\x1b[2J"
+
+
+@dataclass
+class Snapshot:
+    """One frame's data."""
+
+    taken_at: float
+    jobs: list[dict[str, Any]] = field(default_factory=list)
+    workers: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # name → its active tasks
+    queues: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def queue_depths(r: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
+    """Messages waiting in each queue (all priority levels together)."""
+    pipe = r.pipeline()
+    for q in queues:
+        pipe.llen(q)
+        for step in PRIORITY_STEPS:
+            pipe.llen(f"{q}{PRIORITY_SEP}{step}")
+    counts = pipe.execute()
+    per = 1 + len(PRIORITY_STEPS)
+    return {q: int(sum(counts[i * per:(i + 1) * per])) for i, q in enumerate(queues)}
+
+
+def worker_tasks(app: Any, timeout_s: float = 1.0) -> dict[str, list[dict[str, Any]]]:
+    """Workers that answer a ping, each with the tasks it is running now."""
+    insp = app.control.inspect(timeout=timeout_s)
+    alive = insp.ping() or {}
+    active = (insp.active() or {}) if alive else {}
+    return {name: list(active.get(name, [])) for name in sorted(alive)}
+
+
+def collect(r: redis.Redis, app: Any | None, *, limit: int = 15, timeout_s: float = 1.0) -> Snapshot:
+    """Read one snapshot; a part that cannot be read is named in `problems`, the rest is still shown."""
+    snap = Snapshot(taken_at=time.time())
+    jobs = JobStore(r)
+    try:
+        for job_id in jobs.list(limit):
+            st = jobs.get(job_id)
+            snap.jobs.append({**st.to_dict(), "model": st.spec.get("model", "?"), "mode": st.spec.get("mode", "")})
+        snap.queues = queue_depths(r)
+    except redis.RedisError as e:
+        snap.problems.append(f"redis: {e}")
+    if app is not None:
+        try:
+            snap.workers = worker_tasks(app, timeout_s)
+        except Exception as e:  # noqa: BLE001 - the broker may be down; say so in the frame
+            snap.problems.append(f"workers: {type(e).__name__}: {e}")
+    return snap
+
+
+def _bar(done: int, total: int, width: int = 12) -> str:
+    if total <= 0:
+        return " " * width
+    filled = min(width, round(width * done / total))
+    return "█" * filled + "·" * (width - filled)
+
+
+def _task_line(t: dict[str, Any]) -> str:
+    args = t.get("args")
+    shown = ", ".join(str(a) for a in args) if isinstance(args, (list, tuple)) else str(args or "")
+    started = t.get("time_start")
+    age = f" {time.time() - float(started):.0f}s" if isinstance(started, (int, float)) else ""
+    return f"{t.get('name', '?')}({shown}){age}"
+
+
+def render(snap: Snapshot, *, width: int = 110) -> str:
+    """The frame as text, at most `width` columns per line."""
+    out = [f"aas top · {time.strftime('%H:%M:%S', time.localtime(snap.taken_at))}"]
+    out.append("")
+    out.append("QUEUES  " + "   ".join(f"{q} {n}" for q, n in snap.queues.items()))
+    out.append("")
+    out.append(f"WORKERS ({len(snap.workers)})")
+    if not snap.workers:
+        out.append("  none answering")
+    for name, tasks in snap.workers.items():
+        out.append(f"  {name:<32} {'busy' if tasks else 'idle'}")
+        for t in tasks:
+            out.append(f"    {_task_line(t)}")
+    out.append("")
+    out.append(f"JOBS ({len(snap.jobs)} most recent)")
+    out.append(f"  {'id':<12} {'status':<10} {'model':<14} {'mode':<5} {'version':>9} {'':<12} {'acc':>7}")
+    for j in snap.jobs:
+        acc = j.get("test_accuracy")
+        version = f"{j['version']}/{j['total_rounds']}"
+        out.append(f"  {j['job_id']:<12} {j['status']:<10} {str(j['model'])[:14]:<14} {str(j['mode'])[:5]:<5} "
+                   f"{version:>9} {_bar(j['version'], j['total_rounds'])} "
+                   + (f"{acc:7.4f}" if isinstance(acc, float) else f"{'-':>7}"))
+        if j.get("error"):
+            out.append(f"    error: {j['error']}")
+    for p in snap.problems:
+        out.append(f"! {p}")
+    return "\n".join(line[:width] for line in out)
+
+
+def run_top(*, once: bool = False, interval_s: float = 2.0, limit: int = 15, stream: Any = None) -> int:
+    """Print frames until Ctrl-C (or one with `once`). Exit status 0; 2 when Redis cannot be reached at all."""
+    from pipeline.settings import get_settings
+    from workers.app import app_for
+
+    stream = stream or sys.stdout
+    settings = get_settings()
+    r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    app = app_for(settings)
+    try:
+        r.ping()
+    except redis.RedisError as e:
+        print(f"aas: cannot reach Redis at {settings.redis_display()}: {e}", file=sys.stderr)
+        return 2
+    try:
+        while True:
+            frame = render(collect(r, app, limit=limit, timeout_s=min(1.0, interval_s)))
+            stream.write(frame + "\n" if once else CLEAR + frame + "\n")
+            stream.flush()
+            if once:
+                return 0
+            time.sleep(interval_s)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        r.close()
