@@ -26,6 +26,7 @@ from storage.jobstate import TERMINAL
 from storage.objectstore import ObjectNotFound
 from workers import faults
 from workers.context import Context
+from workers.metrics import observe_rejected, observe_round
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,7 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
         except (blobs.BlobError, UpdateRejected) as e:
             reasons.append(f"shard {s}: {e}")
             ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
+            observe_rejected(str(e))
             ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
             recompute.append(s)
     if reasons:
@@ -148,14 +150,18 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     manifest = ctx.manifest(job.fields["manifest"])
     xt, yt = ctx.split(manifest.test, job_id)
     task = str(manifest.meta.get("task", "classify"))
+    moved = ctx.jobs.get(job_id)
     metrics: dict[str, Any] = {**evaluate(model, xt, yt, task), "train_loss": train_loss, "samples": samples,
-                               "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
+                               "t": time.time(), "round_s": round(time.perf_counter() - t0, 4),
+                               "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down"))}
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     metrics["epoch"] = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
     committed = ctx.jobs.commit_version(
         job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
         identities=[u.identity for u in updates], metrics=metrics,
     )
+    observe_round(duration_s=time.perf_counter() - t0, applied=len(updates) if committed else 0, mode="sync",
+                  published=committed)
     if not committed:
         return RoundOutcome(False, version + 1, metrics, False)
     ctx.jobs.event(job_id, "version", version=version + 1, loss=metrics["loss"], accuracy=metrics["accuracy"])

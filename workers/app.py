@@ -20,11 +20,13 @@ from pipeline.settings import Settings, get_settings
 QUEUE_SHARDS = "shards"
 QUEUE_AGGREGATE = "aggregate"
 QUEUE_PREDICT = "predict"
+QUEUE_BEAT = "beat"
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("aas", broker=s.redis_url, backend=s.redis_url, include=["workers.tasks"])
+    app = Celery("aas", broker=s.redis_url, backend=s.redis_url,
+                 include=["workers.tasks", "workers.beat", "workers.metrics"])
     transport = {
         # Redis redelivers a task not acknowledged within this window, even while it still runs.
         "visibility_timeout": s.visibility_timeout_s,
@@ -61,11 +63,14 @@ def make_app(settings: Settings | None = None) -> Celery:
             "aas.aggregate": {"queue": QUEUE_AGGREGATE},
             "aas.apply_update": {"queue": QUEUE_AGGREGATE},
             "aas.predict": {"queue": QUEUE_PREDICT},
+            "aas.retrain": {"queue": QUEUE_BEAT},
         },
         task_default_queue=QUEUE_SHARDS,
         worker_cancel_long_running_tasks_on_connection_loss=True,
         worker_hijack_root_logger=False,
-        broker_pool_limit=4,
+        # Flower sends several control requests at once while its event reader holds a connection too;
+        # a small pool starves it (no tasks shown). Connections are cheap next to that.
+        broker_pool_limit=32,
     )
     return app
 

@@ -28,6 +28,7 @@ from storage.jobstate import TERMINAL
 from workers import faults
 from workers.aggregator import load_update, opt_hparams
 from workers.context import Context
+from workers.metrics import observe_rejected, observe_round
 from workers.publish import publish_version
 
 NEWEST = -1  # a shard task's version argument: compute on the newest version when the task starts
@@ -87,6 +88,7 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
     if staleness > spec.max_staleness or staleness < 0:
         reason = f"staleness {staleness} exceeds max_staleness {spec.max_staleness}"
         ctx.jobs.event(job_id, "dropped", shard=shard, step=step, base_version=base, reason=reason)
+        observe_rejected("stale")
         _bump_generation(ctx, job_id, shard)
         return {"shard": shard, "step": step, "outcome": "stale", "staleness": staleness}
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, job.version), job_id)
@@ -96,6 +98,7 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
                           {"job": job_id, "shard": shard, "base_version": base, "step": step})
     except (blobs.BlobError, UpdateRejected) as e:
         ctx.jobs.event(job_id, "rejected", shard=shard, step=step, reason=str(e))
+        observe_rejected(str(e))
         ctx.store.delete(key)
         _bump_generation(ctx, job_id, shard)
         return {"shard": shard, "step": step, "outcome": "rejected", "reason": str(e)}
@@ -156,16 +159,21 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     manifest = ctx.manifest(job.fields["manifest"])
     xt, yt = ctx.split(manifest.test, job_id)
     samples = sum(int(e["samples"]) for e in pending)
+    moved = ctx.jobs.get(job_id)
     metrics: dict[str, Any] = {
+        "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down")),
         **evaluate(model, xt, yt, str(manifest.meta.get("task", "classify"))),
         "train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
         "samples": samples, "updates": len(pending),
         "staleness_mean": sum(int(e["staleness"]) for e in pending) / len(pending),
         "t": time.time(), "round_s": round(time.perf_counter() - t0, 4),
     }
-    return ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
-                                   identities=[e["identity"] for e in pending], metrics=metrics,
-                                   pending_consumed=len(pending))
+    committed = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1,
+                                        checkpoint_key=ckey, identities=[e["identity"] for e in pending],
+                                        metrics=metrics, pending_consumed=len(pending))
+    observe_round(duration_s=time.perf_counter() - t0, applied=len(pending) if committed else 0, mode="async",
+                  published=committed, staleness=[int(e["staleness"]) for e in pending])
+    return committed
 
 
 def advance_async(ctx: Context, job_id: str) -> str:

@@ -19,6 +19,7 @@ from storage import blobs, keys
 from storage.jobstate import TERMINAL
 from workers import faults
 from workers.context import Context
+from workers.metrics import observe_shard_task
 
 
 def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int) -> dict[str, Any]:
@@ -97,6 +98,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     ctx.store.put(key, data)
     ctx.jobs.add_bytes(job_id, up=len(data))
     t_io += time.perf_counter() - t2
+    observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=len(data))
     return {
         "shard": shard,
         "version": version,
