@@ -20,7 +20,7 @@ from typing import Any
 import redis
 
 from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
-from pipeline.data import DataError, load_dataset, total_rounds
+from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
 from pipeline.datastore import write_dataset
 from pipeline.models import ModelError, build_model
 from pipeline.settings import Settings, get_settings
@@ -83,7 +83,10 @@ class Client:
         """Validate the spec against its data, write shards and version 0, record the job; enqueue nothing."""
         spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
         try:
-            ds = load_dataset(spec.dataset, spec.dataset_args)
+            if spec.dataset == OBJECTS:
+                ds = self._objects_dataset(spec)
+            else:
+                ds = load_dataset(spec.dataset, spec.dataset_args)
         except (DataError, TypeError) as e:
             raise SpecError(f"invalid job spec: dataset: {e}") from None
         if spec.shards > ds.n_train:
@@ -93,10 +96,11 @@ class Client:
             )
         self._check_model(spec, ds.x_train[:2], ds.y_train[:2])
         teacher = self._resolve_teacher(spec) if spec.kind == "distill" else None
+        init = self._init_from(spec) if spec.init_from else None
         try:
             manifest = write_dataset(self.store, ds, spec.shards, spec.seed)
             job_id = uuid.uuid4().hex[:12]
-            ckpt = initial_checkpoint(spec.model, spec.model_args, spec.seed)
+            ckpt = init[1] if init else initial_checkpoint(spec.model, spec.model_args, spec.seed)
             self.store.put(keys.checkpoint(job_id, 0), encode_checkpoint(ckpt, signing_key=self._signing_key()))
         except StoreError as e:
             raise ServiceUnavailable(f"object store unavailable: {e}") from None
@@ -104,6 +108,8 @@ class Client:
         fields = {"manifest": keys.dataset_manifest(manifest.dataset_id), "checkpoint": keys.checkpoint(job_id, 0)}
         if teacher:
             fields["teacher"] = teacher
+        if init:
+            fields["init_from"] = init[0]
         if spec.mode == "async":
             # Async: a budget of updates (as many as sync would apply), published every K.
             budget = spec.shards * rounds
@@ -130,6 +136,52 @@ class Client:
             raise SpecError(f"invalid job spec: model: {spec.model!r} does not run on {spec.dataset!r}: {e}") from None
         if out.shape[0] != x.shape[0]:
             raise SpecError(f"invalid job spec: model: output batch {out.shape[0]} != input batch {x.shape[0]}")
+
+    def _objects_dataset(self, spec: JobSpec) -> Any:
+        """Training data from blobs already in the store (x, y tensors each); the test split from a named set."""
+        import torch
+
+        from pipeline.data import Dataset
+        from storage import blobs
+
+        keys_ = spec.dataset_args.get("keys")
+        if not isinstance(keys_, list) or not keys_:
+            raise DataError("dataset 'objects' needs dataset_args.keys: a non-empty list of object keys")
+        xs, ys = [], []
+        for key in keys_:
+            try:
+                blob = blobs.decode(self.store.get(str(key)), str(key))
+            except (StoreError, blobs.BlobError) as e:
+                raise DataError(f"object {key!r}: {e}") from None
+            if "x" not in blob.tensors or "y" not in blob.tensors:
+                raise DataError(f"object {key!r} has no 'x' and 'y' tensors")
+            xs.append(blob.tensors["x"])
+            ys.append(blob.tensors["y"])
+        test = load_dataset(str(spec.dataset_args.get("test_dataset", "digits")))
+        return Dataset(torch.cat(xs), torch.cat(ys), test.x_test, test.y_test,
+                       {**test.meta, "name": "objects", "objects": len(keys_)})
+
+    def _init_from(self, spec: JobSpec) -> tuple[str, Any]:
+        """Version 0 of a fine-tune: the dense weights of a registered version, pinned as "model@N"."""
+        from pipeline.artifacts import dequantized_state
+        from pipeline.checkpoint import Checkpoint
+        from storage.registry import Registry, RegistryError
+
+        name, _, ref = str(spec.init_from).partition("@")
+        try:
+            reg = Registry(self.redis, self.store, signing_key=self._signing_key())
+            rec = reg.resolve(name, ref or "production")
+            state = dequantized_state(reg.fetch_artifact(rec.model, rec.version), rec.artifact_key,
+                                      signing_key=self._signing_key())
+        except (RegistryError, StoreError, ValueError) as e:
+            raise SpecError(f"invalid job spec: init_from: {e}") from None
+        model = build_model(spec.model, spec.model_args)
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as e:
+            raise SpecError(f"invalid job spec: init_from: {rec.model}@{rec.version} does not fit {spec.model}: "
+                            f"{str(e).splitlines()[0]}") from None
+        return f"{rec.model}@{rec.version}", Checkpoint(spec.model, spec.model_args, 0, dict(state))
 
     def _resolve_teacher(self, spec: JobSpec) -> str:
         """Pin the teacher to a version now ("model@alias" → "model@7"), so the whole job distils one model."""

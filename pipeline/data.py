@@ -97,9 +97,12 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
     return _from_user(loader(**args), name)
 
 
+OBJECTS = "objects"  # data shards already in the object store (dataset_args: keys, test_dataset); the client loads it
+
+
 def check_dataset_name(name: str) -> None:
     """Cheap submit-time check that a data set name resolves, without loading the data."""
-    if name in BUILTIN:
+    if name in BUILTIN or name == OBJECTS:
         return
     if ":" not in name:
         raise DataError(f"unknown dataset {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:function')")

@@ -106,12 +106,24 @@ def parse_schedule(data: dict[str, Any], *, where: str = "schedule") -> Schedule
     return sched
 
 
-def retrain_spec(sched: Schedule) -> dict[str, Any]:
-    """The job spec a firing submits: the overrides, with the schedule's model, registered back under it."""
+def retrain_spec(sched: Schedule, new_keys: list[str] | None = None, from_version: int | None = None
+                 ) -> dict[str, Any]:
+    """The job spec a firing submits: the overrides, with the schedule's model, registered back under it.
+
+    With `new_keys`, the job trains on exactly those objects (data shards: blobs of x, y tensors) and,
+    when the alias points at a version, starts from that version's weights (a fine-tune).
+    """
     spec = dict(sched.spec)
     spec["model"] = sched.model
     spec.setdefault("register_as", sched.model)
     spec.setdefault("promote", sched.alias)
+    if new_keys:
+        test = spec.get("dataset", "digits") if spec.get("dataset") != "objects" else "digits"
+        spec["dataset"] = "objects"
+        spec["dataset_args"] = {"keys": list(new_keys), "test_dataset": test}
+        spec["shards"] = min(int(spec.get("shards", 2)), len(new_keys))
+        if from_version is not None:
+            spec["init_from"] = f"{sched.model}@{from_version}"
     return spec
 
 

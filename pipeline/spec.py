@@ -53,6 +53,7 @@ class JobSpec(BaseModel):
     promote: str | None = "production"  # alias moved to a new version when its accuracy ≥ the current one's
     artifact_chain: str = "zstd"  # serving artifact packing, e.g. "prune:0.5,int8,zstd"
     teacher: str | None = None  # distill: "registry-model@version-or-alias"
+    init_from: str | None = None  # fine-tune: start from a registered version ("model@alias" or "model@7")
     temperature: float = Field(default=4.0, gt=0)
     alpha: float = Field(default=0.7, ge=0, le=1)
 

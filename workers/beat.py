@@ -116,7 +116,7 @@ def run_retrain(sched: Schedule, *, r: redis.Redis, store: ObjectStore, jobs: Jo
             return _record(r, sched, "skipped", "no new data", prefix=sched.dataset_prefix)
         from_version = alias_version(sched.model, sched.alias)
         try:
-            job_id = submit(retrain_spec(sched))
+            job_id = submit(retrain_spec(sched, new, from_version))
         except Exception as e:  # noqa: BLE001 - recorded; the objects stay unseen for the next firing
             return _record(r, sched, "failed", f"submit failed: {type(e).__name__}: {e}", new_objects=len(new))
         # The note that ties the job to its schedule, its starting point and its new data. Training

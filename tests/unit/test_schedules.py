@@ -180,7 +180,9 @@ def test_a_firing_with_new_data_submits_one_fine_tune_job_and_marks_the_data_see
     submit = FakeSubmit(jobs)
     out = _fire(sched, fake_redis, local_store, submit, "f1")
     assert out["outcome"] == "submitted" and out["job"] == "job1"
-    assert submit.specs == [retrain_spec(sched)]
+    assert submit.specs == [retrain_spec(sched, ["in/a.aast", "in/b.aast"], 7)]
+    assert submit.specs[0]["dataset_args"]["keys"] == ["in/a.aast", "in/b.aast"]
+    assert submit.specs[0]["init_from"] == "digits-cnn@7"
     fields = jobs.get("job1").fields
     assert fields["retrain_from"] == "digits-cnn@production" and fields["retrain_from_version"] == "7"
     assert json.loads(fields["retrain_data"]) == ["in/a.aast", "in/b.aast"]
