@@ -17,6 +17,7 @@ from pipeline.models import build_model
 from storage import blobs
 
 KIND = "checkpoint"
+OPT_KIND = "optimizer"
 
 
 @dataclass(frozen=True)
@@ -35,39 +36,59 @@ class Checkpoint:
         return model.to(device)
 
 
-def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None) -> bytes:
+def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None, with_opt: bool = True) -> bytes:
+    """The checkpoint as one blob; with_opt=False leaves the optimizer state out (see encode_optimizer)."""
     tensors = {f"model.{k}": v for k, v in ckpt.state.items()}
-    for slot, named in ckpt.opt.items():
-        tensors.update({f"opt.{slot}.{k}": v for k, v in named.items()})
+    if with_opt:
+        for slot, named in ckpt.opt.items():
+            tensors.update({f"opt.{slot}.{k}": v for k, v in named.items()})
     meta = {
         "kind": KIND,
         "model": ckpt.model,
         "model_args": ckpt.model_args,
         "version": ckpt.version,
-        "opt_slots": sorted(ckpt.opt),
+        "opt_slots": sorted(ckpt.opt) if with_opt else [],
         **ckpt.meta,
     }
     return blobs.encode(tensors, meta, signing_key=signing_key)
 
 
-def decode_checkpoint(data: bytes, where: str, *, signing_key: bytes | None = None) -> Checkpoint:
+def encode_optimizer(ckpt: Checkpoint, *, signing_key: bytes | None = None) -> bytes | None:
+    """The optimizer state alone (None when there is none): stored apart so weight readers skip it."""
+    if not ckpt.opt:
+        return None
+    tensors = {f"opt.{slot}.{k}": v for slot, named in ckpt.opt.items() for k, v in named.items()}
+    meta = {"kind": OPT_KIND, "version": ckpt.version, "opt_slots": sorted(ckpt.opt)}
+    return blobs.encode(tensors, meta, signing_key=signing_key)
+
+
+def _read_opt(tensors: dict[str, torch.Tensor], slots: list[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
+    opt: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in slots}
+    for key, t in tensors.items():
+        head, _, rest = key.partition(".")
+        slot, _, name = rest.partition(".")
+        if head != "opt" or slot not in opt:
+            raise blobs.BlobError(where, f"unexpected tensor {key!r}")
+        opt[slot][name] = t
+    return opt
+
+
+def decode_checkpoint(data: bytes, where: str, *, signing_key: bytes | None = None,
+                      opt_data: bytes | None = None) -> Checkpoint:
+    """Decode weights (and, given `opt_data`, the optimizer state stored beside them)."""
     blob = blobs.decode(data, where, signing_key=signing_key)
     meta = dict(blob.meta)
     if meta.get("kind") != KIND:
         raise blobs.BlobError(where, f"not a checkpoint (kind {meta.get('kind')!r})")
-    state: dict[str, torch.Tensor] = {}
-    opt: dict[str, dict[str, torch.Tensor]] = {slot: {} for slot in meta.get("opt_slots", [])}
-    for key, t in blob.tensors.items():
-        head, _, rest = key.partition(".")
-        if head == "model":
-            state[rest] = t
-        elif head == "opt":
-            slot, _, name = rest.partition(".")
-            if slot not in opt:
-                raise blobs.BlobError(where, f"optimizer slot {slot!r} not declared in the header")
-            opt[slot][name] = t
-        else:
-            raise blobs.BlobError(where, f"unexpected tensor {key!r}")
+    state = {k.removeprefix("model."): t for k, t in blob.tensors.items() if k.startswith("model.")}
+    opt = _read_opt({k: t for k, t in blob.tensors.items() if not k.startswith("model.")},
+                    list(meta.get("opt_slots", [])), where)
+    if opt_data is not None:
+        owhere = f"{where} (optimizer state)"
+        oblob = blobs.decode(opt_data, owhere, signing_key=signing_key)
+        if oblob.meta.get("kind") != OPT_KIND or oblob.meta.get("version") != meta.get("version"):
+            raise blobs.BlobError(owhere, f"not the optimizer state of version {meta.get('version')}")
+        opt.update(_read_opt(oblob.tensors, list(oblob.meta.get("opt_slots", [])), owhere))
     extra = {k: v for k, v in meta.items() if k not in ("kind", "model", "model_args", "version", "opt_slots")}
     return Checkpoint(
         model=str(meta["model"]),

@@ -159,3 +159,8 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
         h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
+
+
+from pipeline.charlm import load_chars as _load_chars  # noqa: E402
+
+register_builtin("chars", _load_chars)

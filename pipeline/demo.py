@@ -22,7 +22,7 @@ from typing import Any
 class DemoOptions:
     workers: int = 2
     shards: int = 2
-    epochs: int = 5
+    epochs: int | None = None  # default: 5 for digits-cnn, 1 for char-lm
     mode: str = "sync"
     local_steps: int = 1
     model: str = "digits-cnn"
@@ -63,12 +63,15 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         from pipeline.spec import parse_spec
         from workers.app import app_for
 
+        lm = opts.model == "char-lm"
         spec_dict: dict[str, Any] = {
-            "model": opts.model, "shards": opts.shards, "epochs": opts.epochs, "mode": opts.mode,
-            "local_steps": opts.local_steps, "codec": opts.codec,
+            "model": opts.model, "shards": opts.shards, "epochs": opts.epochs or (1 if lm else 5),
+            "mode": opts.mode, "local_steps": opts.local_steps, "codec": opts.codec,
         }
         if opts.dataset:
             spec_dict["dataset"] = opts.dataset
+        elif lm:  # a 100k-character slice of the standard library's sources: a few minutes on 2 cores
+            spec_dict.update(dataset="chars", dataset_args={"max_chars": 100_000})
         spec_dict.update(dict(opts.spec_overrides))
         spec = parse_spec(spec_dict)  # fail before starting anything
 
@@ -81,7 +84,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         wait_for_workers(app_for(settings), names, timeout_s=120)
 
         watcher = None
-        if opts.serve:
+        from pipeline.models import model_task
+
+        if opts.serve and model_task(spec.model) == "classify":
             from pipeline.services import free_port
             from workers.publish import model_name
 

@@ -62,6 +62,10 @@ def default_args(name: str) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(DigitsCNNConfig()).items()}
     if name == "digits-cnn-small":
         return {"channels": [4, 8], "hidden": 32, "classes": 10}
+    if name == "char-lm":
+        from pipeline.charlm import default_args as charlm_args
+
+        return dict(charlm_args())
     return {}
 
 
@@ -117,3 +121,8 @@ def build_model(name: str, args: dict[str, Any] | None = None) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+from pipeline import charlm as _charlm  # noqa: E402 - charlm imports no pipeline module at load
+
+_charlm.register_model(BUILTIN, TASKS)

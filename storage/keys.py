@@ -80,6 +80,11 @@ def checkpoint(job_id: str, version: int) -> str:
     return f"jobs/{job_id}/ckpt/v{version:06d}.aast"
 
 
+def optimizer_state(checkpoint_key: str) -> str:
+    """The optimizer state written beside a checkpoint's weights (shard workers never download it)."""
+    return checkpoint_key.removesuffix(".aast") + ".opt.aast"
+
+
 def gradient(job_id: str, version: int, shard: int, attempt: int) -> str:
     """A gradient (or pseudo-gradient) blob; its identity is (job, shard, base version, attempt)."""
     return f"jobs/{job_id}/grads/v{version:06d}/s{shard:05d}-a{attempt}.aast"

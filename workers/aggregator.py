@@ -17,7 +17,7 @@ import torch
 
 from pipeline import codecs
 from pipeline.aggregate import Update, UpdateRejected, check_update, select_round, sgd_step, weighted_mean
-from pipeline.checkpoint import Checkpoint, encode_checkpoint
+from pipeline.checkpoint import Checkpoint
 from pipeline.data import total_rounds
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
@@ -54,9 +54,21 @@ def opt_hparams(spec: JobSpec) -> dict[str, Any]:
     return {"lr": spec.lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
 
 
+class KeyRefused(blobs.BlobError):
+    """A result named an object outside its job's gradient prefix: refused unread, and never deleted."""
+
+
+def check_gradient_key(job_id: str, key: str) -> None:
+    """A shard result may only point into its own job's gradients (no other job's, no checkpoint, no '..')."""
+    prefix = f"{keys.job_prefix(job_id)}grads/"
+    if not key.startswith(prefix) or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise KeyRefused(key, f"outside job {job_id}'s gradient prefix {prefix}: refused unread")
+
+
 def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params: dict[str, torch.Tensor],
                 expect: dict[str, int]) -> Update:
-    """Fetch, verify (sha256, signature, identity, codec, shapes, finiteness) and decode one blob."""
+    """Fetch, verify (key, sha256, signature, identity, codec, shapes, finiteness) and decode one blob."""
+    check_gradient_key(job_id, key)
     data = ctx.store.get(key)
     ctx.jobs.add_bytes(job_id, down=len(data))
     if len(data) > ctx.settings.max_blob_bytes:
@@ -80,8 +92,8 @@ def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params:
 
 def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | None:
     prefix = keys.gradient(job_id, version, shard, 0).rsplit("-a", 1)[0] + "-a"
-    found = sorted(ctx.store.list(prefix))
-    return found[-1] if found else None
+    found = list(ctx.store.list(prefix))  # the newest attempt, by number ("a10" sorts before "a2" as text)
+    return max(found, key=lambda k: int(k.rsplit("-a", 1)[1].split(".")[0]), default=None)
 
 
 def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any],
@@ -101,9 +113,18 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
         if key is None:
             reasons.append(f"shard {s}: no result and no blob under version {version}")
             continue
+        expect = {"job": job_id, "shard": s, "base_version": version}
         try:
-            updates.append(load_update(ctx, job_id, key, sha, params,
-                                       {"job": job_id, "shard": s, "base_version": version}))
+            try:
+                updates.append(load_update(ctx, job_id, key, sha, params, expect))
+            except ObjectNotFound:
+                # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
+                # gets the same chord results, which still name the deleted attempt.
+                newer = _find_blob(ctx, job_id, version, s)
+                if newer is None or newer == key:
+                    raise
+                key = newer
+                updates.append(load_update(ctx, job_id, key, None, params, expect))
         except ObjectNotFound as e:
             reasons.append(f"shard {s}: {e}")
             recompute.append(s)
@@ -111,7 +132,8 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
             reasons.append(f"shard {s}: {e}")
             ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
             observe_rejected(str(e))
-            ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
+            if not isinstance(e, KeyRefused):
+                ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
             recompute.append(s)
     if reasons:
         raise RoundIncomplete(reasons, recompute)
@@ -128,7 +150,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     if job.version > version or job.status in TERMINAL:
         # A duplicate (redelivered or early-fired) aggregation: this round is already committed.
         return RoundOutcome(False, job.version, {}, job.status in TERMINAL)
-    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
     model = ckpt.build("cpu")
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     updates = collect_round(ctx, job_id, spec, version, results, params)
@@ -142,8 +164,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
                      {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
-    ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
-    ctx.checkpoints.put(ckey, new)  # the next round starts from it: no need to download what we wrote
+    ctx.write_checkpoint(ckey, new)
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
 
     model.load_state_dict(state)

@@ -20,13 +20,13 @@ from typing import Any
 import redis
 
 from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
-from pipeline.checkpoint import Checkpoint, encode_checkpoint
+from pipeline.checkpoint import Checkpoint
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
 from storage import blobs, keys
 from storage.jobstate import TERMINAL
 from workers import faults
-from workers.aggregator import load_update, opt_hparams
+from workers.aggregator import KeyRefused, load_update, opt_hparams
 from workers.context import Context
 from workers.metrics import observe_rejected, observe_round
 from workers.publish import publish_version
@@ -99,7 +99,8 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
     except (blobs.BlobError, UpdateRejected) as e:
         ctx.jobs.event(job_id, "rejected", shard=shard, step=step, reason=str(e))
         observe_rejected(str(e))
-        ctx.store.delete(key)
+        if not isinstance(e, KeyRefused):  # never delete what a result merely named outside its job
+            ctx.store.delete(key)
         _bump_generation(ctx, job_id, shard)
         return {"shard": shard, "step": step, "outcome": "rejected", "reason": str(e)}
     entry = {"identity": upd.identity, "key": key, "sha256": result.get("sha256"), "shard": shard, "step": step,
@@ -137,7 +138,7 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
         return False
     t0 = time.perf_counter()
     version = job.version
-    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
     names = _param_names(ctx, ckpt)
     params = {n: t for n, t in ckpt.state.items() if n in names}
     bufs = dict(ckpt.opt.get("momentum", {}))
@@ -152,8 +153,7 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
                      {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
-    ctx.store.put(ckey, encode_checkpoint(new, signing_key=ctx.signing_key))
-    ctx.checkpoints.put(ckey, new)  # the next round starts from it: no need to download what we wrote
+    ctx.write_checkpoint(ckey, new)
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
     model = new.build("cpu")
     manifest = ctx.manifest(job.fields["manifest"])

@@ -14,11 +14,12 @@ from typing import Any
 import redis
 import torch
 
-from pipeline.checkpoint import Checkpoint, decode_checkpoint
+from pipeline.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint, encode_optimizer
 from pipeline.datastore import Manifest, read_split
 from pipeline.settings import Settings, get_settings
+from storage import keys
 from storage.jobstate import JobStore
-from storage.objectstore import ObjectStore, open_store
+from storage.objectstore import ObjectNotFound, ObjectStore, open_store
 
 
 class LRU:
@@ -94,14 +95,31 @@ class Context:
             self.checkpoints.put(key, hit)
         return hit.to(device)
 
-    def checkpoint(self, key: str, job_id: str) -> Checkpoint:
-        hit = self.checkpoints.get(key)
+    def checkpoint(self, key: str, job_id: str, *, with_opt: bool = False) -> Checkpoint:
+        """A version's checkpoint, cached per process. Shard workers read the weights only; the
+        aggregator (with_opt) also reads the optimizer state stored beside them."""
+        full = self.checkpoints.get(key + "#opt")
+        hit = full if full is not None else (None if with_opt else self.checkpoints.get(key))
         if hit is None:
             data = self.store.get(key)
-            self.jobs.add_bytes(job_id, down=len(data))
-            hit = decode_checkpoint(data, key, signing_key=self.signing_key)
-            self.checkpoints.put(key, hit)
+            opt_data = None
+            if with_opt:
+                try:
+                    opt_data = self.store.get(keys.optimizer_state(key))
+                except ObjectNotFound:
+                    opt_data = None  # version 0, or plain SGD: no optimizer state
+            self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
+            hit = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
+            self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
         return hit
+
+    def write_checkpoint(self, key: str, ckpt: Checkpoint) -> None:
+        """Store weights and optimizer state as two objects (state first) and keep the pair cached."""
+        opt = encode_optimizer(ckpt, signing_key=self.signing_key)
+        if opt is not None:
+            self.store.put(keys.optimizer_state(key), opt)
+        self.store.put(key, encode_checkpoint(ckpt, signing_key=self.signing_key, with_opt=False))
+        self.checkpoints.put(key + "#opt", ckpt)  # the next round starts from it: no download of our own write
 
 
 @lru_cache(maxsize=1)
