@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     retry_backoff_s: float = Field(default=1.0, gt=0)
     retry_backoff_max_s: float = Field(default=30.0, gt=0)
     max_deliveries: int = Field(default=5, ge=1)  # poison-message cap: deliveries of one task before it is failed
+    # Watchdog: a running job whose version has not moved for this long gets its round (sync) or its shards'
+    # current steps (async) enqueued again. kombu's Redis transport can lose a message taken by a consumer
+    # killed between BRPOP and recording it as unacked; relaunching is harmless (work is idempotent).
+    # Default (None): visibility timeout + task time limit. watchdog_interval_s = 0 turns it off.
+    watchdog_stall_s: float | None = Field(default=None, gt=0)
+    watchdog_interval_s: float = Field(default=30.0, ge=0)
 
     # Limits on what is accepted.
     max_blob_bytes: int = Field(default=2 * 1024**3, ge=1)

@@ -79,6 +79,7 @@ class JobStore:
             "version": 0,
             "total_rounds": total_rounds,
             "created_at": time.time(),
+            "progress_at": time.time(),  # last commit or accepted update: the watchdog's stall clock
             "bytes_up": 0,
             "bytes_down": 0,
             **fields,
@@ -97,7 +98,9 @@ class JobStore:
 
     def get(self, job_id: str) -> JobState:
         raw = self.r.hgetall(keys.job(job_id))
-        if not raw:
+        if b"spec" not in raw:
+            # Missing, or only the counters a task still running bumped (HINCRBY) after Redis lost the job:
+            # not a job. Treating such a stub as one made `resume` finish the job at version 0.
             raise JobNotFound(job_id)
         f = {k.decode(): v.decode() for k, v in raw.items()}
         return JobState(
@@ -170,7 +173,8 @@ class JobStore:
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    fields = {"version": str(new_version), "checkpoint": checkpoint_key}
+                    fields = {"version": str(new_version), "checkpoint": checkpoint_key,
+                              "progress_at": str(time.time())}
                     for k in ("accuracy", "loss", "perplexity"):
                         if k in metrics:
                             fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
@@ -212,6 +216,7 @@ class JobStore:
                     pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
                     pipe.hset(pkey, str(shard), str(next_step))
                     pipe.hincrby(keys.job(job_id), "accepted", 1)
+                    pipe.hset(keys.job(job_id), "progress_at", str(time.time()))
                     pipe.execute()
                     return True
                 except redis.WatchError:

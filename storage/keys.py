@@ -37,6 +37,11 @@ def jobs_index() -> str:
     return f"{PREFIX}:jobs"
 
 
+def watchdog_lock() -> str:
+    """Lock: one watchdog sweep at a time across every worker."""
+    return f"{PREFIX}:watchdog:lock"
+
+
 def deliveries(task_id: str) -> str:
     """Counter: how many times a task message was delivered (poison-message cap)."""
     return f"{PREFIX}:deliveries:{task_id}"

@@ -64,6 +64,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             "aas.apply_update": {"queue": QUEUE_AGGREGATE},
             "aas.predict": {"queue": QUEUE_PREDICT},
             "aas.retrain": {"queue": QUEUE_BEAT},
+            "aas.watchdog": {"queue": QUEUE_AGGREGATE},
         },
         task_default_queue=QUEUE_SHARDS,
         worker_cancel_long_running_tasks_on_connection_loss=True,

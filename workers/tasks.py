@@ -9,11 +9,14 @@ more than ``max_deliveries`` times (it keeps killing its worker) is a poison mes
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import redis
 from celery import Task, chord, group
+from celery.signals import worker_ready
 
 from pipeline.spec import JobSpec
 from storage import blobs, keys
@@ -58,7 +61,8 @@ def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[st
         ctx.jobs.event(job_id, "retry", task=what, attempt=retries + 1, reason=str(e))
         if on_retry is not None:
             on_retry(ctx, e)
-        raise task.retry(exc=e, countdown=_backoff_s(ctx, retries), max_retries=None) from None
+        # max_retries=None would mean Celery's default of 3 (not "unlimited"): pass ours, already checked above.
+        raise task.retry(exc=e, countdown=_backoff_s(ctx, retries), max_retries=ctx.settings.task_max_retries) from None
     except Exception as e:
         # A bug or a permanent defect: retrying cannot help. Fail the job now, with the reason, rather
         # than leave it waiting for a round that will never complete.
@@ -170,3 +174,68 @@ def predict_task(self: Task, model: str, alias: str, inputs: list[Any]) -> dict[
     except PredictError as e:
         return {"model": rec.model, "version": rec.version, "error": str(e), "status": e.status}
     return {"model": rec.model, "version": rec.version, **out}
+
+
+def stall_after_s(ctx: Context) -> float:
+    s = ctx.settings
+    return float(s.watchdog_stall_s or (s.visibility_timeout_s + s.task_time_limit_s))
+
+
+def watchdog_sweep(ctx: Context, *, now: float | None = None) -> list[str]:
+    """Re-enqueue the work of every running job that has made no progress for `stall_after_s`.
+
+    Returns the ids of the jobs it relaunched. Duplicate work is harmless by design: sync shard work is
+    deterministic and the commit is guarded; async results are accepted only for the expected step.
+    """
+    now = time.time() if now is None else now
+    stall = stall_after_s(ctx)
+    relaunched = []
+    for job_id in ctx.jobs.list(limit=1000):
+        try:
+            job = ctx.jobs.get(job_id)
+        except Exception:  # noqa: BLE001 - a job deleted meanwhile
+            continue
+        if job.status != "running" or now - job.num("progress_at", now) < stall:
+            continue
+        spec = JobSpec.model_validate(job.spec)
+        if spec.mode == "async":
+            ctx.redis.delete(keys.job_issued(job_id))
+            async_agg.advance_async(ctx, job_id)
+        else:
+            launch_round(ctx, job_id, spec, job.version, force=True)
+        ctx.jobs.set_fields(job_id, progress_at=now)  # one relaunch per stall period, not one per sweep
+        ctx.jobs.event(job_id, "watchdog", version=job.version, reason=f"no progress for {stall:.0f} s; relaunched")
+        relaunched.append(job_id)
+    return relaunched
+
+
+@app.task(name="aas.watchdog", acks_late=False)
+def watchdog_task() -> dict[str, Any]:
+    """The watchdog as a beat task (also run by a thread in every worker: see start_watchdog)."""
+    return {"relaunched": watchdog_sweep(get_context())}
+
+
+def start_watchdog(ctx: Context) -> threading.Thread | None:
+    """Sweep every `watchdog_interval_s` from this process; a Redis lock lets one process sweep at a time."""
+    interval = ctx.settings.watchdog_interval_s
+    if interval <= 0:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                lock = ctx.redis.lock(keys.watchdog_lock(), timeout=max(5.0, interval), blocking_timeout=0)
+                if lock.acquire(blocking=False):
+                    watchdog_sweep(ctx)  # the lock expires by itself: at most one sweep per interval
+            except Exception:  # noqa: BLE001 - Redis down: try again next interval
+                log.warning("watchdog sweep failed", exc_info=True)
+
+    t = threading.Thread(target=loop, name="aas-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+@worker_ready.connect
+def _watchdog_on_worker_ready(**_: object) -> None:
+    start_watchdog(get_context())

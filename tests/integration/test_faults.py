@@ -113,3 +113,24 @@ def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers
     final = client.wait(job_id, timeout=120)
     assert final["status"] == "succeeded", final.get("error")
     assert final["version"] == final["total_rounds"]
+
+
+def test_watchdog_relaunches_a_round_whose_messages_the_broker_lost(workers) -> None:
+    import time
+
+    from pipeline.client import Client
+
+    fast = {"AAS_WATCHDOG_STALL_S": "4", "AAS_WATCHDOG_INTERVAL_S": "1"}
+    start = workers
+    start("aggregator", "aggregate", extra_env=fast)
+    client = Client()
+    job_id = client.submit({**SPEC, "epochs": 1})
+    deadline = time.monotonic() + 10
+    while not client.redis.llen("shards") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client.redis.delete("shards") == 1  # the round's shard messages vanish, as kombu can lose them
+    start("shard0", extra_env=fast)
+    final = client.wait(job_id, timeout=120)
+    assert final["status"] == "succeeded", final.get("error")
+    assert any(e["kind"] == "watchdog" for e in client.jobs.events(job_id))
+    assert_one_blob_per_shard_per_version(client, job_id, final["version"], 2)
