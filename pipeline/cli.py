@@ -131,6 +131,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             rows = client.list()
             if args.json:
                 print(json.dumps(rows))
+                return 0
+            if not rows:
+                print("no jobs (aas submit, or aas demo)")
             for row in rows:
                 acc = row.get("test_accuracy")
                 print(f"{row['job_id']}  {row['status']:<10} v{row['version']}/{row['total_rounds']}"
