@@ -20,7 +20,7 @@ class SpecError(ValueError):
 class JobSpec(BaseModel):
     """One training job. Every field has a default that trains digits-cnn to ≥95% test accuracy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr=inf would train to NaN
 
     kind: Literal["train", "distill"] = "train"
     model: str = "digits-cnn"  # built-in name or "module:factory"
@@ -84,6 +84,19 @@ class JobSpec(BaseModel):
             ArtifactChain.parse(v)
         except ChainError as e:
             raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("promote")
+    @classmethod
+    def _promote_is_an_alias(cls, v: str | None) -> str | None:
+        # Checked at submit: a bad alias would otherwise fail the job only when it publishes, after training.
+        from storage.registry import RegistryError, check_alias
+
+        if v is not None:
+            try:
+                check_alias(v)
+            except RegistryError as e:
+                raise ValueError(str(e)) from None
         return v
 
     @field_validator("codec")
