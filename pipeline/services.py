@@ -148,3 +148,46 @@ def wait_for_workers(app: Any, names: list[str], timeout_s: float = 60.0) -> Non
             return
         time.sleep(0.2)
     raise TimeoutError(f"workers did not start within {timeout_s} s: missing {sorted(want - seen)}")
+
+
+class MotoS3Server:
+    """moto's S3 server (``moto[server]``, a test extra) in a subprocess on a loopback port, for tests and
+    chaos runs: the same S3 protocol the ``minio`` client speaks to MinIO. Objects live in its memory, so a
+    restart loses them; the port is kept, so it can be stopped and started again."""
+
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> None:
+        import urllib.request
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=1)
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    break
+                time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"moto S3 server did not start on {self.endpoint} within {timeout_s} s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

@@ -8,9 +8,6 @@ missing service skips locally and fails under CI=true.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -79,61 +76,25 @@ def redis_url() -> Iterator[str]:
     r.close()
 
 
-class S3Server:
-    """moto's S3 server in a subprocess on a fixed loopback port; can be stopped and started again."""
-
-    def __init__(self) -> None:
-        from pipeline.services import free_port
-
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        import urllib.request
-
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"http://{self.endpoint}/moto-api/", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        self.stop()
-        missing("moto S3 server did not start")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-
-
 @pytest.fixture
-def s3_server() -> Iterator[S3Server]:
+def s3_server() -> Iterator[object]:
     try:
         import moto.server  # noqa: F401
     except ImportError:
         missing("moto[server] is not installed")
-    server = S3Server()
-    server.start()
+    from pipeline.services import MotoS3Server
+
+    server = MotoS3Server()
+    try:
+        server.start()
+    except TimeoutError as e:
+        missing(str(e))
     yield server
     server.stop()
 
 
 @pytest.fixture
-def services_env(redis_url: str, s3_server: S3Server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def services_env(redis_url: str, s3_server, monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """AAS_* settings for real Redis + S3, applied to this process and handed to worker processes."""
     env = {
         "AAS_REDIS_URL": redis_url,

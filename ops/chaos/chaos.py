@@ -35,7 +35,7 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 
 from proxy import TcpProxy  # noqa: E402
 
-from pipeline.services import ProcessGroup, free_port, worker_argv  # noqa: E402
+from pipeline.services import MotoS3Server, ProcessGroup, free_port, worker_argv  # noqa: E402
 
 KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "two_aggregators")
 BUCKET = "chaos"
@@ -72,33 +72,6 @@ class RedisServer:
     def restart(self) -> None:
         self.stop()
         self.start()
-
-
-class MotoServer:
-    """moto's S3 server in a subprocess (objects live in its memory)."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _wait(lambda: _http_ok(f"http://{self.endpoint}/moto-api/"), 30, "moto S3 server")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
 
 
 def _redis_ping(url: str) -> bool:
@@ -140,7 +113,7 @@ class Cluster:
 
     def __post_init__(self) -> None:
         self.redis = RedisServer(self.workdir / "redis") if self.redis_url is None else None
-        self.moto = MotoServer()
+        self.moto = MotoS3Server()
         self.proxy: TcpProxy | None = None
         self.group: ProcessGroup | None = None
         self.roles: dict[str, str] = {}  # worker name → "shard" | "aggregate"
