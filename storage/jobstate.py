@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,27 +124,20 @@ class JobStore:
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
         key = keys.job(job_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(key)
-                    current = pipe.hget(key, "status")
-                    if current is None or current.decode() in TERMINAL:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    mapping: dict[str, str] = {"status": status}
-                    if status == "running":
-                        mapping["started_at"] = str(time.time())
-                    if status in TERMINAL:
-                        mapping["finished_at"] = str(time.time())
-                    if error:
-                        mapping["error"] = error
-                    pipe.hset(key, mapping=mapping)
-                    pipe.execute()
-                    break
-                except redis.WatchError:
-                    continue
+
+        def still_open(pipe: Any) -> bool:
+            current = pipe.hget(key, "status")
+            return current is not None and current.decode() not in TERMINAL
+
+        mapping: dict[str, str] = {"status": status}
+        if status == "running":
+            mapping["started_at"] = str(time.time())
+        if status in TERMINAL:
+            mapping["finished_at"] = str(time.time())
+        if error:
+            mapping["error"] = error
+        if not self._check_and_write(key, still_open, lambda pipe: pipe.hset(key, mapping=mapping)):
+            return False
         self.event(job_id, "status", status=status, **({"error": error} if error else {}))
         return True
 
@@ -164,26 +158,37 @@ class JobStore:
         aggregation already committed, so this one is a duplicate.
         """
         key = keys.job(job_id)
+        fields = {"version": str(new_version), "checkpoint": checkpoint_key, "progress_at": str(time.time())}
+        for k in ("accuracy", "loss", "perplexity"):
+            if k in metrics:
+                fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
+
+        def at_base(pipe: Any) -> bool:
+            cur = pipe.hget(key, "version")
+            return cur is not None and int(cur) == base_version
+
+        def write(pipe: Any) -> None:
+            pipe.hset(key, mapping=fields)
+            if identities:
+                pipe.sadd(keys.job_consumed(job_id, new_version), *identities)
+            pipe.rpush(keys.job_metrics(job_id), json.dumps({"version": new_version, **metrics}))
+            if pending_consumed:
+                pipe.ltrim(keys.job_pending(job_id), pending_consumed, -1)
+
+        return self._check_and_write(key, at_base, write)
+
+    def _check_and_write(self, key: str, check: Callable[[Any], bool], write: Callable[[Any], None]) -> bool:
+        """WATCH `key`; when check(pipe) holds, run write(pipe) in one MULTI/EXEC. Retries on a concurrent
+        change of `key`; returns False (writing nothing) when the check fails."""
         with self.r.pipeline() as pipe:
             while True:
                 try:
                     pipe.watch(key)
-                    cur = pipe.hget(key, "version")
-                    if cur is None or int(cur) != base_version:
+                    if not check(pipe):
                         pipe.unwatch()
                         return False
                     pipe.multi()
-                    fields = {"version": str(new_version), "checkpoint": checkpoint_key,
-                              "progress_at": str(time.time())}
-                    for k in ("accuracy", "loss", "perplexity"):
-                        if k in metrics:
-                            fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
-                    pipe.hset(key, mapping=fields)
-                    if identities:
-                        pipe.sadd(keys.job_consumed(job_id, new_version), *identities)
-                    pipe.rpush(keys.job_metrics(job_id), json.dumps({"version": new_version, **metrics}))
-                    if pending_consumed:
-                        pipe.ltrim(keys.job_pending(job_id), pending_consumed, -1)
+                    write(pipe)
                     pipe.execute()
                     return True
                 except redis.WatchError:
@@ -204,23 +209,17 @@ class JobStore:
         result for a step already accepted is never recorded twice.
         """
         pkey = keys.job_progress(job_id)
-        with self.r.pipeline() as pipe:
-            while True:
-                try:
-                    pipe.watch(pkey)
-                    cur = pipe.hget(pkey, str(shard))
-                    if int(cur or 0) != step:
-                        pipe.unwatch()
-                        return False
-                    pipe.multi()
-                    pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
-                    pipe.hset(pkey, str(shard), str(next_step))
-                    pipe.hincrby(keys.job(job_id), "accepted", 1)
-                    pipe.hset(keys.job(job_id), "progress_at", str(time.time()))
-                    pipe.execute()
-                    return True
-                except redis.WatchError:
-                    continue
+
+        def expects_step(pipe: Any) -> bool:
+            return int(pipe.hget(pkey, str(shard)) or 0) == step
+
+        def write(pipe: Any) -> None:
+            pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
+            pipe.hset(pkey, str(shard), str(next_step))
+            pipe.hincrby(keys.job(job_id), "accepted", 1)
+            pipe.hset(keys.job(job_id), "progress_at", str(time.time()))
+
+        return self._check_and_write(pkey, expects_step, write)
 
     def consumed(self, job_id: str, version: int) -> set[str]:
         return {m.decode() for m in self.r.smembers(keys.job_consumed(job_id, version))}
