@@ -1,6 +1,6 @@
 """Serving artifacts: a model's weights packed for inference, rebuilt into a ready-to-serve module.
 
-An artifact is a blob (``storage.blobs``) whose meta names the model, its arguments and how each tensor
+An artifact is a blob (``pipeline.blobs``) whose meta names the model, its arguments and how each tensor
 was packed. The packing chain (``ArtifactChain``) is, in order:
 
 1. magnitude pruning of weight tensors (ndim ≥ 2): w · I(|w| > τ), or the smallest-|w| fraction of each
@@ -25,13 +25,13 @@ import torch
 from safetensors.torch import save as st_save
 from torch import Tensor, nn
 
+from pipeline import blobs
+from pipeline.codecs import INT8_MAX
 from pipeline.models import build_model
-from storage import blobs
 
 KIND = "artifact"
 PACKING = "packed/1"
 LEGACY_PACKING = "fp32"  # artifacts written before the chain existed: fp32 tensors under their own names
-INT8_MAX = 127
 FP16_MAX = 65504.0
 QUANTIZE = ("none", "fp16", "int8")
 _STEPS = "none, fp32, fp16, int8, prune:<fraction of zeros>, threshold:<tau>, sparse, dense, zstd"

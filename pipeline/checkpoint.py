@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline import blobs
 from pipeline.models import build_model
-from storage import blobs
 
 KIND = "checkpoint"
 OPT_KIND = "optimizer"

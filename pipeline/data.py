@@ -14,30 +14,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from pipeline.models import ModelError, resolve_import
-
-
-class DataError(ValueError):
-    """An unknown data set, or a loader that does not return four tensors."""
-
-
-@dataclass(frozen=True)
-class Dataset:
-    x_train: torch.Tensor  # (N, ...) inputs
-    y_train: torch.Tensor  # (N,) class ids, or (N, T) next tokens
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    meta: dict[str, Any]
-
-    @property
-    def n_train(self) -> int:
-        return int(self.x_train.shape[0])
-
+from pipeline.corpus import DATASET_NAME as CHARS
+from pipeline.corpus import load_chars
+from pipeline.dataset import DataError, Dataset
+from pipeline.imports import ImportPathError, is_import_path, resolve_import
 
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3762
 
@@ -58,11 +42,7 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     return Dataset(x[train], y[train], x[test], y[test], {"name": "digits", "classes": 10})
 
 
-BUILTIN: dict[str, Callable[..., Dataset]] = {"digits": load_digits}
-
-
-def register_builtin(name: str, loader: Callable[..., Dataset]) -> None:
-    BUILTIN[name] = loader
+BUILTIN: dict[str, Callable[..., Dataset]] = {"digits": load_digits, CHARS: load_chars}
 
 
 def _from_user(obj: Any, name: str) -> Dataset:
@@ -88,11 +68,11 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
     args = args or {}
     if name in BUILTIN:
         return BUILTIN[name](**args)
-    if ":" not in name:
+    if not is_import_path(name):
         raise DataError(f"unknown dataset {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:function')")
     try:
         loader = resolve_import(name, "dataset")
-    except ModelError as e:
+    except ImportPathError as e:
         raise DataError(str(e)) from None
     return _from_user(loader(**args), name)
 
@@ -104,11 +84,11 @@ def check_dataset_name(name: str) -> None:
     """Cheap submit-time check that a data set name resolves, without loading the data."""
     if name in BUILTIN or name == OBJECTS:
         return
-    if ":" not in name:
+    if not is_import_path(name):
         raise DataError(f"unknown dataset {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:function')")
     try:
         resolve_import(name, "dataset")
-    except ModelError as e:
+    except ImportPathError as e:
         raise DataError(str(e)) from None
 
 
@@ -160,7 +140,3 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
         h.update(t.contiguous().numpy().tobytes())
     return h.hexdigest()
 
-
-from pipeline.charlm import load_chars as _load_chars  # noqa: E402
-
-register_builtin("chars", _load_chars)

@@ -7,10 +7,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipeline.codecs import CODECS
 from pipeline.data import DataError, check_dataset_name
 from pipeline.models import ModelError, get_factory
-
-CODEC_NAMES = ("none", "fp16", "bf16", "int8", "topk", "topk+int8")
+from pipeline.names import BadName, check_alias
 
 
 class SpecError(ValueError):
@@ -90,20 +90,18 @@ class JobSpec(BaseModel):
     @classmethod
     def _promote_is_an_alias(cls, v: str | None) -> str | None:
         # Checked at submit: a bad alias would otherwise fail the job only when it publishes, after training.
-        from storage.registry import RegistryError, check_alias
-
         if v is not None:
             try:
                 check_alias(v)
-            except RegistryError as e:
+            except BadName as e:
                 raise ValueError(str(e)) from None
         return v
 
     @field_validator("codec")
     @classmethod
     def _codec_known(cls, v: str) -> str:
-        if v not in CODEC_NAMES:
-            raise ValueError(f"unknown codec {v!r} (known: {', '.join(CODEC_NAMES)})")
+        if v not in CODECS:
+            raise ValueError(f"unknown codec {v!r} (known: {', '.join(CODECS)})")
         return v
 
     @model_validator(mode="before")

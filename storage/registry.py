@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import math
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -20,16 +19,15 @@ from typing import Any
 
 import redis
 
+from pipeline import names
+from pipeline.blobs import BlobError, sha256_hex
 from storage import keys
-from storage.blobs import BlobError, sha256_hex
 from storage.objectstore import ObjectNotFound, ObjectStore
 
 log = logging.getLogger(__name__)
 
 HISTORY_MAX = 100  # alias history entries kept per alias (rollback depth)
 EVENTS_MAXLEN = 100_000  # approximate stream length; a follower further behind resyncs from aliases
-RESERVED_ALIASES = frozenset({"latest"})
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 class RegistryError(Exception):
@@ -126,16 +124,17 @@ def _clean(obj: Any, what: str) -> Any:
 
 
 def check_name(name: str, what: str = "model") -> str:
-    if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise InvalidName(f"invalid {what} name {name!r}: use 1-128 of [A-Za-z0-9_.-], starting with a letter or digit")
-    return name
+    try:
+        return names.check_name(name, what)
+    except names.BadName as e:
+        raise InvalidName(str(e)) from None
 
 
 def check_alias(alias: str) -> str:
-    check_name(alias, "alias")
-    if alias.isdigit() or alias in RESERVED_ALIASES:
-        raise InvalidName(f"invalid alias {alias!r}: aliases cannot be numbers or one of {sorted(RESERVED_ALIASES)}")
-    return alias
+    try:
+        return names.check_alias(alias)
+    except names.BadName as e:
+        raise InvalidName(str(e)) from None
 
 
 def _accuracy(rec_json: Any) -> float | None:

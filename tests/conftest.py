@@ -82,7 +82,7 @@ def s3_server() -> Iterator[object]:
         import moto.server  # noqa: F401
     except ImportError:
         missing("moto[server] is not installed")
-    from pipeline.services import MotoS3Server
+    from pipeline.client.processes import MotoS3Server
 
     server = MotoS3Server()
     try:
@@ -119,7 +119,7 @@ def services_env(redis_url: str, s3_server, monkeypatch: pytest.MonkeyPatch, tmp
 @pytest.fixture
 def workers(services_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., object]]:
     """Factory: start real `celery worker` processes; every one is stopped at teardown."""
-    from pipeline.services import ProcessGroup, wait_for_workers
+    from pipeline.client.processes import ProcessGroup, wait_for_workers
     from pipeline.settings import Settings
     from workers.app import app_for
 

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 
-from pipeline import codecs
+from pipeline import blobs, codecs
 from pipeline.aggregate import Update, UpdateRejected, check_update, select_round, sgd_step, weighted_mean
 from pipeline.checkpoint import Checkpoint
 from pipeline.data import total_rounds
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
-from storage import blobs, keys
+from storage import keys
 from storage.jobstate import TERMINAL
 from storage.objectstore import ObjectNotFound
 from workers import faults

@@ -19,11 +19,12 @@ from typing import Any
 
 import redis
 
+from pipeline import blobs
 from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
 from pipeline.checkpoint import Checkpoint
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
-from storage import blobs, keys
+from storage import keys
 from storage.jobstate import TERMINAL
 from workers import faults
 from workers.aggregator import KeyRefused, load_update, opt_hparams

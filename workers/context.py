@@ -15,9 +15,9 @@ import redis
 import torch
 
 from pipeline.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint, encode_optimizer
-from pipeline.datastore import Manifest, read_split
 from pipeline.settings import Settings, get_settings
 from storage import keys
+from storage.datastore import Manifest, read_split
 from storage.jobstate import JobStore
 from storage.objectstore import ObjectNotFound, ObjectStore, open_store
 

@@ -28,9 +28,9 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from pipeline.artifacts import LoadedArtifact, load_artifact
+from pipeline.blobs import BlobError
 from pipeline.models import ModelError, get_factory
 from pipeline.settings import Settings, get_settings
-from storage.blobs import BlobError
 from storage.registry import Registry, RegistryError, VersionRecord
 
 log = logging.getLogger("aas.inference")

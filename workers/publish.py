@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
+from pipeline.names import registry_name
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
 from storage import keys
@@ -25,9 +26,7 @@ def registry_for(ctx: Context) -> Registry:
 
 
 def model_name(spec: JobSpec) -> str:
-    """The registry name a job publishes under: `register_as`, else the model's name made registry-safe."""
-    name = spec.register_as or spec.model
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip("-.") or "model"
+    return registry_name(spec.model, spec.register_as)
 
 
 def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:

@@ -11,11 +11,11 @@ from typing import Any
 
 import torch
 
-from pipeline import codecs
+from pipeline import blobs, codecs
 from pipeline.data import batch_rows, batches_per_epoch
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
-from storage import blobs, keys
+from storage import keys
 from storage.jobstate import TERMINAL
 from workers import faults
 from workers.context import Context

@@ -18,8 +18,9 @@ import redis
 from celery import Task, chord, group
 from celery.signals import worker_ready
 
+from pipeline import blobs
 from pipeline.spec import JobSpec
-from storage import blobs, keys
+from storage import keys
 from storage.jobstate import TERMINAL
 from storage.objectstore import StoreError
 from workers import aggregator, async_agg, shard

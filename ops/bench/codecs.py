@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script from anywhere
 
+from pipeline import blobs  # noqa: E402
 from pipeline.codecs import CODECS, CodecConfig, decode, encode, encoded_nbytes  # noqa: E402
-from storage import blobs  # noqa: E402
 
 # A transformer-block-like mix of shapes: 9.96M parameters (≈40 MB fp32).
 SHAPES_FULL: dict[str, tuple[int, ...]] = {

@@ -73,9 +73,9 @@ def artifact_rows(cluster: Cluster, job: dict[str, Any]) -> list[dict[str, Any]]
 
     from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
     from pipeline.checkpoint import decode_checkpoint
-    from pipeline.datastore import Manifest, read_split
     from pipeline.training import evaluate
     from storage import keys
+    from storage.datastore import Manifest, read_split
     from storage.objectstore import open_store
 
     store = open_store(cluster.settings)

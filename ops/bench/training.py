@@ -83,15 +83,10 @@ def budget_for(model: str, quick: bool) -> Budget:
                       lr=0.05, row_timeout_s=150 if quick else 900)
     if model != "char-lm":
         raise SystemExit(f"unknown --model {model!r} (known: char-lm, digits-cnn)")
-    from pipeline import charlm, data, models
+    from pipeline.models import default_args
 
-    # Worker processes know "char-lm" only once pipeline.models registers it at import; until then the
-    # import-path names work everywhere.
-    model_name = "char-lm" if "char-lm" in models.BUILTIN else "pipeline.charlm:char_lm"
-    data_name = "chars" if "chars" in data.BUILTIN else "pipeline.charlm:load_chars"
-    charlm.register()
     chars = {"block_size": 64, "max_chars": 60_000 if quick else 600_000}
-    return Budget(model_name, charlm.default_args(), data_name, chars, "lm", batch_size=16 if quick else 32,
+    return Budget("char-lm", default_args("char-lm"), "chars", chars, "lm", batch_size=16 if quick else 32,
                   epochs=1, lr=0.1, row_timeout_s=150 if quick else 1800)
 
 
@@ -202,7 +197,7 @@ def _ddp_rank(rank: int, b: Budget, port: int, out: str) -> None:
 def run_ddp(b: Budget) -> dict[str, Any]:
     import torch.multiprocessing as mp
 
-    from pipeline.services import free_port
+    from pipeline.client.processes import free_port
 
     with tempfile.TemporaryDirectory(prefix="aas-bench-ddp-") as d:
         out = str(Path(d) / "rank0.json")
@@ -226,7 +221,7 @@ class Cluster:
     procs: list[str] = field(default_factory=list)
 
     def __enter__(self) -> Cluster:
-        from pipeline.services import EmbeddedRedis, ProcessGroup, wait_for_workers
+        from pipeline.client.processes import EmbeddedRedis, ProcessGroup, wait_for_workers
         from pipeline.settings import Settings
         from workers.app import app_for
 

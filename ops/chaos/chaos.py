@@ -35,7 +35,7 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 
 from proxy import TcpProxy  # noqa: E402
 
-from pipeline.services import MotoS3Server, ProcessGroup, free_port, worker_argv  # noqa: E402
+from pipeline.client.processes import MotoS3Server, ProcessGroup, free_port, worker_argv  # noqa: E402
 
 KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "two_aggregators")
 BUCKET = "chaos"
@@ -214,7 +214,7 @@ class Cluster:
         return dead
 
     def wait_ready(self, timeout_s: float = 90) -> None:
-        from pipeline.services import wait_for_workers
+        from pipeline.client.processes import wait_for_workers
         from workers.app import app_for
 
         wait_for_workers(app_for(self.settings()), sorted(self.roles), timeout_s=timeout_s)
@@ -510,9 +510,9 @@ def audit(consumed: dict[int, set[str]], final_version: int, shards: int) -> dic
 def final_weights(client: Any, job_id: str, version: int) -> tuple[dict[str, Any], float]:
     """The job's checkpoint at `version` (read straight from the store) and its test accuracy."""
     from pipeline.checkpoint import decode_checkpoint
-    from pipeline.datastore import Manifest, read_split
     from pipeline.training import evaluate
     from storage import keys
+    from storage.datastore import Manifest, read_split
 
     ckpt = decode_checkpoint(client.store.get(keys.checkpoint(job_id, version)), f"{job_id} v{version}")
     record = json.loads(client.store.get(keys.job_record(job_id)))

@@ -37,7 +37,7 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 import psutil  # noqa: E402
 from chaos import RedisServer  # noqa: E402
 
-from pipeline.services import ProcessGroup, wait_for_workers, worker_argv  # noqa: E402
+from pipeline.client.processes import ProcessGroup, wait_for_workers, worker_argv  # noqa: E402
 
 MB = 1024 * 1024
 BIG_HIDDEN = 191_195  # digits-cnn: 523·hidden + 4,810 parameters → 100.0 M

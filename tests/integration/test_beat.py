@@ -22,8 +22,8 @@ LOCK_TIMEOUT_S = 3
 @pytest.fixture
 def beat_group(services_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     """A ProcessGroup with one worker on the beat queue; the test starts beats. Everything stops at teardown."""
+    from pipeline.client.processes import ProcessGroup, wait_for_workers
     from pipeline.schedules import QUEUE_BEAT
-    from pipeline.services import ProcessGroup, wait_for_workers
     from pipeline.settings import Settings
     from workers.beat import beat_app_for
 

@@ -50,7 +50,7 @@ def test_flower_shows_the_worker_and_a_finished_shard_task_with_readable_args(wo
     import httpx
 
     from pipeline.client import Client
-    from pipeline.services import free_port
+    from pipeline.client.processes import free_port
     from pipeline.settings import Settings
 
     creds = {"AAS_FLOWER_USER": USER, "AAS_FLOWER_PASSWORD": PASSWORD}
@@ -58,7 +58,7 @@ def test_flower_shows_the_worker_and_a_finished_shard_task_with_readable_args(wo
         monkeypatch.setenv(k, v)
     port = free_port()
     group = workers("w1", "shards,aggregate")  # one real worker on both queues, events on (-E)
-    flower = group.start("flower", [sys.executable, "-m", "pipeline.cli", "flower", "--port", str(port),
+    flower = group.start("flower", [sys.executable, "-m", "pipeline.client.cli", "flower", "--port", str(port),
                                     "--address", "127.0.0.1"], creds)
     base = f"http://127.0.0.1:{port}"
     _wait_http(f"{base}/api/workers", (USER, PASSWORD))

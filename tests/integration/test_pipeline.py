@@ -70,11 +70,11 @@ def test_invalid_spec_is_rejected_at_submit_and_nothing_is_enqueued(services_env
 
 
 def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path) -> None:
-    from pipeline.services import free_port
+    from pipeline.client.processes import free_port
 
     port = free_port()
     env = {"AAS_REDIS_URL": f"redis://127.0.0.1:{port}/0", "AAS_STORE_ROOT": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit"], env=env, capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "pipeline.client.cli", "submit"], env=env, capture_output=True, text=True,
                        timeout=60)
     assert p.returncode == 2
     assert f"cannot reach Redis at redis://127.0.0.1:{port}/0" in p.stderr
@@ -82,7 +82,8 @@ def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path
 
     port2 = free_port()
     env2 = {**env, "AAS_REDIS_URL": "redis://127.0.0.1:6379/14", "AAS_S3_ENDPOINT": f"127.0.0.1:{port2}"}
-    p2 = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit"], env=env2, capture_output=True, text=True,
+    p2 = subprocess.run([sys.executable, "-m", "pipeline.client.cli", "submit"], env=env2, capture_output=True,
+                        text=True,
                         timeout=120)
     assert p2.returncode == 2
     assert f"S3 endpoint 127.0.0.1:{port2} unreachable" in p2.stderr

@@ -21,11 +21,12 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
+from pipeline import blobs
 from pipeline.artifacts import build_artifact
 from pipeline.client import Client
 from pipeline.models import build_model, default_args
 from pipeline.settings import Settings
-from storage import blobs, keys
+from storage import keys
 from storage.objectstore import LocalStore
 from storage.registry import Registry
 from workers import aggregator, shard
@@ -258,7 +259,7 @@ def _dump_redis(url: str) -> str:
 @pytest.mark.slow
 def test_secrets_never_appear_in_logs_task_arguments_results_metrics_or_health(
         workers: Any, monkeypatch: pytest.MonkeyPatch, redis_url: str) -> None:
-    from pipeline.services import free_port, wait_for_workers, worker_argv
+    from pipeline.client.processes import free_port, wait_for_workers, worker_argv
     from pipeline.settings import get_settings
     from workers.app import app_for
     from workers.inference import create_app as inference_app

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save as st_save
 from torch.nn import functional as F
 
+from pipeline import blobs
 from pipeline.artifacts import ArtifactChain, ChainError, build_artifact, dequantized_state, load_artifact
+from pipeline.blobs import BlobError
 from pipeline.models import build_model, default_args
-from storage import blobs
-from storage.blobs import BlobError
 
 M = "digits-cnn"
 WHERE = "models/digits-cnn/v000007.aast"

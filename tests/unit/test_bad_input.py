@@ -20,11 +20,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline import blobs
 from pipeline.client import Client
+from pipeline.codecs import CODECS as CODEC_NAMES
 from pipeline.models import BUILTIN as BUILTIN_MODELS
 from pipeline.settings import Settings
-from pipeline.spec import CODEC_NAMES, JobSpec, SpecError
-from storage import blobs, keys
+from pipeline.spec import JobSpec, SpecError
+from storage import keys
 from workers import aggregator, shard
 
 BASE = {"shards": 2, "epochs": 1, "batch_size": 64}

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline import charlm
-from pipeline.charlm import CharLMConfig, char_lm, load_chars
+from pipeline import corpus
+from pipeline.corpus import load_chars
+from pipeline.models.char_lm import CharLMConfig, char_lm
 
 TINY = {"block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
@@ -47,7 +48,7 @@ def test_changing_a_future_token_leaves_the_logits_of_earlier_positions_unchange
 def test_state_dict_holds_each_tensor_once_so_checkpoints_can_store_it() -> None:
     from pipeline.checkpoint import decode_checkpoint, encode_checkpoint, initial_checkpoint
 
-    ckpt = initial_checkpoint("pipeline.charlm:char_lm", dict(TINY), seed=0)
+    ckpt = initial_checkpoint("pipeline.models.char_lm:char_lm", dict(TINY), seed=0)
     back = decode_checkpoint(encode_checkpoint(ckpt), "test")
     model = back.build()
     assert set(back.state) == {n for n, _ in model.named_parameters()}  # tied output layer adds no entry
@@ -90,7 +91,7 @@ def test_loader_reads_the_standard_library_by_default_and_stops_at_max_chars() -
     ds = load_chars(block_size=32, max_chars=10_000)
     assert ds.n_train + ds.x_test.shape[0] == (10_000 - 1) // 32
     assert int(ds.x_train.max()) < 256
-    assert charlm.stdlib_sources() == sorted(charlm.stdlib_sources())
+    assert corpus.stdlib_sources() == sorted(corpus.stdlib_sources())
 
 
 def test_loader_names_the_folder_when_it_holds_no_python_files(tmp_path: Path) -> None:
@@ -98,16 +99,15 @@ def test_loader_names_the_folder_when_it_holds_no_python_files(tmp_path: Path) -
         load_chars(root=str(tmp_path))
 
 
-def test_register_makes_char_lm_and_chars_built_in_names() -> None:
+def test_char_lm_and_chars_are_built_in_names() -> None:
     from pipeline.data import load_dataset
-    from pipeline.models import build_model, model_task
+    from pipeline.models import build_model, default_args, model_task
 
-    charlm.register()
     assert model_task("char-lm") == "lm"
     model = build_model("char-lm", dict(TINY))
     ds = load_dataset("chars", {"block_size": 16, "max_chars": 4_000})
     assert model(ds.x_train[:2]).shape == (2, 16, 256)
-    assert charlm.default_args() == {**CharLMConfig().__dict__}
+    assert default_args("char-lm") == {**CharLMConfig().__dict__}
 
 
 def test_pipeline_gradient_covers_every_parameter_of_the_lm(tmp_path: Path) -> None:

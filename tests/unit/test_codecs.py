@@ -11,9 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline import codecs
+from pipeline import blobs, codecs
 from pipeline.codecs import CODECS, CodecConfig, CodecError, decode, encode, encoded_nbytes
-from storage import blobs
 
 WHERE = "jobs/abc/grads/v3/s1.blob"
 HYP = settings(max_examples=50, deadline=None)

@@ -65,7 +65,7 @@ def test_every_service_has_an_image_or_a_build(services: dict[str, dict[str, Any
 
 
 def test_commands_run_real_modules_and_queues_that_exist(services: dict[str, dict[str, Any]]) -> None:
-    from pipeline.cli import build_parser
+    from pipeline.client.cli import build_parser
 
     queues = _known_queues()
     subcommands = set(build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]

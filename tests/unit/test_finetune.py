@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import blobs
 from pipeline.artifacts import build_artifact
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
@@ -12,7 +13,7 @@ from pipeline.data import load_digits
 from pipeline.models import build_model
 from pipeline.schedules import parse_schedule, retrain_spec
 from pipeline.spec import SpecError
-from storage import blobs, keys
+from storage import keys
 from storage.registry import Registry
 
 

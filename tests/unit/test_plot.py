@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from pipeline.plot import PlotError, bytes_series, plot_job
+from pipeline.client.plot import PlotError, bytes_series, plot_job
 from storage.jobstate import JobStore
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -57,8 +57,8 @@ def test_plot_of_a_job_without_versions_says_so(fake_redis: Any, tmp_path: Path)
 
 def test_the_plot_command_exits_2_with_one_line_for_an_unknown_job(fake_redis: Any, tmp_path: Path,
                                                                   capsys: Any) -> None:
-    from pipeline.cli import build_parser
-    from pipeline.cli_ops import run_plot
+    from pipeline.client.cli import build_parser
+    from pipeline.client.cli_ops import run_plot
 
     args = build_parser().parse_args(["plot", "nope", "-o", str(tmp_path / "c.png")])
     assert run_plot(args, redis_client=fake_redis) == 2
@@ -86,7 +86,7 @@ class FakeApp:
 
 
 def test_top_once_shows_jobs_workers_and_queue_depths(fake_redis: Any) -> None:
-    from pipeline.top import PRIORITY_SEP, collect, render
+    from pipeline.client.top import PRIORITY_SEP, collect, render
 
     _job_with_versions(fake_redis, 3)
     fake_redis.rpush("shards", b"m1", b"m2")

@@ -12,8 +12,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pipeline import cli_models
 from pipeline.artifacts import build_artifact
+from pipeline.client import cli_models
 from pipeline.models import build_model, default_args
 from pipeline.settings import Settings
 from storage import keys

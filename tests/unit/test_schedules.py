@@ -38,8 +38,8 @@ def store() -> ScheduleStore:
 
 
 def _cli(argv: list[str], store: ScheduleStore) -> int:
-    from pipeline.cli import build_parser
-    from pipeline.cli_ops import run_schedule
+    from pipeline.client.cli import build_parser
+    from pipeline.client.cli_ops import run_schedule
 
     args: argparse.Namespace = build_parser().parse_args(["schedule", *argv])
     return run_schedule(args, store=store)

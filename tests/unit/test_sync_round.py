@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pipeline import blobs
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
 from pipeline.data import batch_rows, batches_per_epoch, load_digits
-from pipeline.datastore import Manifest, read_split
 from pipeline.training import loss_fn
-from storage import blobs, keys
+from storage import keys
+from storage.datastore import Manifest, read_split
 from workers import aggregator, shard
 
 

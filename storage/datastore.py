@@ -12,8 +12,9 @@ from typing import Any
 
 import torch
 
+from pipeline import blobs
 from pipeline.data import Dataset, shard_indices, tensor_digest
-from storage import blobs, keys
+from storage import keys
 from storage.objectstore import ObjectNotFound, ObjectStore
 
 

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("resume", help="re-enqueue a job from its last committed version")
     r.add_argument("job")
 
-    for mod in ("pipeline.cli_models", "pipeline.cli_ops"):
+    for mod in ("pipeline.client.cli_models", "pipeline.client.cli_ops"):
         try:
             module = __import__(mod, fromlist=["register_cli"])
         except ImportError:
@@ -105,7 +105,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if handler is not None:
         return int(handler(args))
     if args.command == "demo":
-        from pipeline.demo import DemoOptions, print_summary, run_demo
+        from pipeline.client.demo import DemoOptions, print_summary, run_demo
 
         spec = _spec_from(args)
         known = {k: spec.pop(k) for k in ("model", "dataset", "shards", "epochs", "mode", "local_steps", "codec")

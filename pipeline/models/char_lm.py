@@ -1,34 +1,19 @@
-"""The ``char-lm`` workload: a small decoder-only transformer over bytes, and the ``chars`` corpus.
+"""``char-lm``: a small decoder-only transformer over bytes (its corpus is ``pipeline/corpus.py``).
 
 The model follows nanoGPT (Karpathy): token + position embeddings, pre-norm blocks of causal
 self-attention and a 4× GELU MLP, a final LayerNorm, and an output layer tied to the token embedding.
-The corpus is text that exists on every machine without a download: by default the Python standard
-library's own top-level ``*.py`` sources, read in sorted order, byte-level (vocabulary 256, so no
-vocabulary file). The text differs between Python versions, so a data set's digest (and its id in the
-store) does too; on one machine it is fully deterministic.
-
-This module imports nothing from ``pipeline`` at load time, so ``pipeline.models`` and
-``pipeline.data`` can register its built-ins at their own import without an import cycle.
 """
 
 from __future__ import annotations
 
 import math
-import sysconfig
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from pipeline.data import Dataset
-
-MODEL_NAME = "char-lm"
-DATASET_NAME = "chars"
 VOCAB_SIZE = 256  # byte-level: every byte value is a token
 
 
@@ -134,78 +119,9 @@ def char_lm(**kwargs: Any) -> nn.Module:
     return CharLM(CharLMConfig(**kwargs))
 
 
-char_lm.task = "lm"  # type: ignore[attr-defined]  # read by models.model_task for "pipeline.charlm:char_lm"
+char_lm.task = "lm"  # type: ignore[attr-defined]  # read by models.model_task for an import path
 
 
 def default_args() -> dict[str, Any]:
     """The full argument dict of the default configuration (what a checkpoint should record)."""
     return asdict(CharLMConfig())
-
-
-# ------------------------------------------------------------------ corpus
-
-
-def stdlib_sources() -> list[Path]:
-    """The standard library's top-level ``*.py`` files, sorted by name (no site-packages, no tests)."""
-    return sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
-
-
-def read_corpus(root: str | Path | None = None, max_chars: int = 1_000_000) -> bytes:
-    """Up to `max_chars` bytes: the sorted ``*.py`` files under `root` (recursively), or the stdlib's."""
-    files = stdlib_sources() if root is None else sorted(p for p in Path(root).rglob("*.py") if p.is_file())
-    out = bytearray()
-    for f in files:
-        if len(out) >= max_chars:
-            break
-        out += f.read_bytes()
-        out += b"\n"
-    if len(out) < 2:
-        where = root if root is not None else sysconfig.get_paths()["stdlib"]
-        raise ValueError(f"chars: no text found under {where} (*.py files); pass root= a folder with some")
-    return bytes(out[:max_chars])
-
-
-def load_chars(block_size: int = 64, max_chars: int = 1_000_000, seed: int = 0, root: str | None = None,
-               test_windows: int = 64) -> Dataset:
-    """Byte windows of the corpus: x (N, T) int64 tokens, y = x shifted left by one; seeded train/test split.
-
-    Windows do not overlap (stride T; a target row reaches one byte into the next window). The test
-    split is a fixed number of windows: the aggregator evaluates every version on it, so it stays small.
-    """
-    from pipeline.data import Dataset
-
-    if block_size < 1:
-        raise ValueError(f"chars: block_size must be ≥ 1, got {block_size}")
-    data = torch.frombuffer(bytearray(read_corpus(root, max_chars)), dtype=torch.uint8).to(torch.int64)  # (L,)
-    n = (data.numel() - 1) // block_size
-    if n < 2:
-        raise ValueError(f"chars: {data.numel()} bytes give fewer than 2 windows of {block_size}; raise max_chars")
-    x = data[: n * block_size].view(n, block_size)  # (N, T)
-    y = data[1 : n * block_size + 1].view(n, block_size)  # (N, T): the next byte of each position
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(4321 + seed))
-    n_test = max(1, min(test_windows, n // 5))
-    test, train = perm[:n_test], perm[n_test:]
-    meta = {"name": DATASET_NAME, "task": "lm", "vocab_size": VOCAB_SIZE, "block_size": block_size,
-            "chars": int(data.numel())}
-    return Dataset(x[train].clone(), y[train].clone(), x[test].clone(), y[test].clone(), meta)
-
-
-# ------------------------------------------------------------------ registration
-
-
-def register_model(builtin: dict[str, Callable[..., nn.Module]], tasks: dict[str, str]) -> None:
-    """Add ``char-lm`` to a model registry (``pipeline.models.BUILTIN`` and ``TASKS``)."""
-    builtin[MODEL_NAME] = char_lm
-    tasks[MODEL_NAME] = "lm"
-
-
-def register() -> None:
-    """Register the model and the data set in ``pipeline.models`` and ``pipeline.data`` (idempotent).
-
-    For callers outside the import path of those modules (tests, benchmarks); the modules themselves
-    register at import with ``register_model(BUILTIN, TASKS)`` and ``register_builtin("chars", load_chars)``.
-    """
-    from pipeline import data, models
-
-    register_model(models.BUILTIN, models.TASKS)
-    data.register_builtin(DATASET_NAME, load_chars)

@@ -124,7 +124,7 @@ def run_schedule(args: argparse.Namespace, store: Any = None) -> int:
 
 
 def run_top_cmd(args: argparse.Namespace) -> int:
-    from pipeline.top import run_top
+    from pipeline.client.top import run_top
 
     if args.interval <= 0:
         return _fail(f"--interval must be > 0 seconds, got {args.interval}")
@@ -134,7 +134,7 @@ def run_top_cmd(args: argparse.Namespace) -> int:
 def run_plot(args: argparse.Namespace, redis_client: Any = None) -> int:
     import redis
 
-    from pipeline.plot import PlotError, plot_job
+    from pipeline.client.plot import PlotError, plot_job
     from pipeline.settings import get_settings
     from storage.jobstate import JobNotFound
 

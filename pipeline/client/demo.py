@@ -43,7 +43,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     try:
         env = dict(os.environ)
         if not env.get("AAS_REDIS_URL"):
-            from pipeline.services import EmbeddedRedis
+            from pipeline.client.processes import EmbeddedRedis
 
             embedded = EmbeddedRedis(workdir / "redis")
             env["AAS_REDIS_URL"] = embedded.url
@@ -59,7 +59,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         settings = get_settings()
 
         from pipeline.client import Client
-        from pipeline.services import ProcessGroup, wait_for_workers
+        from pipeline.client.processes import ProcessGroup, wait_for_workers
         from pipeline.spec import parse_spec
         from workers.app import app_for
 
@@ -87,7 +87,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         from pipeline.models import model_task
 
         if opts.serve and model_task(spec.model) == "classify":
-            from pipeline.services import free_port
+            from pipeline.client.processes import free_port
             from workers.publish import model_name
 
             port = free_port()

@@ -21,11 +21,11 @@ import redis
 
 from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
 from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
-from pipeline.datastore import write_dataset
 from pipeline.models import ModelError, build_model
 from pipeline.settings import Settings, get_settings
 from pipeline.spec import JobSpec, SpecError, parse_spec
 from storage import keys
+from storage.datastore import write_dataset
 from storage.jobstate import TERMINAL, JobNotFound, JobStore
 from storage.objectstore import ObjectNotFound, ObjectStore, StoreError, open_store
 
@@ -141,8 +141,8 @@ class Client:
         """Training data from blobs already in the store (x, y tensors each); the test split from a named set."""
         import torch
 
+        from pipeline import blobs
         from pipeline.data import Dataset
-        from storage import blobs
 
         keys_ = spec.dataset_args.get("keys")
         if not isinstance(keys_, list) or not keys_:

@@ -176,7 +176,7 @@ def _render(command: str, out: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Standalone entry (``python -m pipeline.cli_models list``) until the main CLI wires ``models`` in."""
+    """Standalone entry (``python -m pipeline.client.cli_models list``) until the main CLI wires ``models`` in."""
     parser = argparse.ArgumentParser(prog="aas")
     register_cli(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["models", *(sys.argv[1:] if argv is None else argv)])
