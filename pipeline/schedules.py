@@ -1,12 +1,13 @@
 """Scheduled retraining: what a schedule is, how it is validated, and where it is kept.
 
-A schedule fires the ``aas.retrain`` task (``workers/beat.py``) on a crontab or every N seconds. The
+A schedule fires the retrain task (``workers/beat.py``) on a crontab or every N seconds. The
 task looks for new objects under the schedule's dataset prefix and, when there are some, submits a
 fine-tune job of the schedule's registry model.
 
-Schedules are RedBeat entries in Redis (keys under ``keys.redbeat_prefix()``), so they can be added and
-removed while beat runs, and RedBeat's lock lets only one of several beats fire them. Schedules named in
-``AAS_SCHEDULES_JSON`` are installed each time beat starts::
+This module is the pure part: what a schedule is and how it is validated. Schedules are kept as RedBeat
+entries in Redis (``workers/schedules.py``), so they can be added and removed while beat runs, and
+RedBeat's lock lets only one of several beats fire them. Schedules named in ``AAS_SCHEDULES_JSON`` are
+installed each time beat starts::
 
     AAS_SCHEDULES_JSON='[{"name": "nightly", "model": "digits-cnn", "cron": "0 3 * * *"}]'
 
@@ -18,22 +19,13 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
-from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from celery.schedules import crontab, schedule
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from storage import keys
-
 if TYPE_CHECKING:
-    from celery import Celery
-
     from pipeline.settings import Settings
 
-RETRAIN_TASK = "aas.retrain"
-QUEUE_BEAT = "beat"  # the queue retrain tasks go to; a light worker (or the aggregator) consumes it
 CRON_FIELDS = ("minute", "hour", "day_of_month", "month_of_year", "day_of_week")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -42,18 +34,54 @@ class ScheduleError(ValueError):
     """An invalid or unknown schedule. The message names the schedule, the field and the problem."""
 
 
-def parse_crontab(text: str) -> crontab:
-    """"m h dom mon dow" → a celery crontab; ScheduleError names the field that is wrong."""
+# (lowest, highest, names) per crontab field, as cron(5) defines them.
+_CRON_RANGES: dict[str, tuple[int, int, tuple[str, ...]]] = {
+    "minute": (0, 59, ()),
+    "hour": (0, 23, ()),
+    "day_of_month": (1, 31, ()),
+    "month_of_year": (1, 12, ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")),
+    "day_of_week": (0, 6, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+}
+
+
+def _cron_value(token: str, lo: int, hi: int, names: tuple[str, ...]) -> int:
+    low = token.lower()
+    if low in names:
+        return names.index(low) + (1 if lo == 1 else 0)
+    if not token.isdigit():
+        raise ValueError(f"{token!r} is not a number{' or a name' if names else ''}")
+    v = int(token)
+    if not lo <= v <= hi:
+        raise ValueError(f"{v} is outside {lo}-{hi}")
+    return v
+
+
+def _check_cron_field(name: str, value: str) -> None:
+    lo, hi, names = _CRON_RANGES[name]
+    for item in value.split(","):
+        rng, _, step = item.partition("/")
+        if step and (not step.isdigit() or int(step) == 0):
+            raise ValueError(f"step {step!r} must be a positive number")
+        if rng == "*":
+            continue
+        first, _, last = rng.partition("-")
+        a = _cron_value(first, lo, hi, names)
+        if last and _cron_value(last, lo, hi, names) < a:
+            raise ValueError(f"range {rng!r} runs backwards")
+
+
+def check_cron(text: str) -> list[str]:
+    """"m h dom mon dow" → its five fields; ScheduleError names the field that is wrong."""
     parts = str(text).split()
     if len(parts) != len(CRON_FIELDS):
         raise ScheduleError(f"cron {text!r}: expected 5 fields 'minute hour day-of-month month day-of-week', "
                             f"got {len(parts)}")
     for name, value in zip(CRON_FIELDS, parts, strict=True):
         try:
-            crontab(**{name: value})
-        except Exception as e:  # noqa: BLE001 - celery raises ValueError or its parser's own exception
+            _check_cron_field(name, value)
+        except ValueError as e:
             raise ScheduleError(f"cron {text!r}: {name} field {value!r} is not valid ({e})") from None
-    return crontab(**dict(zip(CRON_FIELDS, parts, strict=True)))
+    return parts
 
 
 class Schedule(BaseModel):
@@ -76,15 +104,10 @@ class Schedule(BaseModel):
         if (self.cron is None) == (self.interval_s is None):
             raise ValueError("give exactly one of cron (\"m h dom mon dow\") and interval_s")
         if self.cron is not None:
-            parse_crontab(self.cron)
+            check_cron(self.cron)
         if not self.dataset_prefix:
             object.__setattr__(self, "dataset_prefix", f"incoming/{self.name}/")
         return self
-
-    def celery_schedule(self) -> crontab | schedule:
-        if self.cron is not None:
-            return parse_crontab(self.cron)
-        return schedule(run_every=timedelta(seconds=float(self.interval_s or 0)))
 
     def every(self) -> str:
         return f"cron {self.cron}" if self.cron is not None else f"every {self.interval_s:g} s"
@@ -153,83 +176,3 @@ def schedules_from_settings(settings: Settings) -> list[Schedule]:
     if dupes:
         raise ScheduleError(f"AAS_SCHEDULES_JSON names a schedule more than once: {', '.join(dupes)}")
     return out
-
-
-def entry_fields(sched: Schedule) -> dict[str, Any]:
-    """A beat entry's fields (task, schedule, kwargs, options): the task gets the whole schedule as JSON."""
-    return {"task": RETRAIN_TASK, "schedule": sched.celery_schedule(),
-            "kwargs": {"schedule": sched.model_dump(mode="json")}, "options": {"queue": QUEUE_BEAT}}
-
-
-@dataclass(frozen=True)
-class ScheduleInfo:
-    """A schedule with what beat and the retrain task recorded about it."""
-
-    schedule: Schedule
-    last_run_at: datetime | None
-    fired: int
-    last_outcome: dict[str, str]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.schedule.model_dump(mode="json"), "every": self.schedule.every(),
-                "last_run_at": self.last_run_at.isoformat() if self.last_run_at else None,
-                "fired": self.fired, "last_outcome": self.last_outcome}
-
-
-class ScheduleStore:
-    """Add, list and remove schedules at run time (RedBeat entries; a running beat picks changes up)."""
-
-    def __init__(self, app: Celery) -> None:
-        from redbeat.schedulers import RedBeatSchedulerEntry, ensure_conf, get_redis
-
-        self.app = app
-        self._entry = RedBeatSchedulerEntry
-        self.conf = ensure_conf(app)
-        self.redis = get_redis(app)  # decode_responses=True
-
-    def add(self, sched: Schedule, *, replace: bool = False) -> Schedule:
-        check_spec(sched)
-        key = self._entry.generate_key(self.app, sched.name)
-        if not replace and self.redis.exists(key):
-            raise ScheduleError(f"schedule {sched.name!r} exists (remove it first, or replace it)")
-        self._entry(name=sched.name, app=self.app, **entry_fields(sched)).save()
-        return sched
-
-    def get(self, name: str) -> ScheduleInfo:
-        key = self._entry.generate_key(self.app, name)
-        try:
-            entry = self._entry.from_key(key, app=self.app)
-        except KeyError:
-            raise ScheduleError(f"no schedule {name!r} (aas schedule list shows them)") from None
-        return self._info(entry)
-
-    def list(self) -> list[ScheduleInfo]:
-        out = []
-        for key in self.redis.zrange(self.conf.schedule_key, 0, -1):
-            try:
-                entry = self._entry.from_key(key, app=self.app)
-            except KeyError:
-                continue  # removed while we listed
-            if entry.task == RETRAIN_TASK:
-                out.append(self._info(entry))
-        return sorted(out, key=lambda i: i.schedule.name)
-
-    def remove(self, name: str) -> None:
-        self.get(name)
-        self._entry(name=name, app=self.app).delete()
-        self.redis.srem(self.conf.statics_key, name)
-
-    def _info(self, entry: Any) -> ScheduleInfo:
-        sched = Schedule.model_validate(entry.kwargs["schedule"])
-        last = self.redis.xrevrange(keys.schedule_runs(sched.name), count=1)
-        return ScheduleInfo(schedule=sched, last_run_at=entry.last_run_at,
-                            fired=int(self.redis.get(keys.schedule_fired(sched.name)) or 0),
-                            last_outcome=dict(last[0][1]) if last else {})
-
-
-def open_schedules(settings: Settings | None = None) -> ScheduleStore:
-    """The schedule store of the Redis the settings name (the beat app's RedBeat configuration)."""
-    from pipeline.settings import get_settings
-    from workers.beat import beat_app_for
-
-    return ScheduleStore(beat_app_for(settings or get_settings()))

@@ -64,6 +64,10 @@ class Settings(BaseSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # worker /metrics port; None: not served
     metrics_host: str = "127.0.0.1"  # interface for /metrics ("0.0.0.0" in containers)
 
+    def signing_key_bytes(self) -> bytes | None:
+        """The HMAC key for blobs and artifacts as bytes (the one place it is derived), or None when unset."""
+        return self.signing_key.get_secret_value().encode() if self.signing_key else None
+
     def store_kind(self) -> str:
         return "s3" if self.s3_endpoint else "local"
 

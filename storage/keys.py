@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
 PREFIX = "aas"
 
 # ---------------------------------------------------------------- Redis keys
@@ -47,6 +51,16 @@ def deliveries(task_id: str) -> str:
     return f"{PREFIX}:deliveries:{task_id}"
 
 
+def deliveries_pattern() -> str:
+    """SCAN pattern over every delivery counter."""
+    return f"{PREFIX}:deliveries:*"
+
+
+def fault_fired(point: str, scope: str) -> str:
+    """String: set once an armed fault point fired for `scope` (a job), so it fires once (tests, chaos)."""
+    return f"{PREFIX}:fault:{point}:{scope}"
+
+
 # ---------------------------------------------------------------- object keys
 
 
@@ -85,6 +99,20 @@ def checkpoint(job_id: str, version: int) -> str:
     return f"jobs/{job_id}/ckpt/v{version:06d}.aast"
 
 
+_CHECKPOINT = re.compile(r"^jobs/(?P<job>[^/]+)/ckpt/v(?P<version>\d+)\.aast$")
+
+
+def parse_checkpoint(key: str) -> int | None:
+    """The version a checkpoint key names; None for any other key (optimizer state included)."""
+    m = _CHECKPOINT.match(key)
+    return int(m["version"]) if m else None
+
+
+def checkpoint_versions(listed: Iterable[str]) -> list[int]:
+    """The versions among listed object keys that are checkpoints, sorted."""
+    return sorted(v for k in listed if (v := parse_checkpoint(k)) is not None)
+
+
 def optimizer_state(checkpoint_key: str) -> str:
     """The optimizer state written beside a checkpoint's weights (shard workers never download it)."""
     return checkpoint_key.removesuffix(".aast") + ".opt.aast"
@@ -92,7 +120,34 @@ def optimizer_state(checkpoint_key: str) -> str:
 
 def gradient(job_id: str, version: int, shard: int, attempt: int) -> str:
     """A gradient (or pseudo-gradient) blob; its identity is (job, shard, base version, attempt)."""
-    return f"jobs/{job_id}/grads/v{version:06d}/s{shard:05d}-a{attempt}.aast"
+    return f"{gradient_attempts(job_id, version, shard)}{attempt}.aast"
+
+
+def gradients_prefix(job_id: str) -> str:
+    """Every gradient blob of a job lies under this prefix (a shard result may name nothing else)."""
+    return f"jobs/{job_id}/grads/"
+
+
+def gradient_attempts(job_id: str, version: int, shard: int) -> str:
+    """The prefix shared by every attempt of one shard's blob for one base version."""
+    return f"{gradients_prefix(job_id)}v{version:06d}/s{shard:05d}-a"
+
+
+@dataclass(frozen=True)
+class GradientKey:
+    job: str
+    version: int
+    shard: int
+    attempt: int
+
+
+_GRADIENT = re.compile(r"^jobs/(?P<job>[^/]+)/grads/v(?P<version>\d+)/s(?P<shard>\d+)-a(?P<attempt>\d+)\.aast$")
+
+
+def parse_gradient(key: str) -> GradientKey | None:
+    """The parts of a gradient blob's key; None for any other key."""
+    m = _GRADIENT.match(key)
+    return GradientKey(m["job"], int(m["version"]), int(m["shard"]), int(m["attempt"])) if m else None
 
 
 def artifact(model: str, version: int) -> str:
@@ -101,7 +156,19 @@ def artifact(model: str, version: int) -> str:
 
 
 def gradient_identity(job_id: str, shard: int, version: int, attempt: int) -> str:
+    """A blob's identity as the version bump records it: ``job/s{shard}/v{base version}/a{attempt}``."""
     return f"{job_id}/s{shard}/v{version}/a{attempt}"
+
+
+_IDENTITY = re.compile(r"^(?P<job>[^/]+)/s(?P<shard>\d+)/v(?P<version>\d+)/a(?P<attempt>\d+)$")
+
+
+def parse_identity(identity: str) -> GradientKey:
+    """Inverse of ``gradient_identity``; ValueError for anything else."""
+    m = _IDENTITY.match(identity)
+    if not m:
+        raise ValueError(f"not a gradient identity: {identity!r} (expected job/s<shard>/v<version>/a<attempt>)")
+    return GradientKey(m["job"], int(m["version"]), int(m["shard"]), int(m["attempt"]))
 
 
 # ---- registry

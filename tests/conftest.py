@@ -40,13 +40,15 @@ def local_store(tmp_path: Path):
 
 @pytest.fixture
 def unit_ctx(fake_redis, local_store):
-    """A worker Context on fakeredis and a local folder: the shard and aggregator code, no services."""
+    """A worker Context on fakeredis and a local folder: the shard and aggregator code, no services.
+    Work it would enqueue is recorded in ``unit_ctx.dispatch`` (a StubDispatcher)."""
     from pipeline.settings import Settings
     from storage.jobstate import JobStore
     from workers.context import Context
+    from workers.dispatch import StubDispatcher
 
     return Context(settings=Settings(redis_url="redis://fake", store_root=local_store.root), redis=fake_redis,
-                   store=local_store, jobs=JobStore(fake_redis))
+                   store=local_store, jobs=JobStore(fake_redis), dispatch=StubDispatcher())
 
 
 # ---------------------------------------------------------------- real services

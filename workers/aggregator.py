@@ -60,7 +60,7 @@ class KeyRefused(blobs.BlobError):
 
 def check_gradient_key(job_id: str, key: str) -> None:
     """A shard result may only point into its own job's gradients (no other job's, no checkpoint, no '..')."""
-    prefix = f"{keys.job_prefix(job_id)}grads/"
+    prefix = keys.gradients_prefix(job_id)
     if not key.startswith(prefix) or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
         raise KeyRefused(key, f"outside job {job_id}'s gradient prefix {prefix}: refused unread")
 
@@ -91,9 +91,9 @@ def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params:
 
 
 def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | None:
-    prefix = keys.gradient(job_id, version, shard, 0).rsplit("-a", 1)[0] + "-a"
-    found = list(ctx.store.list(prefix))  # the newest attempt, by number ("a10" sorts before "a2" as text)
-    return max(found, key=lambda k: int(k.rsplit("-a", 1)[1].split(".")[0]), default=None)
+    found = [(g.attempt, k) for k in ctx.store.list(keys.gradient_attempts(job_id, version, shard))
+             if (g := keys.parse_gradient(k)) is not None]
+    return max(found, default=(0, None))[1]  # the newest attempt, by number ("a10" sorts before "a2" as text)
 
 
 def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any],

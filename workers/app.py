@@ -12,15 +12,26 @@ process sets torch's thread count from ``AAS_TORCH_THREADS`` when it starts.
 
 from __future__ import annotations
 
+from typing import Any
+
 from celery import Celery
 from celery.signals import worker_process_init
 
 from pipeline.settings import Settings, get_settings
 
+# Queue and task names: written here and nowhere else.
 QUEUE_SHARDS = "shards"
 QUEUE_AGGREGATE = "aggregate"
 QUEUE_PREDICT = "predict"
-QUEUE_BEAT = "beat"
+QUEUE_BEAT = "beat"  # scheduled retraining; a light worker (or the aggregator) consumes it
+QUEUES = (QUEUE_SHARDS, QUEUE_AGGREGATE, QUEUE_PREDICT, QUEUE_BEAT)
+
+TASK_TRAIN_SHARD = "aas.train_shard"
+TASK_AGGREGATE = "aas.aggregate"
+TASK_APPLY_UPDATE = "aas.apply_update"
+TASK_PREDICT = "aas.predict"
+TASK_RETRAIN = "aas.retrain"
+TASK_WATCHDOG = "aas.watchdog"
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -59,12 +70,12 @@ def make_app(settings: Settings | None = None) -> Celery:
         worker_send_task_events=True,
         task_send_sent_event=True,
         task_routes={
-            "aas.train_shard": {"queue": QUEUE_SHARDS},
-            "aas.aggregate": {"queue": QUEUE_AGGREGATE},
-            "aas.apply_update": {"queue": QUEUE_AGGREGATE},
-            "aas.predict": {"queue": QUEUE_PREDICT},
-            "aas.retrain": {"queue": QUEUE_BEAT},
-            "aas.watchdog": {"queue": QUEUE_AGGREGATE},
+            TASK_TRAIN_SHARD: {"queue": QUEUE_SHARDS},
+            TASK_AGGREGATE: {"queue": QUEUE_AGGREGATE},
+            TASK_APPLY_UPDATE: {"queue": QUEUE_AGGREGATE},
+            TASK_PREDICT: {"queue": QUEUE_PREDICT},
+            TASK_RETRAIN: {"queue": QUEUE_BEAT},
+            TASK_WATCHDOG: {"queue": QUEUE_AGGREGATE},
         },
         task_default_queue=QUEUE_SHARDS,
         worker_cancel_long_running_tasks_on_connection_loss=True,
@@ -87,6 +98,12 @@ def app_for(settings: Settings) -> Celery:
     if settings.redis_url not in _apps:
         _apps[settings.redis_url] = make_app(settings)
     return _apps[settings.redis_url]
+
+
+def shard_signature(capp: Celery, job_id: str, shard: int, version: int, step: int, attempt: int,
+                    link: Any = None) -> Any:
+    """The message of one shard task (a version of -1 means "the newest when the task starts")."""
+    return capp.signature(TASK_TRAIN_SHARD, args=(job_id, shard, version, step, attempt), link=link)
 
 
 @worker_process_init.connect

@@ -29,10 +29,8 @@ from storage.jobstate import TERMINAL
 from workers import faults
 from workers.aggregator import KeyRefused, load_update, opt_hparams
 from workers.context import Context
+from workers.lifecycle import advance
 from workers.metrics import observe_rejected, observe_round
-from workers.publish import publish_version
-
-NEWEST = -1  # a shard task's version argument: compute on the newest version when the task starts
 
 
 class JobBusy(Exception):
@@ -50,8 +48,7 @@ def apply_update(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str,
     try:
         outcome = _apply_locked(ctx, job_id, result)
         publish_if_due(ctx, job_id)
-        publish_version(ctx, ctx.jobs.get(job_id))
-        advance_async(ctx, job_id)
+        advance(ctx, job_id)
         return outcome
     finally:
         try:
@@ -71,7 +68,7 @@ def skip_rejected(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         pipe.hset(pkey, str(shard), str(step + spec.local_steps))
         pipe.hincrby(keys.job(job_id), "accepted", 1)
         pipe.execute()
-    advance_async(ctx, job_id)
+    advance(ctx, job_id)
     return {"shard": shard, "step": step, "outcome": "rejected", "reason": result["rejected"]}
 
 
@@ -175,40 +172,3 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     observe_round(duration_s=time.perf_counter() - t0, applied=len(pending) if committed else 0, mode="async",
                   published=committed, staleness=[int(e["staleness"]) for e in pending])
     return committed
-
-
-def advance_async(ctx: Context, job_id: str) -> str:
-    """Finish the job once its update budget is applied and published; else keep every shard busy."""
-    job = ctx.jobs.get(job_id)
-    if job.status in TERMINAL:
-        return job.status
-    spec = JobSpec.model_validate(job.spec)
-    accepted, budget = int(job.fields.get("accepted", 0)), int(job.fields.get("budget", 0))
-    target = spec.target_accuracy
-    if (accepted >= budget and not ctx.jobs.pending(job_id)) or (
-        target is not None and job.version > 0 and job.num("test_accuracy") >= target
-    ):
-        ctx.jobs.set_status(job_id, "succeeded")
-        return "succeeded"
-    if job.status == "queued":
-        ctx.jobs.set_status(job_id, "running")
-    if accepted >= budget:
-        return "running"
-    progress = ctx.jobs.progress(job_id)
-    issued = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(keys.job_issued(job_id)).items()}
-    for shard in range(spec.shards):
-        step = progress.get(shard, 0)
-        gen = int(issued.get(f"{shard}:gen", 0))
-        want = f"{step}:{gen}"
-        if issued.get(str(shard)) != want:
-            enqueue_shard(ctx, job_id, shard, NEWEST, step, gen)
-            ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
-    return "running"
-
-
-def enqueue_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int) -> None:
-    from workers.app import app_for
-
-    capp = app_for(ctx.settings)
-    capp.signature("aas.train_shard", args=(job_id, shard, version, step, attempt),
-                   link=capp.signature("aas.apply_update", args=(job_id,))).apply_async()

@@ -21,20 +21,13 @@ from typing import Any
 import redis
 from celery import Celery, Task
 
-from pipeline.schedules import (
-    QUEUE_BEAT,
-    RETRAIN_TASK,
-    Schedule,
-    entry_fields,
-    parse_schedule,
-    retrain_spec,
-    schedules_from_settings,
-)
+from pipeline.schedules import Schedule, parse_schedule, retrain_spec, schedules_from_settings
 from pipeline.settings import Settings, get_settings
 from storage import keys
 from storage.jobstate import JobStore
 from storage.objectstore import ObjectStore, StoreError
-from workers.app import app, app_for
+from workers.app import QUEUE_BEAT, TASK_RETRAIN, app
+from workers.schedules import beat_app_for, configure_beat, entry_fields
 
 __all__ = ["QUEUE_BEAT", "app", "beat_app_for", "configure_beat", "retrain_task", "run_retrain"]
 
@@ -44,29 +37,6 @@ RUNS_MAXLEN = 1000  # firings kept per schedule in its runs stream
 FIRING_MARKER_TTL_S = 7 * 24 * 3600
 RETRAIN_LOCK_S = 600  # one retrain of a schedule at a time; generous: staging a job writes its data set
 NOTE_MAX_KEYS = 1000  # new object keys copied into the job's fields
-
-
-def configure_beat(capp: Celery, settings: Settings) -> Celery:
-    """Point RedBeat at the settings' Redis, under the AaS key prefix, with the configured lock timeout."""
-    capp.conf.update(
-        redbeat_redis_url=settings.redis_url,
-        redbeat_redis_options={},
-        redbeat_key_prefix=keys.redbeat_prefix(),
-        redbeat_lock_timeout=settings.beat_lock_timeout_s,
-        beat_schedule={},
-    )
-    for attr in ("redbeat_conf", "redbeat_redis"):  # RedBeat caches both on the app; rebuild from this conf
-        if hasattr(capp, attr):
-            delattr(capp, attr)
-    return capp
-
-
-def beat_app_for(settings: Settings) -> Celery:
-    """The Celery app for these settings, with RedBeat configured (used by the CLI's schedule commands)."""
-    capp = app_for(settings)
-    if capp.conf.get("redbeat_key_prefix") != keys.redbeat_prefix():
-        configure_beat(capp, settings)
-    return capp
 
 
 def _install_from_settings(capp: Celery, settings: Settings) -> None:
@@ -138,22 +108,21 @@ def run_retrain(sched: Schedule, *, r: redis.Redis, store: ObjectStore, jobs: Jo
             pass  # expired while staging: the next firing simply runs
 
 
-@app.task(name=RETRAIN_TASK, bind=True)
+@app.task(name=TASK_RETRAIN, bind=True)
 def retrain_task(self: Task, schedule: dict[str, Any]) -> dict[str, Any]:
     """A beat firing of `schedule` (the whole schedule rides along as JSON, readable in Flower)."""
     sched = parse_schedule(schedule)
-    from pipeline.client import Client
-    from storage.registry import Registry, RegistryError
+    from storage.registry import RegistryError
     from workers.context import get_context
+    from workers.staging import submit_job
 
     ctx = get_context()
 
     def alias_version(model: str, alias: str) -> int | None:
         try:
-            return Registry(ctx.redis, ctx.store).resolve(model, alias).version
+            return ctx.registry().resolve(model, alias).version
         except RegistryError:
             return None
 
-    client = Client(ctx.settings, store=ctx.store, redis_client=ctx.redis)
-    return run_retrain(sched, r=ctx.redis, store=ctx.store, jobs=ctx.jobs, submit=client.submit,
+    return run_retrain(sched, r=ctx.redis, store=ctx.store, jobs=ctx.jobs, submit=lambda spec: submit_job(ctx, spec),
                        alias_version=alias_version, firing_id=str(self.request.id))

@@ -1,4 +1,4 @@
-"""Per-process wiring: settings, Redis, the object store, and small caches of what rounds re-read.
+"""A worker process's Context: the shared services, the dispatcher of Celery work, and small caches.
 
 A worker reads the same checkpoint version and the same shard again and again; caching them per
 process (keyed by object key, verified once) saves a GET per task.
@@ -11,15 +11,15 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
-import redis
 import torch
 
 from pipeline.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint, encode_optimizer
-from pipeline.settings import Settings, get_settings
+from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
-from storage.jobstate import JobStore
-from storage.objectstore import ObjectNotFound, ObjectStore, open_store
+from storage.objectstore import ObjectNotFound
+from storage.services import Services, build_services, redis_client
+from workers.dispatch import Dispatcher
 
 
 class LRU:
@@ -41,26 +41,21 @@ class LRU:
 
 
 @dataclass
-class Context:
-    settings: Settings
-    redis: redis.Redis
-    store: ObjectStore
-    jobs: JobStore
+class Context(Services):
+    """Services plus what a worker process keeps between tasks. ``dispatch`` enqueues Celery work
+    (``StubDispatcher`` in unit tests); built from settings once per process by ``get_context``."""
+
+    dispatch: Dispatcher = field(default=None)  # type: ignore[assignment]  # set in __post_init__
     checkpoints: LRU = field(default_factory=lambda: LRU(4))
     data: LRU = field(default_factory=lambda: LRU(64))
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
 
-    @property
-    def signing_key(self) -> bytes | None:
-        k = self.settings.signing_key
-        return k.get_secret_value().encode() if k else None
+    def __post_init__(self) -> None:
+        if self.dispatch is None:
+            from workers.dispatch import CeleryDispatcher
 
-    def device(self) -> torch.device:
-        want = self.settings.device
-        if want == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+            self.dispatch = CeleryDispatcher(self.settings)
 
     def manifest(self, key: str) -> Manifest:
         m = self.data.get("manifest:" + key)
@@ -84,9 +79,8 @@ class Context:
         hit = self.checkpoints.get(key)
         if hit is None:
             from pipeline.artifacts import load_artifact
-            from storage.registry import Registry
 
-            reg = Registry(self.redis, self.store, signing_key=self.signing_key)
+            reg = self.registry()
             rec = reg.get(model, version)
             hit = load_artifact(reg.fetch_artifact(model, version), rec.artifact_key,
                                 signing_key=self.signing_key).model
@@ -125,5 +119,5 @@ class Context:
 @lru_cache(maxsize=1)
 def get_context() -> Context:
     s = get_settings()
-    r = redis.Redis.from_url(s.redis_url)
-    return Context(settings=s, redis=r, store=open_store(s), jobs=JobStore(r))
+    svc = build_services(s, redis_conn=redis_client(s, socket_timeout_s=None))
+    return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs)

@@ -12,11 +12,13 @@ import signal
 
 import redis
 
+from storage import keys
+
 _ARMED = frozenset(p.strip() for p in os.environ.get("AAS_FAULTS", "").split(",") if p.strip())
 
 
 def point(name: str, r: redis.Redis, scope: str) -> None:
     if name not in _ARMED:
         return
-    if r.set(f"aas:fault:{name}:{scope}", os.getpid(), nx=True, ex=3600):
+    if r.set(keys.fault_fired(name, scope), os.getpid(), nx=True, ex=3600):
         os.kill(os.getpid(), signal.SIGKILL)

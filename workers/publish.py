@@ -15,14 +15,9 @@ from pipeline.spec import JobSpec
 from pipeline.training import evaluate
 from storage import keys
 from storage.jobstate import JobState
-from storage.registry import Registry
 from workers.context import Context
 
 log = logging.getLogger(__name__)
-
-
-def registry_for(ctx: Context) -> Registry:
-    return Registry(ctx.redis, ctx.store, signing_key=ctx.signing_key)
 
 
 def model_name(spec: JobSpec) -> str:
@@ -38,7 +33,7 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         return None
     if spec.publish_every_versions > 1 and job.version % spec.publish_every_versions and job.version < job.total_rounds:
         return None
-    reg = registry_for(ctx)
+    reg = ctx.registry()
     name = model_name(spec)
     idem = f"{job.job_id}:{job.version}"
     done = ctx.redis.hget(keys.registry_idempotency(name), idem)

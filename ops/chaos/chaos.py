@@ -36,6 +36,7 @@ for p in (str(REPO), str(Path(__file__).resolve().parent)):
 from proxy import TcpProxy  # noqa: E402
 
 from pipeline.client.processes import MotoS3Server, ProcessGroup, free_port, worker_argv  # noqa: E402
+from storage import keys  # noqa: E402
 
 KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "two_aggregators")
 BUCKET = "chaos"
@@ -378,7 +379,7 @@ class JobRun:
 
         try:
             r = self.client.redis
-            return sum(int(r.get(k) or 0) > 1 for k in r.scan_iter(match="aas:deliveries:*", count=1000))
+            return sum(int(r.get(k) or 0) > 1 for k in r.scan_iter(match=keys.deliveries_pattern(), count=1000))
         except redis.RedisError:
             return 0
 
@@ -476,8 +477,8 @@ class JobRun:
 
 def parse_identity(ident: str) -> tuple[int, int, int]:
     """`job/s{shard}/v{base}/a{attempt}` → (shard, base version, attempt)."""
-    _, s, v, a = ident.split("/")
-    return int(s[1:]), int(v[1:]), int(a[1:])
+    g = keys.parse_identity(ident)
+    return g.shard, g.version, g.attempt
 
 
 def audit(consumed: dict[int, set[str]], final_version: int, shards: int) -> dict[str, int]:

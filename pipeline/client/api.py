@@ -13,36 +13,35 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 from collections.abc import Callable
 from typing import Any
 
 import redis
 
-from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
-from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
-from pipeline.models import ModelError, build_model
 from pipeline.settings import Settings, get_settings
-from pipeline.spec import JobSpec, SpecError, parse_spec
+from pipeline.spec import JobSpec
 from storage import keys
-from storage.datastore import write_dataset
-from storage.jobstate import TERMINAL, JobNotFound, JobStore
-from storage.objectstore import ObjectNotFound, ObjectStore, StoreError, open_store
+from storage.jobstate import TERMINAL, JobNotFound
+from storage.objectstore import ObjectStore, StoreError
+from storage.services import ServiceUnavailable, build_services
+from workers.context import Context
+from workers.dispatch import Dispatcher
+from workers.lifecycle import relaunch
+from workers.staging import rebuild_job, stage_job, submit_job
 
-
-class ServiceUnavailable(RuntimeError):
-    """Redis or the object store cannot be reached. One line, naming the endpoint."""
+__all__ = ["Client", "ServiceUnavailable"]
 
 
 class Client:
     def __init__(self, settings: Settings | None = None, *, store: ObjectStore | None = None,
-                 redis_client: redis.Redis | None = None) -> None:
-        self.settings = settings or get_settings()
-        self.redis = redis_client or redis.Redis.from_url(
-            self.settings.redis_url, socket_connect_timeout=5, socket_timeout=30
-        )
-        self.store = store or open_store(self.settings)
-        self.jobs = JobStore(self.redis)
+                 redis_client: redis.Redis | None = None, dispatch: Dispatcher | None = None) -> None:
+        """Services from `settings` (default: the AAS_* environment); `dispatch` enqueues work (default: Celery)."""
+        self.dispatch = dispatch
+        self.services = build_services(settings or get_settings(), redis_conn=redis_client, store=store)
+        self.settings = self.services.settings
+        self.redis = self.services.redis
+        self.store = self.services.store
+        self.jobs = self.services.jobs
 
     # ------------------------------------------------------------------ checks
 
@@ -59,140 +58,20 @@ class Client:
         except StoreError as e:
             raise ServiceUnavailable(f"object store unavailable: {e}") from None
 
-    def _context(self) -> Any:
-        from workers.context import Context
-
-        return Context(settings=self.settings, redis=self.redis, store=self.store, jobs=self.jobs)
+    def _context(self) -> Context:
+        return Context(settings=self.settings, redis=self.redis, store=self.store, jobs=self.jobs,
+                       dispatch=self.dispatch)  # type: ignore[arg-type]  # None: Context picks Celery
 
     # ------------------------------------------------------------------ jobs
 
     def submit(self, spec: JobSpec | dict[str, Any]) -> str:
         """Validate, stage data and version 0, enqueue round 0; return the job id."""
         self.check_services()
-        job_id = self.stage(spec)
-        try:
-            from workers.tasks import advance
-
-            advance(self._context(), job_id)
-        except Exception as e:
-            self.jobs.delete(job_id)
-            raise ServiceUnavailable(f"could not enqueue job on {self.settings.redis_display()}: {e}") from None
-        return job_id
+        return submit_job(self._context(), spec)
 
     def stage(self, spec: JobSpec | dict[str, Any]) -> str:
         """Validate the spec against its data, write shards and version 0, record the job; enqueue nothing."""
-        spec = spec if isinstance(spec, JobSpec) else parse_spec(spec)
-        try:
-            if spec.dataset == OBJECTS:
-                ds = self._objects_dataset(spec)
-            else:
-                ds = load_dataset(spec.dataset, spec.dataset_args)
-        except (DataError, TypeError) as e:
-            raise SpecError(f"invalid job spec: dataset: {e}") from None
-        if spec.shards > ds.n_train:
-            raise SpecError(
-                f"invalid job spec: shards: {spec.shards} shards for {ds.n_train} training samples"
-                " (at most one shard per sample)"
-            )
-        self._check_model(spec, ds.x_train[:2], ds.y_train[:2])
-        teacher = self._resolve_teacher(spec) if spec.kind == "distill" else None
-        init = self._init_from(spec) if spec.init_from else None
-        try:
-            manifest = write_dataset(self.store, ds, spec.shards, spec.seed)
-            job_id = uuid.uuid4().hex[:12]
-            ckpt = init[1] if init else initial_checkpoint(spec.model, spec.model_args, spec.seed)
-            self.store.put(keys.checkpoint(job_id, 0), encode_checkpoint(ckpt, signing_key=self._signing_key()))
-        except StoreError as e:
-            raise ServiceUnavailable(f"object store unavailable: {e}") from None
-        rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
-        fields = {"manifest": keys.dataset_manifest(manifest.dataset_id), "checkpoint": keys.checkpoint(job_id, 0)}
-        if teacher:
-            fields["teacher"] = teacher
-        if init:
-            fields["init_from"] = init[0]
-        if spec.mode == "async":
-            # Async: a budget of updates (as many as sync would apply), published every K.
-            budget = spec.shards * rounds
-            fields["budget"] = str(budget)
-            rounds = -(-budget // spec.publish_every)
-        record = {"job_id": job_id, "spec": spec.model_dump(mode="json"), "total_rounds": rounds, "fields": fields}
-        try:
-            self.store.put(keys.job_record(job_id), json.dumps(record).encode())
-        except StoreError as e:
-            raise ServiceUnavailable(f"object store unavailable: {e}") from None
-        self.jobs.create(job_id, record["spec"], total_rounds=rounds, fields=fields)
-        return job_id
-
-    def _signing_key(self) -> bytes | None:
-        k = self.settings.signing_key
-        return k.get_secret_value().encode() if k else None
-
-    @staticmethod
-    def _check_model(spec: JobSpec, x: Any, y: Any) -> None:
-        try:
-            model = build_model(spec.model, spec.model_args)
-            out = model(x)
-        except (ModelError, TypeError, RuntimeError, ValueError) as e:
-            raise SpecError(f"invalid job spec: model: {spec.model!r} does not run on {spec.dataset!r}: {e}") from None
-        if out.shape[0] != x.shape[0]:
-            raise SpecError(f"invalid job spec: model: output batch {out.shape[0]} != input batch {x.shape[0]}")
-
-    def _objects_dataset(self, spec: JobSpec) -> Any:
-        """Training data from blobs already in the store (x, y tensors each); the test split from a named set."""
-        import torch
-
-        from pipeline import blobs
-        from pipeline.data import Dataset
-
-        keys_ = spec.dataset_args.get("keys")
-        if not isinstance(keys_, list) or not keys_:
-            raise DataError("dataset 'objects' needs dataset_args.keys: a non-empty list of object keys")
-        xs, ys = [], []
-        for key in keys_:
-            try:
-                blob = blobs.decode(self.store.get(str(key)), str(key))
-            except (StoreError, blobs.BlobError) as e:
-                raise DataError(f"object {key!r}: {e}") from None
-            if "x" not in blob.tensors or "y" not in blob.tensors:
-                raise DataError(f"object {key!r} has no 'x' and 'y' tensors")
-            xs.append(blob.tensors["x"])
-            ys.append(blob.tensors["y"])
-        test = load_dataset(str(spec.dataset_args.get("test_dataset", "digits")))
-        return Dataset(torch.cat(xs), torch.cat(ys), test.x_test, test.y_test,
-                       {**test.meta, "name": "objects", "objects": len(keys_)})
-
-    def _init_from(self, spec: JobSpec) -> tuple[str, Any]:
-        """Version 0 of a fine-tune: the dense weights of a registered version, pinned as "model@N"."""
-        from pipeline.artifacts import dequantized_state
-        from pipeline.checkpoint import Checkpoint
-        from storage.registry import Registry, RegistryError
-
-        name, _, ref = str(spec.init_from).partition("@")
-        try:
-            reg = Registry(self.redis, self.store, signing_key=self._signing_key())
-            rec = reg.resolve(name, ref or "production")
-            state = dequantized_state(reg.fetch_artifact(rec.model, rec.version), rec.artifact_key,
-                                      signing_key=self._signing_key())
-        except (RegistryError, StoreError, ValueError) as e:
-            raise SpecError(f"invalid job spec: init_from: {e}") from None
-        model = build_model(spec.model, spec.model_args)
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as e:
-            raise SpecError(f"invalid job spec: init_from: {rec.model}@{rec.version} does not fit {spec.model}: "
-                            f"{str(e).splitlines()[0]}") from None
-        return f"{rec.model}@{rec.version}", Checkpoint(spec.model, spec.model_args, 0, dict(state))
-
-    def _resolve_teacher(self, spec: JobSpec) -> str:
-        """Pin the teacher to a version now ("model@alias" → "model@7"), so the whole job distils one model."""
-        from storage.registry import Registry, RegistryError
-
-        name, _, ref = str(spec.teacher).partition("@")
-        try:
-            rec = Registry(self.redis, self.store).resolve(name, ref or "production")
-        except RegistryError as e:
-            raise SpecError(f"invalid job spec: teacher: {e}") from None
-        return f"{rec.model}@{rec.version}"
+        return stage_job(self.services, spec)
 
     def status(self, job_id: str) -> dict[str, Any]:
         state = self.jobs.get(job_id)
@@ -234,38 +113,13 @@ class Client:
         (spec, data set) and the newest checkpoint. Metrics of earlier versions are not recoverable, and
         an async job's per-shard data positions restart from an even split of the updates applied.
         """
-        from workers.tasks import advance, launch_round
-
         try:
             state = self.jobs.get(job_id)
         except JobNotFound:
-            state = self._rebuild(job_id)
+            state = rebuild_job(self.services, job_id)
         if state.status in ("succeeded", "cancelled"):
             return state.to_dict()
         self.redis.hset(keys.job(job_id), mapping={"status": "running", "error": ""})
-        ctx = self._context()
-        spec = JobSpec.model_validate(state.spec)
-        self.redis.delete(keys.job_issued(job_id))  # async: reissue every shard's current step
-        if advance(ctx, job_id) == "running" and spec.mode == "sync":
-            launch_round(ctx, job_id, spec, self.jobs.get(job_id).version, force=True)
+        relaunch(self._context(), job_id)
         self.jobs.event(job_id, "resumed", version=self.jobs.get(job_id).version)
         return self.jobs.get(job_id).to_dict()
-
-    def _rebuild(self, job_id: str) -> Any:
-        try:
-            record = json.loads(self.store.get(keys.job_record(job_id)))
-        except ObjectNotFound:
-            raise JobNotFound(job_id) from None
-        versions = [int(k.rsplit("/v", 1)[1].split(".")[0]) for k in self.store.list(keys.checkpoint_prefix(job_id))]
-        version = max(versions, default=0)
-        spec = JobSpec.model_validate(record["spec"])
-        fields = dict(record["fields"])
-        fields.update(version=version, checkpoint=keys.checkpoint(job_id, version), rebuilt_from_store="1")
-        self.jobs.create(job_id, record["spec"], total_rounds=int(record["total_rounds"]), fields=fields)
-        if spec.mode == "async":
-            accepted = version * spec.publish_every
-            per_shard = accepted // spec.shards
-            self.redis.hset(keys.job(job_id), "accepted", accepted)
-            self.redis.hset(keys.job_progress(job_id),
-                            mapping={str(s): per_shard * spec.local_steps for s in range(spec.shards)})
-        return self.jobs.get(job_id)

@@ -84,7 +84,8 @@ def run_schedule(args: argparse.Namespace, store: Any = None) -> int:
     """``aas schedule add|list|remove``."""
     import redis
 
-    from pipeline.schedules import ScheduleError, open_schedules, parse_schedule
+    from pipeline.schedules import ScheduleError, parse_schedule
+    from workers.schedules import open_schedules
 
     try:
         if args.schedule_command == "add":

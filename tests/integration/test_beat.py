@@ -23,8 +23,8 @@ LOCK_TIMEOUT_S = 3
 def beat_group(services_env: dict[str, str], tmp_path: Path) -> Iterator[Any]:
     """A ProcessGroup with one worker on the beat queue; the test starts beats. Everything stops at teardown."""
     from pipeline.client.processes import ProcessGroup, wait_for_workers
-    from pipeline.schedules import QUEUE_BEAT
     from pipeline.settings import Settings
+    from workers.app import QUEUE_BEAT
     from workers.beat import beat_app_for
 
     env = {**os.environ, **services_env, "PYTHONPATH": str(REPO), "AAS_BEAT_LOCK_TIMEOUT_S": str(LOCK_TIMEOUT_S)}
@@ -66,9 +66,10 @@ def _wait_fired(r: Any, name: str, at_least: int, timeout_s: float) -> None:
 def _add_schedule(name: str) -> Any:
     import redis
 
-    from pipeline.schedules import open_schedules, parse_schedule
+    from pipeline.schedules import parse_schedule
     from pipeline.settings import Settings
     from storage.objectstore import open_store
+    from workers.schedules import open_schedules
 
     open_store(Settings()).check()  # creates the bucket: the retrain task lists the (empty) dataset prefix
     open_schedules(Settings()).add(parse_schedule({"name": name, "model": "digits-cnn", "interval_s": INTERVAL_S,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from storage import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPEC = {"shards": 2, "epochs": 1, "batch_size": 128, "seed": 7, "publish_every_versions": 0}
@@ -40,7 +42,7 @@ def assert_one_blob_per_shard_per_version(client, job_id: str, versions: int, sh
     for v in range(1, versions + 1):
         consumed = client.jobs.consumed(job_id, v)
         assert len(consumed) == shards
-        assert {i.split("/")[1] for i in consumed} == {f"s{s}" for s in range(shards)}
+        assert {keys.parse_identity(i).shard for i in consumed} == set(range(shards))
 
 
 def test_shard_worker_killed_mid_task_is_redelivered_and_sync_weights_match_a_fault_free_run(workers) -> None:
@@ -54,7 +56,7 @@ def test_shard_worker_killed_mid_task_is_redelivered_and_sync_weights_match_a_fa
 
     workers("victim", extra_env={"AAS_FAULTS": "shard.before_upload"})
     job = run_job(client)
-    assert client.redis.exists(f"aas:fault:shard.before_upload:{job['job_id']}"), "the fault never fired"
+    assert client.redis.exists(keys.fault_fired("shard.before_upload", job["job_id"])), "the fault never fired"
     assert job["version"] == clean["version"]
     assert_same_weights(final_state(client, job["job_id"]), reference)
     assert_one_blob_per_shard_per_version(client, job["job_id"], job["version"], 2)
@@ -77,7 +79,7 @@ def test_aggregator_killed_between_read_and_commit_loses_nothing_and_applies_not
     start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": point})
     start("aggregator2", "aggregate")  # takes over once the faulty one is gone
     job = run_job(client)
-    assert client.redis.exists(f"aas:fault:{point}:{job['job_id']}"), "the fault never fired"
+    assert client.redis.exists(keys.fault_fired(point, job["job_id"])), "the fault never fired"
     assert group.procs["faulty-aggregator"].poll() is not None, "the faulty aggregator should have died"
     assert job["version"] == clean["version"]
     assert len(job["metrics"]) == job["version"]  # one commit per version, none twice
@@ -103,7 +105,7 @@ def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers
     start.group.close()  # type: ignore[attr-defined]  # every worker gone ...
     r = redis.Redis.from_url(client.settings.redis_url)
     r.flushdb()  # ... and Redis lost everything: job state, queues, results
-    last = max(int(k.rsplit("/v", 1)[1].split(".")[0]) for k in client.store.list(f"jobs/{job_id}/ckpt/"))
+    last = max(keys.checkpoint_versions(client.store.list(keys.checkpoint_prefix(job_id))))
     assert last >= 4
 
     start("shard0b")

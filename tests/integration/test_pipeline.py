@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from storage import keys
+
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
@@ -26,7 +28,7 @@ def test_sync_job_trains_digits_to_completion_on_real_workers(workers) -> None:
     assert final["bytes_up"] > 0 and final["bytes_down"] > 0
     # Every version consumed exactly one blob per shard.
     for v in range(1, final["version"] + 1):
-        assert {i.split("/")[1] for i in client.jobs.consumed(job_id, v)} == {"s0", "s1"}
+        assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
 
 
 def test_corrupt_checkpoint_fails_the_job_after_retries_and_keeps_the_last_good_version(workers) -> None:

@@ -2,25 +2,41 @@
 
 from __future__ import annotations
 
-from unittest import mock
-
 import pytest
 
 from pipeline.client import Client
 from storage import keys
-from workers import async_agg, shard
+from workers import async_agg, lifecycle, shard
+
+
+class Enqueued:
+    """The shard tasks async mode enqueued (on the Context's StubDispatcher) as (job, shard, version, step,
+    attempt) tuples."""
+
+    def __init__(self, dispatch) -> None:
+        self.dispatch = dispatch
+
+    def _all(self) -> list[tuple]:
+        assert all(m["apply"] for m in self.dispatch.of("shard"))  # async results are applied on arrival
+        return [(m["job_id"], m["shard"], m["version"], m["step"], m["attempt"]) for m in self.dispatch.of("shard")]
+
+    def __iter__(self):
+        return iter(self._all())
+
+    def __contains__(self, item: tuple) -> bool:
+        return item in self._all()
+
+    def count(self, item: tuple) -> int:
+        return self._all().count(item)
 
 
 @pytest.fixture
-def enqueued():
-    """Capture the shard tasks async mode enqueues instead of sending them to a broker."""
-    sent: list[tuple] = []
-    with mock.patch.object(async_agg, "enqueue_shard", lambda ctx, *a: sent.append(a)):
-        yield sent
+def enqueued(unit_ctx) -> Enqueued:
+    return Enqueued(unit_ctx.dispatch)
 
 
 def stage(unit_ctx, **spec) -> str:
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis, dispatch=unit_ctx.dispatch)
     base = {"mode": "async", "shards": 2, "batch_size": 64, "epochs": 1, "publish_every_versions": 0}
     return client.stage({**base, **spec})
 
@@ -31,8 +47,8 @@ def compute(unit_ctx, job_id: str, shard_id: int, version: int, step: int, attem
 
 def test_async_start_issues_every_shard_on_version_zero_once(unit_ctx, enqueued) -> None:
     job_id = stage(unit_ctx)
-    async_agg.advance_async(unit_ctx, job_id)
-    async_agg.advance_async(unit_ctx, job_id)
+    lifecycle.advance(unit_ctx, job_id)
+    lifecycle.advance(unit_ctx, job_id)
     assert sorted(enqueued) == [(job_id, 0, -1, 0, 0), (job_id, 1, -1, 0, 0)]
     assert unit_ctx.jobs.get(job_id).status == "running"
 

@@ -70,26 +70,17 @@ NAMED = {"model_args": "model", "dataset_args": "dataset"}
 
 
 def offline_client(store_root: Path, r: fakeredis.FakeRedis) -> Client:
+    """A client on fakeredis and a local folder whose enqueued work lands in a StubDispatcher."""
     from storage.objectstore import LocalStore
+    from workers.dispatch import StubDispatcher
 
     return Client(Settings(_env_file=None, redis_url="redis://unused.invalid:1/0"), store=LocalStore(store_root),
-                  redis_client=r)
-
-
-@pytest.fixture
-def no_enqueue(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A spec wrongly accepted must fail the test here, not try to reach a broker."""
-
-    def refuse(*_: Any, **__: Any) -> None:
-        raise AssertionError("an invalid spec reached the enqueue step")
-
-    monkeypatch.setattr("workers.tasks.advance", refuse)
+                  redis_client=r, dispatch=StubDispatcher())
 
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: st.DataObject, no_enqueue: None
-                                                                          ) -> None:
+def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: st.DataObject) -> None:
     choice = data.draw(st.sampled_from([*sorted(INVALID), "<unknown field>", "<distill without teacher>"]))
     if choice == "<unknown field>":
         field = data.draw(st.text(min_size=1, max_size=16).filter(lambda k: k not in JobSpec.model_fields))
@@ -104,6 +95,7 @@ def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: 
         with pytest.raises(SpecError) as err:
             client.submit(spec)
         assert f"{named}:" in str(err.value) or f"{NAMED.get(named)}:" in str(err.value), str(err.value)
+        assert client.dispatch.sent == [], "a refused spec enqueued work"
         assert r.dbsize() == 0, "a refused spec wrote to Redis"
         assert list(client.store.list("")) == [], "a refused spec wrote to the object store"
 
@@ -120,7 +112,8 @@ def test_a_valid_spec_passes_the_same_checks(tmp_path: Path) -> None:
 @pytest.fixture
 def round0(unit_ctx) -> tuple[str, list[dict[str, Any]]]:
     """A staged 2-shard job with both shards' round-0 blobs computed."""
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     job_id = client.stage({"shards": 2, "batch_size": 16, "momentum": 0.0})
     return job_id, [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
 
@@ -308,10 +301,7 @@ def test_a_job_hash_holding_only_counters_is_not_a_job_and_resume_rebuilds_it_fr
     client.jobs.add_bytes(job_id, up=123)  # ... and a task still running bumped its byte counter (HINCRBY)
     with pytest.raises(JobNotFound):
         client.jobs.get(job_id)
-    launched: list[int] = []
-    monkeypatch.setattr("workers.tasks.advance", lambda ctx, j: "running")
-    monkeypatch.setattr("workers.tasks.launch_round", lambda ctx, j, spec, v, force=False: launched.append(v))
     state = client.resume(job_id)
     assert state["status"] == "running" and state["version"] == 0
     assert state["total_rounds"] == want.total_rounds and client.jobs.get(job_id).spec == want.spec
-    assert launched == [0]
+    assert client.dispatch.of("round") == [{"job_id": job_id, "version": 0, "shards": 2, "step": 0}]

@@ -43,7 +43,7 @@ def _opt(cmd: list[str], flag: str) -> str | None:
 
 def _known_queues() -> set[str]:
     import workers.app
-    from pipeline.schedules import QUEUE_BEAT
+    from workers.app import QUEUE_BEAT
 
     return {v for k, v in vars(workers.app).items() if k.startswith("QUEUE_")} | {QUEUE_BEAT}
 

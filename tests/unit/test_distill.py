@@ -34,7 +34,8 @@ def test_distill_loss_mixes_soft_teacher_targets_and_hard_labels() -> None:
 
 def test_distill_job_pins_the_teacher_version_and_registers_the_student_with_it_in_lineage(unit_ctx) -> None:
     v = register_teacher(unit_ctx)
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     job_id = client.stage({"kind": "distill", "model": "digits-cnn-small", "teacher": "digits-cnn@production",
                            "shards": 2, "epochs": 1, "batch_size": 512})
     job = unit_ctx.jobs.get(job_id)
@@ -48,6 +49,7 @@ def test_distill_job_pins_the_teacher_version_and_registers_the_student_with_it_
 
 
 def test_distill_job_with_an_unknown_teacher_is_rejected_at_submit(unit_ctx) -> None:
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     with pytest.raises(SpecError, match="teacher"):
         client.stage({"kind": "distill", "model": "digits-cnn-small", "teacher": "nobody@production"})

@@ -32,7 +32,8 @@ def test_retrain_job_starts_from_the_alias_version_and_trains_on_exactly_the_new
         new.append(key)
     sched = parse_schedule({"name": "s", "model": "digits-cnn", "alias": "production", "interval_s": 60,
                             "dataset_prefix": "incoming/s/", "spec": {"epochs": 1}})
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     job_id = client.stage(retrain_spec(sched, new, rec.version))
     job = unit_ctx.jobs.get(job_id)
     assert job.fields["init_from"] == f"digits-cnn@{rec.version}"
@@ -44,7 +45,8 @@ def test_retrain_job_starts_from_the_alias_version_and_trains_on_exactly_the_new
 
 
 def test_init_from_an_unknown_model_or_a_mismatched_architecture_is_rejected_at_submit(unit_ctx) -> None:
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     with pytest.raises(SpecError, match="init_from"):
         client.stage({"init_from": "nobody@production"})
     small = build_model("digits-cnn-small")

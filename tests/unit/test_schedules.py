@@ -9,19 +9,13 @@ from typing import Any
 
 import pytest
 
-from pipeline.schedules import (
-    QUEUE_BEAT,
-    RETRAIN_TASK,
-    ScheduleError,
-    ScheduleStore,
-    parse_crontab,
-    parse_schedule,
-    retrain_spec,
-    schedules_from_settings,
-)
+from pipeline.schedules import ScheduleError, parse_schedule, retrain_spec, schedules_from_settings
 from pipeline.settings import Settings
 from storage import keys
 from storage.jobstate import JobStore
+from workers.app import QUEUE_BEAT
+from workers.app import TASK_RETRAIN as RETRAIN_TASK
+from workers.schedules import ScheduleStore, parse_crontab
 
 
 @pytest.fixture

@@ -16,7 +16,8 @@ from workers import aggregator, shard
 
 
 def stage(unit_ctx, **spec) -> str:
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
+                    dispatch=unit_ctx.dispatch)
     return client.stage({"momentum": 0.0, "lr": 0.1, "batch_size": 16, **spec})
 
 

@@ -1,0 +1,64 @@
+"""Enqueueing Celery work behind a small interface, so the job lifecycle can be driven without a broker.
+
+``CeleryDispatcher`` sends real messages; ``StubDispatcher`` records them in memory for unit tests (the
+way dramatiq's ``StubBroker`` stands in for a broker). Tests inject it into a Context instead of
+patching dotted paths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from pipeline.settings import Settings
+
+
+class Dispatcher(Protocol):
+    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
+        """Sync: one shard task per shard on `version`, then the aggregation of their results (a chord)."""
+
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
+        """One shard task; with `apply` (async mode) its result is applied on arrival."""
+
+
+class CeleryDispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _app(self) -> Any:
+        from workers.app import app_for
+
+        return app_for(self.settings)
+
+    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
+        from celery import chord, group
+
+        from workers.app import TASK_AGGREGATE, shard_signature
+
+        capp = self._app()
+        header = group(shard_signature(capp, job_id, s, version, step, 0) for s in range(shards))
+        chord(header, app=capp)(capp.signature(TASK_AGGREGATE, kwargs={"job_id": job_id, "version": version}))
+
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
+        from workers.app import TASK_APPLY_UPDATE, shard_signature
+
+        capp = self._app()
+        link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
+        shard_signature(capp, job_id, shard, version, step, attempt, link=link).apply_async()
+
+
+@dataclass
+class StubDispatcher:
+    """Records what would have been enqueued: ("round", {...}) and ("shard", {...}) in order."""
+
+    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+
+    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
+        self.sent.append(("round", {"job_id": job_id, "version": version, "shards": shards, "step": step}))
+
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
+        self.sent.append(("shard", {"job_id": job_id, "shard": shard, "version": version, "step": step,
+                                    "attempt": attempt, "apply": apply}))
+
+    def of(self, kind: str) -> list[dict[str, Any]]:
+        return [m for k, m in self.sent if k == kind]

@@ -1,0 +1,144 @@
+"""The job lifecycle: after each commit, finish the job or make sure its next work is queued; the
+watchdog that relaunches the work of a job that stopped moving.
+
+Work is enqueued through ``ctx.dispatch`` (a ``Dispatcher``): Celery in workers, a ``StubDispatcher``
+in unit tests. Whether a job is finished is the pure rule in ``pipeline/stop_rule.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from pipeline.spec import JobSpec
+from pipeline.stop_rule import Progress, is_finished
+from storage import keys
+from storage.jobstate import TERMINAL, JobState
+from workers.context import Context
+from workers.publish import publish_version
+
+log = logging.getLogger(__name__)
+
+LAUNCH_MARKER_TTL_S = 7 * 24 * 3600
+NEWEST = -1  # a shard task's version argument: compute on the newest version when the task starts
+
+
+def progress_of(ctx: Context, job: JobState, spec: JobSpec) -> Progress:
+    is_async = spec.mode == "async"
+    return Progress(mode=spec.mode, version=job.version, total_rounds=job.total_rounds,
+                    test_accuracy=job.num("test_accuracy") if job.version > 0 else None,
+                    target_accuracy=spec.target_accuracy,
+                    accepted=int(job.fields.get("accepted", 0)), budget=int(job.fields.get("budget", 0)),
+                    pending=len(ctx.jobs.pending(job.job_id)) if is_async else 0)
+
+
+def advance(ctx: Context, job_id: str) -> str:
+    """Move a job forward from its committed state: finish it, or make sure its next work is queued."""
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL:
+        return job.status
+    publish_version(ctx, job)
+    spec = JobSpec.model_validate(job.spec)
+    if is_finished(progress_of(ctx, job, spec)):
+        ctx.jobs.set_status(job_id, "succeeded")
+        return "succeeded"
+    if job.status == "queued":
+        ctx.jobs.set_status(job_id, "running")
+    if spec.mode == "async":
+        issue_async_steps(ctx, job_id, spec)
+    else:
+        launch_round(ctx, job_id, spec, job.version)
+    return "running"
+
+
+def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, force: bool = False) -> bool:
+    """Enqueue the round that computes on `version` (sync). Idempotent unless forced.
+
+    The marker is set after the enqueue: a crash between the two enqueues the round twice, which is
+    harmless (shard work is deterministic; the second aggregation finds the version committed).
+    """
+    marker = keys.job_launched(job_id, version)
+    if not force and ctx.redis.exists(marker):
+        return False
+    ctx.dispatch.round(job_id, version, spec.shards, version * spec.local_steps)
+    ctx.redis.set(marker, 1, ex=LAUNCH_MARKER_TTL_S)
+    return True
+
+
+def issue_async_steps(ctx: Context, job_id: str, spec: JobSpec) -> None:
+    """Async: keep every shard busy with its next data step (each step issued once per generation)."""
+    job = ctx.jobs.get(job_id)
+    if int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0)):
+        return  # the budget is spent: what is pending gets published, nothing more is computed
+    progress = ctx.jobs.progress(job_id)
+    issued = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(keys.job_issued(job_id)).items()}
+    for shard in range(spec.shards):
+        step = progress.get(shard, 0)
+        gen = int(issued.get(f"{shard}:gen", 0))
+        want = f"{step}:{gen}"
+        if issued.get(str(shard)) != want:
+            ctx.dispatch.shard(job_id, shard, NEWEST, step, gen, apply=True)
+            ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
+
+
+def relaunch(ctx: Context, job_id: str) -> str:
+    """Enqueue a job's current work again, whatever was enqueued before (watchdog, resume)."""
+    job = ctx.jobs.get(job_id)
+    if JobSpec.model_validate(job.spec).mode == "async":
+        ctx.redis.delete(keys.job_issued(job_id))  # reissue every shard's current step
+    else:
+        ctx.redis.delete(keys.job_launched(job_id, job.version))  # launch the current round again
+    return advance(ctx, job_id)
+
+
+# ---------------------------------------------------------------- watchdog
+
+
+def stall_after_s(ctx: Context) -> float:
+    s = ctx.settings
+    return float(s.watchdog_stall_s or (s.visibility_timeout_s + s.task_time_limit_s))
+
+
+def watchdog_sweep(ctx: Context, *, now: float | None = None) -> list[str]:
+    """Re-enqueue the work of every running job that has made no progress for `stall_after_s`.
+
+    Returns the ids of the jobs it relaunched. Duplicate work is harmless by design: sync shard work is
+    deterministic and the commit is guarded; async results are accepted only for the expected step.
+    """
+    now = time.time() if now is None else now
+    stall = stall_after_s(ctx)
+    relaunched = []
+    for job_id in ctx.jobs.list(limit=1000):
+        try:
+            job = ctx.jobs.get(job_id)
+        except Exception:  # noqa: BLE001 - a job deleted meanwhile
+            continue
+        if job.status != "running" or now - job.num("progress_at", now) < stall:
+            continue
+        relaunch(ctx, job_id)
+        ctx.jobs.set_fields(job_id, progress_at=now)  # one relaunch per stall period, not one per sweep
+        ctx.jobs.event(job_id, "watchdog", version=job.version, reason=f"no progress for {stall:.0f} s; relaunched")
+        relaunched.append(job_id)
+    return relaunched
+
+
+def start_watchdog(ctx: Context) -> threading.Thread | None:
+    """Sweep every `watchdog_interval_s` from this process; a Redis lock lets one process sweep at a time."""
+    interval = ctx.settings.watchdog_interval_s
+    if interval <= 0:
+        return None
+
+    def loop() -> None:
+        while True:
+            time.sleep(interval)
+            try:
+                lock = ctx.redis.lock(keys.watchdog_lock(), timeout=max(5.0, interval), blocking_timeout=0)
+                if lock.acquire(blocking=False):
+                    watchdog_sweep(ctx)  # the lock expires by itself: at most one sweep per interval
+            except Exception:  # noqa: BLE001 - Redis down: try again next interval
+                log.warning("watchdog sweep failed", exc_info=True)
+
+    t = threading.Thread(target=loop, name="aas-watchdog", daemon=True)
+    t.start()
+    return t
