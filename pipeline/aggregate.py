@@ -12,10 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.reasons import Refusal
+
 Tensors = dict[str, torch.Tensor]
 
 
-class UpdateRejected(ValueError):
+class UpdateRejected(Refusal):
     """An update that must not be applied (NaN/Inf, wrong shapes, wrong identity). Names the reason."""
 
 
@@ -33,14 +35,15 @@ def check_update(update: Mapping[str, torch.Tensor], params: Mapping[str, torch.
     missing = sorted(set(params) - set(update))
     extra = sorted(set(update) - set(params))
     if missing or extra:
-        raise UpdateRejected(f"{where}: tensor names differ from the model (missing {missing[:3]}, extra {extra[:3]})")
+        raise UpdateRejected(f"{where}: tensor names differ from the model (missing {missing[:3]}, extra {extra[:3]})",
+                             code="shape")
     for name, t in update.items():
         if tuple(t.shape) != tuple(params[name].shape):
             raise UpdateRejected(
-                f"{where}: {name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}"
+                f"{where}: {name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}", code="shape"
             )
         if not torch.isfinite(t).all():
-            raise UpdateRejected(f"{where}: {name} contains NaN or Inf")
+            raise UpdateRejected(f"{where}: {name} contains NaN or Inf", code="nonfinite")
 
 
 def weighted_mean(updates: Sequence[Update]) -> tuple[Tensors, int, float]:
@@ -83,7 +86,7 @@ def sgd_step(
 def staleness_lr(lr: float, staleness: int, rule: str) -> float:
     """Learning rate for an update computed `staleness` versions ago (Zhang et al. 2016: η/(1+s))."""
     if staleness < 0:
-        raise UpdateRejected(f"update from a future version (staleness {staleness})")
+        raise UpdateRejected(f"update from a future version (staleness {staleness})", code="stale")
     return lr / (1 + staleness) if rule == "inverse" else lr
 
 

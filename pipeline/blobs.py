@@ -23,17 +23,21 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from pipeline.reasons import Refusal
+
 MAGIC = b"AAST"
 FORMAT = 1
 _PRELUDE = struct.Struct("<4sBI")  # magic, format, header length
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 
-class BlobError(ValueError):
+class BlobError(Refusal):
     """A blob is unreadable, corrupt, unsigned or wrongly signed. The message names the blob."""
 
-    def __init__(self, where: str, reason: str) -> None:
-        super().__init__(f"bad blob {where}: {reason}")
+    default_code = "corrupt"
+
+    def __init__(self, where: str, reason: str, *, code: str | None = None) -> None:
+        super().__init__(f"bad blob {where}: {reason}", code=code)
         self.where = where
         self.reason = reason
 
@@ -134,14 +138,15 @@ def decode(
     if signing_key:
         sig = header.get("sig")
         if not sig:
-            raise BlobError(where, "unsigned, but a signing key is configured")
+            raise BlobError(where, "unsigned, but a signing key is configured", code="signature")
         if not hmac.compare_digest(str(sig), _mac(signing_key, meta_bytes, bytes(payload))):
-            raise BlobError(where, "bad signature (HMAC-SHA256 does not match the configured key)")
+            raise BlobError(where, "bad signature (HMAC-SHA256 does not match the configured key)", code="signature")
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or expected < 0:
         raise BlobError(where, "header has no valid payload_bytes")
     if max_payload_bytes is not None and expected > max_payload_bytes:
-        raise BlobError(where, f"payload of {expected} bytes exceeds the limit of {max_payload_bytes}")
+        raise BlobError(where, f"payload of {expected} bytes exceeds the limit of {max_payload_bytes}",
+                        code="too_large")
     comp = header.get("compression")
     if comp == "zstd":
         import zstandard

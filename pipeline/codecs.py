@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline.reasons import Refusal
+
 CODECS = ("none", "fp16", "bf16", "int8", "topk", "topk+int8")
 FORMAT = 1
 INT8_MAX = 127  # symmetric range [-127, 127]; -128 is never produced
@@ -41,8 +43,10 @@ _VALUE_DTYPE = {
 }
 
 
-class CodecError(ValueError):
+class CodecError(Refusal):
     """A codec config or an encoded gradient is invalid. The message names the blob and the problem."""
+
+    default_code = "corrupt"
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
                 raise CodecError(f"residual {key!r} has shape {tuple(r.shape)}, gradient {tuple(g.shape)}")
             x = x + r.detach().to(device=x.device, dtype=torch.float32).flatten()
         if not bool(torch.isfinite(x).all()):
-            raise CodecError(f"gradient {key!r} has NaN or Inf values; refusing to encode it")
+            raise CodecError(f"gradient {key!r} has NaN or Inf values; refusing to encode it", code="nonfinite")
         entry: dict[str, Any] = {"shape": list(g.shape), "dtype": str(g.dtype).removeprefix("torch.")}
         if name == "none":
             payload[f"{key}.values"] = x
@@ -224,7 +228,8 @@ def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob
     if expected_shapes is not None:
         if set(layout) != set(expected_shapes):
             missing, extra = sorted(set(expected_shapes) - set(layout)), sorted(set(layout) - set(expected_shapes))
-            raise CodecError(f"blob {where} does not fit the model: missing tensors {missing}, unexpected {extra}")
+            raise CodecError(f"blob {where} does not fit the model: missing tensors {missing}, unexpected {extra}",
+                             code="shape")
         for key, e in layout.items():
             if tuple(e["shape"]) != tuple(expected_shapes[key]):
                 raise CodecError(f"tensor {key!r} in blob {where} has shape {tuple(e['shape'])}, "
@@ -253,6 +258,6 @@ def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob
             dense[idx] = vals
             vals = dense
         if not bool(torch.isfinite(vals).all()):
-            raise CodecError(f"tensor {key!r} in blob {where}: decoded values contain NaN or Inf")
+            raise CodecError(f"tensor {key!r} in blob {where}: decoded values contain NaN or Inf", code="nonfinite")
         out[key] = vals.reshape(shape)
     return out

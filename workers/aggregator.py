@@ -10,23 +10,22 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from pipeline import blobs, codecs
 from pipeline.aggregate import Update, UpdateRejected, check_update, select_round, sgd_step, weighted_mean
-from pipeline.checkpoint import Checkpoint
 from pipeline.data import total_rounds
+from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
-from pipeline.training import evaluate
 from storage import keys
 from storage.jobstate import TERMINAL
 from storage.objectstore import ObjectNotFound
 from workers import faults
+from workers.commit import Commit, commit_next_version
 from workers.context import Context
-from workers.metrics import observe_rejected, observe_round
+from workers.metrics import observe_rejected
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +39,6 @@ class RoundIncomplete(Exception):
         self.recompute = recompute
 
 
-@dataclass(frozen=True)
-class RoundOutcome:
-    committed: bool
-    version: int
-    metrics: dict[str, Any]
-    finished: bool
-
-
 def opt_hparams(spec: JobSpec) -> dict[str, Any]:
     if spec.local_steps > 1:  # DiLoCo outer optimizer: Nesterov momentum on the mean pseudo-gradient
         return {"lr": spec.outer_lr, "momentum": spec.outer_momentum, "nesterov": True, "weight_decay": 0.0}
@@ -56,6 +47,8 @@ def opt_hparams(spec: JobSpec) -> dict[str, Any]:
 
 class KeyRefused(blobs.BlobError):
     """A result named an object outside its job's gradient prefix: refused unread, and never deleted."""
+
+    default_code = "other"
 
 
 def check_gradient_key(job_id: str, key: str) -> None:
@@ -72,7 +65,8 @@ def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params:
     data = ctx.store.get(key)
     ctx.jobs.add_bytes(job_id, down=len(data))
     if len(data) > ctx.settings.max_blob_bytes:
-        raise blobs.BlobError(key, f"{len(data)} bytes exceeds the limit of {ctx.settings.max_blob_bytes}")
+        raise blobs.BlobError(key, f"{len(data)} bytes exceeds the limit of {ctx.settings.max_blob_bytes}",
+                              code="too_large")
     if sha256 is not None and blobs.sha256_hex(data) != sha256:
         raise blobs.BlobError(key, "sha256 differs from what the shard task reported")
     blob = blobs.decode(data, key, signing_key=ctx.signing_key)
@@ -84,7 +78,7 @@ def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params:
     try:
         tensors = codecs.decode(blob.tensors, m.get("codec") or {}, key, expected_shapes=shapes)
     except codecs.CodecError as e:
-        raise blobs.BlobError(key, str(e)) from None
+        raise blobs.BlobError(key, str(e), code=e.code) from None
     check_update(tensors, params, key)
     ident = keys.gradient_identity(job_id, int(m["shard"]), int(m["base_version"]), int(m["attempt"]))
     return Update(ident, int(m["shard"]), tensors, int(m["samples"]), float(m["loss"]))
@@ -131,7 +125,7 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
         except (blobs.BlobError, UpdateRejected) as e:
             reasons.append(f"shard {s}: {e}")
             ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
-            observe_rejected(str(e))
+            observe_rejected(reason_code(e))
             if not isinstance(e, KeyRefused):
                 ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
             recompute.append(s)
@@ -143,13 +137,13 @@ def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, result
     return sorted(updates, key=lambda u: u.shard)
 
 
-def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any]) -> RoundOutcome:
+def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any]) -> Commit:
     t0 = time.perf_counter()
     job = ctx.jobs.get(job_id)
     spec = JobSpec.model_validate(job.spec)
     if job.version > version or job.status in TERMINAL:
         # A duplicate (redelivered or early-fired) aggregation: this round is already committed.
-        return RoundOutcome(False, job.version, {}, job.status in TERMINAL)
+        return Commit(False, job.version, {})
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
     model = ckpt.build("cpu")
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -157,35 +151,11 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     faults.point("aggregator.after_read", ctx.redis, job_id)
 
     mean, samples, train_loss = weighted_mean(updates)
-    hp = opt_hparams(spec)
-    new_params, bufs = sgd_step(params, mean, ckpt.opt.get("momentum", {}), **hp)
-    state = dict(ckpt.state)
-    state.update(new_params)
-    new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
-                     {"job": job_id})
-    ckey = keys.checkpoint(job_id, version + 1)
-    ctx.write_checkpoint(ckey, new)
-    faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
-
-    model.load_state_dict(state)
+    new_params, bufs = sgd_step(params, mean, ckpt.opt.get("momentum", {}), **opt_hparams(spec))
+    state = {**ckpt.state, **new_params}
     manifest = ctx.manifest(job.fields["manifest"])
-    xt, yt = ctx.split(manifest.test, job_id)
-    task = str(manifest.meta.get("task", "classify"))
-    moved = ctx.jobs.get(job_id)
-    metrics: dict[str, Any] = {**evaluate(model, xt, yt, task), "train_loss": train_loss, "samples": samples,
-                               "t": time.time(), "round_s": round(time.perf_counter() - t0, 4),
-                               "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down"))}
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
-    metrics["epoch"] = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
-    committed = ctx.jobs.commit_version(
-        job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
-        identities=[u.identity for u in updates], metrics=metrics,
-    )
-    observe_round(duration_s=time.perf_counter() - t0, applied=len(updates) if committed else 0, mode="sync",
-                  published=committed)
-    if not committed:
-        return RoundOutcome(False, version + 1, metrics, False)
-    ctx.jobs.event(job_id, "version", version=version + 1, loss=metrics["loss"], accuracy=metrics["accuracy"])
-    faults.point("aggregator.after_commit", ctx.redis, job_id)
-    reached = spec.target_accuracy is not None and metrics["accuracy"] >= spec.target_accuracy
-    return RoundOutcome(True, version + 1, metrics, version + 1 >= rounds or reached)
+    epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
+    return commit_next_version(ctx, job, ckpt, state, bufs, [u.identity for u in updates], mode="sync", started=t0,
+                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch},
+                               model=model)

@@ -22,15 +22,16 @@ import redis
 from pipeline import blobs
 from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
 from pipeline.checkpoint import Checkpoint
+from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
-from pipeline.training import evaluate
 from storage import keys
 from storage.jobstate import TERMINAL
 from workers import faults
 from workers.aggregator import KeyRefused, load_update, opt_hparams
+from workers.commit import commit_next_version
 from workers.context import Context
 from workers.lifecycle import advance
-from workers.metrics import observe_rejected, observe_round
+from workers.metrics import observe_rejected
 
 
 class JobBusy(Exception):
@@ -96,7 +97,7 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
                           {"job": job_id, "shard": shard, "base_version": base, "step": step})
     except (blobs.BlobError, UpdateRejected) as e:
         ctx.jobs.event(job_id, "rejected", shard=shard, step=step, reason=str(e))
-        observe_rejected(str(e))
+        observe_rejected(reason_code(e))
         if not isinstance(e, KeyRefused):  # never delete what a result merely named outside its job
             ctx.store.delete(key)
         _bump_generation(ctx, job_id, shard)
@@ -147,28 +148,11 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
             upd = load_update(ctx, job_id, e["key"], e.get("sha256"), params,
                               {"job": job_id, "shard": e["shard"], "base_version": e["base_version"]})
         params, bufs = sgd_step(params, upd.tensors, bufs, **{**hp, "lr": hp["lr"] * float(e["scale"])})
-    state = {**ckpt.state, **params}
-    new = Checkpoint(ckpt.model, ckpt.model_args, version + 1, state, {"momentum": bufs} if bufs else {},
-                     {"job": job_id})
-    ckey = keys.checkpoint(job_id, version + 1)
-    ctx.write_checkpoint(ckey, new)
-    faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
-    model = new.build("cpu")
-    manifest = ctx.manifest(job.fields["manifest"])
-    xt, yt = ctx.split(manifest.test, job_id)
+    staleness = [int(e["staleness"]) for e in pending]
     samples = sum(int(e["samples"]) for e in pending)
-    moved = ctx.jobs.get(job_id)
-    metrics: dict[str, Any] = {
-        "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down")),
-        **evaluate(model, xt, yt, str(manifest.meta.get("task", "classify"))),
-        "train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
-        "samples": samples, "updates": len(pending),
-        "staleness_mean": sum(int(e["staleness"]) for e in pending) / len(pending),
-        "t": time.time(), "round_s": round(time.perf_counter() - t0, 4),
-    }
-    committed = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1,
-                                        checkpoint_key=ckey, identities=[e["identity"] for e in pending],
-                                        metrics=metrics, pending_consumed=len(pending))
-    observe_round(duration_s=time.perf_counter() - t0, applied=len(pending) if committed else 0, mode="async",
-                  published=committed, staleness=[int(e["staleness"]) for e in pending])
-    return committed
+    extra = {"train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
+             "samples": samples, "updates": len(pending), "staleness_mean": sum(staleness) / len(pending)}
+    done = commit_next_version(ctx, job, ckpt, {**ckpt.state, **params}, bufs, [e["identity"] for e in pending],
+                               mode="async", started=t0, extra_metrics=extra, pending_consumed=len(pending),
+                               staleness=staleness)
+    return done.committed

@@ -16,28 +16,18 @@ empty: run workers that should be scraped with ``--pool=solo`` (one process per 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterable
 from typing import Any
 
 from celery.signals import worker_ready
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from pipeline.reasons import REJECT_REASONS
+
 log = logging.getLogger(__name__)
 
 REGISTRY = CollectorRegistry()
 
-# Rejection reasons are a closed set, so the label's cardinality stays bounded whatever text a caller passes.
-REJECT_REASONS = ("stale", "corrupt", "too_large", "nonfinite", "shape", "duplicate", "signature", "other")
-_REASON_PATTERNS = (
-    ("stale", re.compile(r"stale", re.I)),
-    ("too_large", re.compile(r"exceeds the limit|too large", re.I)),
-    ("nonfinite", re.compile(r"nan|inf|non-?finite", re.I)),
-    ("signature", re.compile(r"signature|hmac", re.I)),
-    ("corrupt", re.compile(r"sha256|corrupt|checksum|decode|truncated", re.I)),
-    ("shape", re.compile(r"shape|mismatch|unknown param", re.I)),
-    ("duplicate", re.compile(r"duplicate|already", re.I)),
-)
 
 # ---------------------------------------------------------------- aggregator
 
@@ -66,17 +56,6 @@ SHARD_TASKS = Counter("aas_shard_tasks", "Shard tasks finished", registry=REGIST
 SHARD_BYTES_UP = Counter("aas_shard_bytes_up", "Bytes shard workers uploaded (gradient blobs)", registry=REGISTRY)
 SHARD_BYTES_DOWN = Counter("aas_shard_bytes_down", "Bytes shard workers downloaded (weights, data)",
                            registry=REGISTRY)
-
-
-def reason_label(reason: str) -> str:
-    """Map a rejection reason (a label or free text such as an error message) onto REJECT_REASONS."""
-    text = str(reason).strip()
-    if text in REJECT_REASONS:
-        return text
-    for label, pattern in _REASON_PATTERNS:
-        if pattern.search(text):
-            return label
-    return "other"
 
 
 def observe_round(*, duration_s: float, applied: int, mode: str = "sync", published: bool = True,
@@ -109,9 +88,9 @@ def observe_shard_task(*, duration_s: float, samples: int, bytes_up: int = 0, by
         SHARD_BYTES_DOWN.inc(bytes_down)
 
 
-def observe_rejected(reason: str) -> None:
-    """One update refused; `reason` is a REJECT_REASONS label or the refusal's message."""
-    UPDATES_REJECTED.labels(reason=reason_label(reason)).inc()
+def observe_rejected(code: str) -> None:
+    """One update refused; `code` is one of REJECT_REASONS (``reason_code(exc)`` of the refusal)."""
+    UPDATES_REJECTED.labels(reason=code if code in REJECT_REASONS else "other").inc()
 
 
 _server: Any = None
