@@ -223,7 +223,7 @@ class Cluster:
     def __enter__(self) -> Cluster:
         from pipeline.client.processes import EmbeddedRedis, ProcessGroup, wait_for_workers
         from pipeline.settings import Settings
-        from workers.app import app_for
+        from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS, app_for
 
         self.redis = EmbeddedRedis(self.workdir / "redis")
         store = self.workdir / "store"
@@ -235,8 +235,8 @@ class Cluster:
         names = [f"shard{i}" for i in range(self.shards)]
         for i, n in enumerate(names):
             slow = {"AAS_SLOW_FACTOR": str(SLOW_FACTOR)} if self.slow_worker and i == 0 else None
-            self.group.start_worker(n, "shards", slow)
-        self.group.start_worker("aggregator", "aggregate")
+            self.group.start_worker(n, QUEUE_SHARDS, slow)
+        self.group.start_worker("aggregator", QUEUE_AGGREGATE)
         self.procs = [*names, "aggregator"]
         wait_for_workers(app_for(self.settings), self.procs, timeout_s=180)
         return self

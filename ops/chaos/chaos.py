@@ -37,6 +37,7 @@ from proxy import TcpProxy  # noqa: E402
 
 from pipeline.client.processes import MotoS3Server, ProcessGroup, free_port, worker_argv  # noqa: E402
 from storage import keys  # noqa: E402
+from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS  # noqa: E402
 
 KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "two_aggregators")
 BUCKET = "chaos"
@@ -180,7 +181,7 @@ class Cluster:
         name = f"{'shard' if role == 'shard' else 'agg'}-{self._n}"
         self._n += 1
         extra = {"AAS_SLOW_FACTOR": str(self.slow_factor)} if role == "shard" else {}
-        self.group.start(name, worker_argv(name, role if role == "aggregate" else "shards"), extra)
+        self.group.start(name, worker_argv(name, QUEUE_AGGREGATE if role == "aggregate" else QUEUE_SHARDS), extra)
         self.roles[name] = role
         return name
 

@@ -38,6 +38,7 @@ import psutil  # noqa: E402
 from chaos import RedisServer  # noqa: E402
 
 from pipeline.client.processes import ProcessGroup, wait_for_workers, worker_argv  # noqa: E402
+from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS  # noqa: E402
 
 MB = 1024 * 1024
 BIG_HIDDEN = 191_195  # digits-cnn: 523·hidden + 4,810 parameters → 100.0 M
@@ -61,9 +62,9 @@ class LocalCluster:
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")
         for i in range(self.shard_workers):
             self.names.append(f"shard-{i}")
-            self.group.start(self.names[-1], worker_argv(self.names[-1], "shards"))
+            self.group.start(self.names[-1], worker_argv(self.names[-1], QUEUE_SHARDS))
         self.names.append("aggregator")
-        self.group.start("aggregator", worker_argv("aggregator", "aggregate"))
+        self.group.start("aggregator", worker_argv("aggregator", QUEUE_AGGREGATE))
         from workers.app import app_for
 
         wait_for_workers(app_for(self.settings()), self.names, timeout_s=120)

@@ -46,14 +46,9 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 def open_registry() -> Registry:
     """The registry the environment's settings name (Redis URL, object store, signing key)."""
-    import redis
+    from storage.services import build_services
 
-    from pipeline.settings import get_settings
-    from storage.objectstore import open_store
-
-    s = get_settings()
-    key = s.signing_key.get_secret_value().encode() if s.signing_key else None
-    return Registry(redis.Redis.from_url(s.redis_url), open_store(s), signing_key=key)
+    return build_services().registry()
 
 
 def run(args: argparse.Namespace, registry: Registry | None = None) -> int:

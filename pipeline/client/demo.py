@@ -61,7 +61,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         from pipeline.client import Client
         from pipeline.client.processes import ProcessGroup, wait_for_workers
         from pipeline.spec import parse_spec
-        from workers.app import app_for
+        from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS, app_for
 
         lm = opts.model == "char-lm"
         spec_dict: dict[str, Any] = {
@@ -78,8 +78,8 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         group = ProcessGroup(env=env, cwd=Path.cwd(), logdir=workdir / "logs")
         names = [f"shard{i}" for i in range(opts.workers)] + ["aggregator"]
         for n in names[:-1]:
-            group.start_worker(n, "shards")
-        group.start_worker("aggregator", "aggregate")
+            group.start_worker(n, QUEUE_SHARDS)
+        group.start_worker("aggregator", QUEUE_AGGREGATE)
         print(f"[demo] starting {opts.workers} shard workers and 1 aggregator (logs: {workdir / 'logs'})", file=out)
         wait_for_workers(app_for(settings), names, timeout_s=120)
 
