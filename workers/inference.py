@@ -32,6 +32,7 @@ from pipeline.blobs import BlobError
 from pipeline.models import ModelError, get_factory
 from pipeline.settings import Settings, get_settings
 from storage.registry import Registry, RegistryError, VersionRecord
+from workers.oip import Backend, oip_router
 
 log = logging.getLogger("aas.inference")
 
@@ -357,6 +358,16 @@ def create_app(
             "sha256": rec.sha256, "artifact_key": rec.artifact_key, "codec": rec.codec, "metrics": rec.metrics,
             "input_shape": input_shape(served.loaded.meta), "last_error": server.last_error,
         })  # fmt: skip
+
+    def _observe(status: int, seconds: float) -> None:
+        metrics.requests.labels(status=str(status)).inc()
+        metrics.latency.observe(seconds)
+
+    app.include_router(oip_router(Backend(
+        model=model, alias=alias, current=server.current, predict=predict_batch,
+        sample_shape=lambda loaded: input_shape(loaded.meta), max_batch=s.max_predict_batch,
+        max_values_per_row=BYTES_PER_INPUT_ROW // 4, body_cap=body_cap, observe=_observe,
+    )))  # fmt: skip  # the Open Inference Protocol v2 endpoints (/v2/...), see workers/oip.py
 
     @app.get("/healthz")
     def healthz() -> JSONResponse:

@@ -4,7 +4,9 @@ Two inference workers on loopback follow ``production`` on real Redis (db 14, fl
 after) with a local-folder store. For a small model (digits-cnn) and a ~100 MB one (digits-cnn with a
 52k-wide hidden layer), each publish registers a version and moves the alias; the clock runs from the
 alias move returning until every worker's GET /v1/models/{name} names the new version. Predict
-latency is measured under light load without swaps and during swaps.
+latency is measured under light load without swaps and during swaps, on two clients at once: one on
+the v1 endpoint (JSON), one on the Open Inference Protocol v2 ``infer`` endpoint through Triton's own
+HTTP client (``tritonclient.http``, its default binary tensors).
 
     python ops/bench/swap.py [--quick] [--json FILE]
 """
@@ -79,7 +81,7 @@ def wait_all(client: httpx.Client, urls: list[str], model: str, version: int, ti
 
 
 class Load(threading.Thread):
-    """One client sending a batch of 4 every ~10 ms, round-robin over the workers; records latencies."""
+    """One v1 client sending a batch of 4 every ~10 ms, round-robin over the workers; records latencies."""
 
     def __init__(self, urls: list[str], model: str) -> None:
         super().__init__(daemon=True)
@@ -107,6 +109,46 @@ class Load(threading.Thread):
                     self.errors += 1
                 n += 1
                 time.sleep(0.01)
+
+
+class TritonLoad(Load):
+    """The same load through the v2 ``infer`` endpoint with Triton's HTTP client (binary tensors)."""
+
+    def run(self) -> None:
+        import tritonclient.http as triton  # a test extra; only this bench needs it
+
+        # One client per worker, made in this thread: its gevent connections belong to the thread.
+        clients = [triton.InferenceServerClient(u.removeprefix("http://"), network_timeout=30) for u in self.urls]
+        x = np.asarray(self.body["inputs"], dtype=np.float32)  # (4, 64)
+        n = 0
+        while not self.stop_event.is_set():
+            inp = triton.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x)
+            t0 = time.perf_counter()
+            try:
+                ok = clients[n % len(clients)].infer(self.model, [inp]).as_numpy("predictions").shape == (4,)
+            except Exception:  # noqa: BLE001 - any failure (HTTP status, transport) is a failed request
+                ok = False
+            if ok:
+                self.latencies_s.append(time.perf_counter() - t0)
+            else:
+                self.errors += 1
+            n += 1
+            time.sleep(0.01)
+        for c in clients:
+            c.close()
+
+
+def run_loads(loads: list[Load]) -> None:
+    for load in loads:
+        load.start()
+
+
+def stop_loads(loads: list[Load]) -> None:
+    for load in loads:
+        load.stop_event.set()
+    for load in loads:
+        load.join()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -137,14 +179,13 @@ def bench_case(name: str, arch: str, args: dict[str, Any], publishes: int, tmp: 
     try:
         with httpx.Client(timeout=5) as client:
             wait_all(client, urls, name, 1)
-            idle = Load(urls, name)
-            idle.start()
+            idle, idle_v2 = Load(urls, name), TritonLoad(urls, name)
+            run_loads([idle, idle_v2])
             time.sleep(3.0)
-            idle.stop_event.set()
-            idle.join()
+            stop_loads([idle, idle_v2])
 
-            busy = Load(urls, name)
-            busy.start()
+            busy, busy_v2 = Load(urls, name), TritonLoad(urls, name)
+            run_loads([busy, busy_v2])
             publish_s, swap_s = [], []
             for i in range(1, publishes + 1):
                 version, took = publish(i)
@@ -152,8 +193,7 @@ def bench_case(name: str, arch: str, args: dict[str, Any], publishes: int, tmp: 
                 swap_s.append(wait_all(client, urls, name, version) - t_moved)
                 publish_s.append(took)
                 reg.apply_retention(name, keep_last=3)
-            busy.stop_event.set()
-            busy.join()
+            stop_loads([busy, busy_v2])
     finally:
         for _, proc in workers:
             proc.terminate()
@@ -173,6 +213,13 @@ def bench_case(name: str, arch: str, args: dict[str, Any], publishes: int, tmp: 
         },
         "predict_requests": len(idle.latencies_s) + len(busy.latencies_s),
         "predict_errors": idle.errors + busy.errors,
+        "v2_infer_idle_ms": {"p50": pct(idle_v2.latencies_s, 50) * 1e3, "p99": pct(idle_v2.latencies_s, 99) * 1e3},
+        "v2_infer_during_swaps_ms": {
+            "p50": pct(busy_v2.latencies_s, 50) * 1e3,
+            "p99": pct(busy_v2.latencies_s, 99) * 1e3,
+        },
+        "v2_infer_requests": len(idle_v2.latencies_s) + len(busy_v2.latencies_s),
+        "v2_infer_errors": idle_v2.errors + busy_v2.errors,
     }
 
 
@@ -188,8 +235,9 @@ def run(quick: bool = False) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     head = (
         "| model | artifact MB | publishes | register+alias p50/p99 s | alias→all serving p50/p99 s "
-        "| predict idle p50/p99 ms | predict during swaps p50/p99 ms | errors |\n"
-        "|---|---|---|---|---|---|---|---|"
+        "| v1 predict idle p50/p99 ms | v1 predict during swaps p50/p99 ms | v1 requests / errors "
+        "| v2 infer idle p50/p99 ms | v2 infer during swaps p50/p99 ms | v2 requests / errors |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|"
     )
     rows = []
     for c in result["cases"]:
@@ -199,7 +247,10 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {c['swap_s']['p50']:.3f} / {c['swap_s']['p99']:.3f} "
             f"| {c['predict_idle_ms']['p50']:.1f} / {c['predict_idle_ms']['p99']:.1f} "
             f"| {c['predict_during_swaps_ms']['p50']:.1f} / {c['predict_during_swaps_ms']['p99']:.1f} "
-            f"| {c['predict_errors']} |"
+            f"| {c['predict_requests']} / {c['predict_errors']} "
+            f"| {c['v2_infer_idle_ms']['p50']:.1f} / {c['v2_infer_idle_ms']['p99']:.1f} "
+            f"| {c['v2_infer_during_swaps_ms']['p50']:.1f} / {c['v2_infer_during_swaps_ms']['p99']:.1f} "
+            f"| {c['v2_infer_requests']} / {c['v2_infer_errors']} |"
         )
     return "\n".join([head, *rows])
 
