@@ -23,9 +23,9 @@ import redis
 import torch
 
 from pipeline.artifacts import build_artifact
+from pipeline.client.processes import free_port
 from pipeline.data import load_digits
 from pipeline.models import build_model, default_args
-from pipeline.services import free_port
 from pipeline.settings import Settings
 from storage.objectstore import open_store
 from storage.registry import Registry
