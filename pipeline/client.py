@@ -89,6 +89,9 @@ class Client:
                 ds = load_dataset(spec.dataset, spec.dataset_args)
         except (DataError, TypeError) as e:
             raise SpecError(f"invalid job spec: dataset: {e}") from None
+        if ds.x_test.shape[0] == 0 or ds.n_train == 0:  # no test split: nothing to measure, promote or stop on
+            raise SpecError(f"invalid job spec: dataset_args: data set {spec.dataset!r} with {spec.dataset_args} has "
+                            f"{ds.n_train} training and {ds.x_test.shape[0]} test samples; both must be non-empty")
         if spec.shards > ds.n_train:
             raise SpecError(
                 f"invalid job spec: shards: {spec.shards} shards for {ds.n_train} training samples"

@@ -6,7 +6,6 @@ a loader can rebuild the exact architecture) and returns an ``nn.Module``.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -14,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from pipeline.imports import ImportRefused, resolve_import
 
 
 class ModelError(ValueError):
@@ -80,27 +81,15 @@ BUILTIN: dict[str, Callable[..., nn.Module]] = {
 TASKS: dict[str, str] = {"digits-cnn": "classify", "digits-cnn-small": "classify"}
 
 
-def resolve_import(path: str, what: str) -> Callable[..., Any]:
-    """Import ``module:attr`` and return the attribute; ModelError with a clear reason otherwise."""
-    if ":" not in path:
-        raise ModelError(f"{what} {path!r} is neither a built-in name nor a 'module:attribute' import path")
-    mod_name, _, attr = path.partition(":")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise ModelError(f"{what} {path!r}: cannot import module {mod_name!r} ({e})") from None
-    obj = getattr(mod, attr, None)
-    if obj is None or not callable(obj):
-        raise ModelError(f"{what} {path!r}: module {mod_name!r} has no callable {attr!r}")
-    return obj
-
-
 def get_factory(name: str) -> Callable[..., nn.Module]:
     if name in BUILTIN:
         return BUILTIN[name]
     if ":" not in name:
         raise ModelError(f"unknown model {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:factory')")
-    return resolve_import(name, "model")
+    try:
+        return resolve_import(name, "model")
+    except ImportRefused as e:
+        raise ModelError(str(e)) from None
 
 
 def model_task(name: str) -> str:

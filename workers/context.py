@@ -14,7 +14,7 @@ from typing import Any
 import redis
 import torch
 
-from pipeline.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint, encode_optimizer
+from pipeline.checkpoint import Checkpoint, check_model, decode_checkpoint, encode_checkpoint, encode_optimizer
 from pipeline.datastore import Manifest, read_split
 from pipeline.settings import Settings, get_settings
 from storage import keys
@@ -110,6 +110,8 @@ class Context:
                     opt_data = None  # version 0, or plain SGD: no optimizer state
             self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
             hit = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
+            spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+            check_model(hit, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
             self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
         return hit
 
@@ -124,6 +126,9 @@ class Context:
 
 @lru_cache(maxsize=1)
 def get_context() -> Context:
+    from pipeline.security import require_signing_key
+
     s = get_settings()
+    require_signing_key(s, "a worker")  # also where no worker_init ran (a task called in-process)
     r = redis.Redis.from_url(s.redis_url)
     return Context(settings=s, redis=r, store=open_store(s), jobs=JobStore(r))
