@@ -380,7 +380,7 @@ class Registry:
     def resolve(self, model: str, alias_or_version: str | int) -> VersionRecord:
         """A version number, ``latest``, or an alias name → the version record."""
         ref = str(alias_or_version)
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # "²".isdigit() is True but int("²") fails
             return self.get(model, int(ref))
         if ref == "latest":
             versions = self.list_versions(model)
