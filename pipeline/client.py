@@ -98,6 +98,7 @@ class Client:
                 " (at most one shard per sample)"
             )
         self._check_model(spec, ds.x_train[:2], ds.y_train[:2])
+        right = self._registry_right(spec)
         teacher = self._resolve_teacher(spec) if spec.kind == "distill" else None
         init = self._init_from(spec) if spec.init_from else None
         try:
@@ -113,6 +114,8 @@ class Client:
             fields["teacher"] = teacher
         if init:
             fields["init_from"] = init[0]
+        if right is not None:
+            fields["registry_grant"] = right(job_id)
         if spec.mode == "async":
             # Async: a budget of updates (as many as sync would apply), published every K.
             budget = spec.shards * rounds
@@ -125,6 +128,23 @@ class Client:
             raise ServiceUnavailable(f"object store unavailable: {e}") from None
         self.jobs.create(job_id, record["spec"], total_rounds=rounds, fields=fields)
         return job_id
+
+    def _registry_right(self, spec: JobSpec) -> Callable[[str], str] | None:
+        """With the registry token: a grant for the job (to register into, and promote in, an existing model).
+        Without: SpecError naming register_as when the model already exists, as its publish would be refused."""
+        from pipeline.security import registry_grant, registry_token
+        from workers.publish import model_name
+
+        name = model_name(spec)
+        token = registry_token(self.settings)
+        if token is not None:
+            return lambda job_id: registry_grant(token, job_id, name)
+        if not self.settings.insecure_dev and self.redis.sismember(keys.registry_models(), name):
+            raise SpecError(
+                f"invalid job spec: register_as: model {name!r} already exists in the registry; registering into it "
+                "needs the registry token (set AAS_REGISTRY_TOKEN), or choose a new register_as"
+            )
+        return None
 
     def _signing_key(self) -> bytes | None:
         k = self.settings.signing_key

@@ -8,6 +8,9 @@ writes without a non-empty ``AAS_REGISTRY_TOKEN``.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+
 from pydantic import SecretStr
 
 from pipeline.settings import Settings
@@ -37,3 +40,17 @@ def require_signing_key(settings: Settings, role: str) -> bytes | None:
 
 def registry_token(settings: Settings) -> bytes | None:
     return secret_bytes(settings.registry_token)
+
+
+def registry_grant(token: bytes, job_id: str, model: str) -> str:
+    """Proof, stored with a job, that its submitter held the registry token: HMAC(token, job, model).
+    The publishing worker recomputes it with its own token; the token itself is never stored."""
+    return hmac.new(token, f"aas-register:{job_id}:{model}".encode(), hashlib.sha256).hexdigest()
+
+
+def holds_registry_right(settings: Settings, job_id: str, model: str, grant: str | None) -> bool:
+    """True when `grant` proves the registry token for (job, model), or in development mode."""
+    if settings.insecure_dev:
+        return True
+    token = registry_token(settings)
+    return bool(token and grant) and hmac.compare_digest(registry_grant(token, job_id, model), str(grant))
