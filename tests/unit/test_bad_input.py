@@ -333,3 +333,19 @@ def test_a_job_hash_holding_only_counters_is_not_a_job_and_resume_rebuilds_it_fr
     assert state["status"] == "running" and state["version"] == 0
     assert state["total_rounds"] == want.total_rounds and client.jobs.get(job_id).spec == want.spec
     assert launched == [0]
+
+
+def test_an_unreachable_redis_is_one_line_naming_it_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.cli import main
+    from pipeline.settings import get_settings
+
+    monkeypatch.setenv("AAS_REDIS_URL", "redis://:pw-Hq2@127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        assert main(["status", "abc123"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot reach Redis at redis://:***@127.0.0.1:1/0" in err
+    assert "pw-Hq2" not in err and len(err.strip().splitlines()) == 1
