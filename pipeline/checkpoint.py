@@ -100,6 +100,23 @@ def decode_checkpoint(data: bytes, where: str, *, signing_key: bytes | None = No
     )
 
 
+def check_model(ckpt: Checkpoint, model: str, model_args: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint that names another model or other arguments than the job's validated spec.
+
+    A worker builds the model the spec names; the checkpoint only supplies weights. Without this check,
+    whoever can write the object store would choose the code a worker runs (the checkpoint's model name).
+    """
+    if ckpt.model != model or _canonical(ckpt.model_args) != _canonical(model_args):
+        raise blobs.BlobError(where, f"checkpoint names model {ckpt.model!r} with {ckpt.model_args}, but the job's "
+                                     f"spec names {model!r} with {model_args}: refused, nothing built")
+
+
+def _canonical(args: dict[str, Any]) -> str:
+    import json
+
+    return json.dumps(args, sort_keys=True, default=list)
+
+
 def initial_checkpoint(model_name: str, model_args: dict[str, Any], seed: int) -> Checkpoint:
     """Version 0: the model's seeded initialisation."""
     torch.manual_seed(seed)

@@ -21,13 +21,15 @@ import torch
 from pipeline.corpus import DATASET_NAME as CHARS
 from pipeline.corpus import load_chars
 from pipeline.dataset import DataError, Dataset
-from pipeline.imports import ImportPathError, is_import_path, resolve_import
+from pipeline.imports import ImportRefused, check_import, is_import_path, resolve_import
 
 DIGITS_MEAN, DIGITS_STD = 0.3053, 0.3762
 
 
 def load_digits(seed: int = 0, test_fraction: float = 0.2) -> Dataset:
     """scikit-learn's digits as (N, 1, 8, 8) standardised float32 and int64 labels, split with a fixed seed."""
+    if not 0 < test_fraction < 1:
+        raise DataError(f"dataset 'digits': test_fraction must be between 0 and 1 (exclusive), got {test_fraction}")
     from sklearn.datasets import load_digits as sk_digits
 
     bunch = sk_digits()
@@ -72,7 +74,7 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
         raise DataError(f"unknown dataset {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:function')")
     try:
         loader = resolve_import(name, "dataset")
-    except ImportPathError as e:
+    except ImportRefused as e:
         raise DataError(str(e)) from None
     return _from_user(loader(**args), name)
 
@@ -80,15 +82,16 @@ def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:
 OBJECTS = "objects"  # data shards already in the object store (dataset_args: keys, test_dataset); the client loads it
 
 
-def check_dataset_name(name: str) -> None:
-    """Cheap submit-time check that a data set name resolves, without loading the data."""
+def check_dataset_name(name: str, *, import_it: bool = True) -> None:
+    """Cheap submit-time check that a data set name resolves, without loading the data. With
+    ``import_it=False`` a user loader's path is checked against the allowlist but not imported."""
     if name in BUILTIN or name == OBJECTS:
         return
     if not is_import_path(name):
         raise DataError(f"unknown dataset {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:function')")
     try:
-        resolve_import(name, "dataset")
-    except ImportPathError as e:
+        resolve_import(name, "dataset") if import_it else check_import(name, "dataset")
+    except ImportRefused as e:
         raise DataError(str(e)) from None
 
 

@@ -48,11 +48,19 @@ class Settings(BaseSettings):
 
     # Limits on what is accepted.
     max_blob_bytes: int = Field(default=2 * 1024**3, ge=1)
-    signing_key: SecretStr | None = None  # HMAC-SHA256 key for blobs and artifacts, when set
+    signing_key: SecretStr | None = None  # HMAC-SHA256 key for blobs and artifacts; required unless insecure_dev
+    # Development only: run workers and inference without a signing key, and publish into registry models without
+    # the registry's rights (see SECURITY.md). `aas demo` and the test fixtures turn it on explicitly.
+    insecure_dev: bool = False
+    # User code allowed to be imported ("module:factory" models, "module:function" data sets): comma-separated
+    # module prefixes ("mylab.models,mylab.data"); "*" allows any module. Empty: built-in models and data sets only.
+    allowed_imports: str = ""
 
     # Registry / serving.
     registry_token: SecretStr | None = None
     max_predict_batch: int = Field(default=1024, ge=1)
+    max_predict_values: int = Field(default=262_144, ge=1)  # numbers per predict request (1024 rows of 8x8 = 65,536)
+    request_read_timeout_s: float = Field(default=10.0, gt=0)  # a request body must arrive within this long
 
     # Flower.
     flower_user: str | None = None

@@ -9,8 +9,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.codecs import CODECS
 from pipeline.data import DataError, check_dataset_name
+from pipeline.imports import ImportRefused, check_import
+from pipeline.models import BUILTIN as BUILTIN_MODELS
 from pipeline.models import ModelError, get_factory
-from pipeline.names import BadName, check_alias
+from pipeline.names import BadName, check_alias, check_name
+
+MAX_ARGS_JSON = 16 * 1024  # bytes of model_args / dataset_args as JSON
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits; hash_seed keeps 63
 
 
 class SpecError(ValueError):
@@ -23,56 +28,99 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)  # lr=inf would train to NaN
 
     kind: Literal["train", "distill"] = "train"
-    model: str = "digits-cnn"  # built-in name or "module:factory"
+    model: str = Field(default="digits-cnn", max_length=300)  # built-in or "module:factory"
     model_args: dict[str, Any] = Field(default_factory=dict)
-    dataset: str = "digits"  # built-in name or "module:function"
+    dataset: str = Field(default="digits", max_length=300)  # built-in or "module:function"
     dataset_args: dict[str, Any] = Field(default_factory=dict)
     shards: int = Field(default=2, ge=1, le=100_000)
     mode: Literal["sync", "async"] = "sync"
     local_steps: int = Field(default=1, ge=1, le=10_000)  # H inner steps per round (DiLoCo when > 1)
-    batch_size: int = Field(default=32, ge=1)  # per shard and step
+    batch_size: int = Field(default=32, ge=1, le=65_536)  # per shard and step
     epochs: int = Field(default=5, ge=1, le=100_000)
     optimizer: Literal["sgd"] = "sgd"  # the aggregator's optimizer (outer optimizer when local_steps > 1)
-    lr: float = Field(default=0.05, gt=0)
+    lr: float = Field(default=0.05, gt=0, le=100)
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(default=0.0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0, le=1)
     inner_optimizer: Literal["sgd", "adamw"] = "sgd"  # used when local_steps > 1
-    inner_lr: float = Field(default=0.05, gt=0)
-    outer_lr: float = Field(default=0.7, gt=0)
+    inner_lr: float = Field(default=0.05, gt=0, le=100)
+    outer_lr: float = Field(default=0.7, gt=0, le=100)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
-    max_staleness: int = Field(default=4, ge=0)  # async: drop updates older than this many versions
+    max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
-    publish_every: int = Field(default=1, ge=1)  # async: publish a version every K applied updates
+    publish_every: int = Field(default=1, ge=1, le=100_000)  # async: publish a version every K applied updates
     codec: str = "none"
     codec_density: float = Field(default=0.01, gt=0, le=1)  # topk: fraction kept
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     target_accuracy: float | None = Field(default=None, gt=0, le=1)  # stop rule: stop once reached
     register_as: str | None = None  # registry model name; defaults to the job's model name
-    publish_every_versions: int = Field(default=1, ge=0)  # register every Nth version (0: only the final one)
+    # Register every Nth version (0: only the final one).
+    publish_every_versions: int = Field(default=1, ge=0, le=100_000)
     promote: str | None = "production"  # alias moved to a new version when its accuracy ≥ the current one's
-    artifact_chain: str = "zstd"  # serving artifact packing, e.g. "prune:0.5,int8,zstd"
-    teacher: str | None = None  # distill: "registry-model@version-or-alias"
-    init_from: str | None = None  # fine-tune: start from a registered version ("model@alias" or "model@7")
-    temperature: float = Field(default=4.0, gt=0)
+    artifact_chain: str = Field(default="zstd", max_length=200)  # serving artifact packing, e.g. "prune:0.5,int8,zstd"
+    teacher: str | None = Field(default=None, max_length=300)  # distill: "registry-model@version-or-alias"
+    # Fine-tune: start from a registered version ("model@alias" or "model@7").
+    init_from: str | None = Field(default=None, max_length=300)
+    temperature: float = Field(default=4.0, gt=0, le=1000)
     alpha: float = Field(default=0.7, ge=0, le=1)
 
+    # User code is never imported while fields are checked: the field validators check the name's shape and
+    # the allowlist only; the import happens in _consistent, which pydantic runs only once every field passed.
     @field_validator("model")
     @classmethod
-    def _model_resolves(cls, v: str) -> str:
+    def _model_allowed(cls, v: str) -> str:
+        if v in BUILTIN_MODELS:
+            return v
+        if ":" not in v:
+            known = ", ".join(sorted(BUILTIN_MODELS))
+            raise ValueError(f"unknown model {v!r} (built-in: {known}; or 'module:factory')")
         try:
-            get_factory(v)
-        except ModelError as e:
+            check_import(v, "model")
+        except ImportRefused as e:
             raise ValueError(str(e)) from None
         return v
 
     @field_validator("dataset")
     @classmethod
-    def _dataset_resolves(cls, v: str) -> str:
+    def _dataset_allowed(cls, v: str) -> str:
         try:
-            check_dataset_name(v)
+            check_dataset_name(v, import_it=False)
         except DataError as e:
             raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("model_args", "dataset_args")
+    @classmethod
+    def _args_bounded(cls, v: dict[str, Any]) -> dict[str, Any]:
+        try:
+            size = len(json.dumps(v, allow_nan=False))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"must be JSON values ({e})") from None
+        if size > MAX_ARGS_JSON:
+            raise ValueError(f"{size} bytes of JSON exceeds the limit of {MAX_ARGS_JSON}")
+        return v
+
+    @field_validator("register_as")
+    @classmethod
+    def _register_as_is_a_name(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                check_name(v)
+            except BadName as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    @field_validator("teacher", "init_from")
+    @classmethod
+    def _registry_ref(cls, v: str | None) -> str | None:
+        if v is not None:
+            name, _, ref = v.partition("@")
+            try:
+                check_name(name)
+                if ref:
+                    check_name(ref, "version or alias")
+            except BadName as e:
+                raise ValueError(f"{e} (expected 'model', 'model@alias' or 'model@version')") from None
         return v
 
     @field_validator("artifact_chain")
@@ -119,6 +167,15 @@ class JobSpec(BaseModel):
     def _consistent(self) -> JobSpec:
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
+        # Every field passed, the allowlist included: only now may a user module be imported.
+        try:
+            get_factory(self.model)
+        except ModelError as e:
+            raise ValueError(f"model: {e}") from None
+        try:
+            check_dataset_name(self.dataset)
+        except DataError as e:
+            raise ValueError(f"dataset: {e}") from None
         return self
 
     def to_json(self) -> str:
@@ -136,7 +193,10 @@ def parse_spec(data: dict[str, Any]) -> JobSpec:
     except ValidationError as e:
         problems = []
         for err in e.errors():
-            field = ".".join(str(p) for p in err["loc"]) or "spec"
+            field = ".".join(str(p) for p in err["loc"])
             msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{field}: {msg}")
+            if not field and msg.partition(":")[0] in JobSpec.model_fields:  # a whole-spec check naming its field
+                problems.append(msg)
+            else:
+                problems.append(f"{field or 'spec'}: {msg}")
         raise SpecError("invalid job spec: " + "; ".join(problems)) from None

@@ -206,6 +206,12 @@ def registry_idempotency(model: str) -> str:
     return f"{PREFIX}:registry:model:{model}:idempotency"
 
 
+def registry_model_info(model: str) -> str:
+    """Hash, written once when `model` gets its first version: owner (the job that created it, "" for a
+    token holder), eval_set (JSON: the test split every later version is compared on for promotion)."""
+    return f"{PREFIX}:registry:model:{model}:info"
+
+
 def registry_events() -> str:
     """Stream: every registry change {type: registered|alias|deleted, model, version, alias}."""
     return f"{PREFIX}:registry:events"

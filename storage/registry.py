@@ -62,6 +62,10 @@ class InvalidArtifact(RegistryError):
     """``register`` refused bytes that do not decode as a serving artifact, or whose upload did not verify."""
 
 
+class RegistryForbidden(RegistryError):
+    """The caller lacks the right to register into (or promote in) a model another job created."""
+
+
 class ArtifactCorrupt(RegistryError):
     """The stored artifact is missing or does not match its record's sha256/size."""
 
@@ -137,11 +141,20 @@ def check_alias(alias: str) -> str:
         raise InvalidName(str(e)) from None
 
 
+PROMOTION_METRIC = "eval_accuracy"  # accuracy on the model's own recorded evaluation set (see publish.py)
+
+
+def promotion_score(metrics: dict[str, Any]) -> float | None:
+    """What promotion compares: accuracy on the model's evaluation set; plain ``accuracy`` for records
+    registered directly by a token holder (no evaluation set of their own)."""
+    acc = metrics.get(PROMOTION_METRIC, metrics.get("accuracy"))
+    return float(acc) if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None
+
+
 def _accuracy(rec_json: Any) -> float | None:
     if rec_json is None:
         return None
-    acc = json.loads(rec_json).get("metrics", {}).get("accuracy")
-    return float(acc) if isinstance(acc, (int, float)) and not isinstance(acc, bool) else None
+    return promotion_score(json.loads(rec_json).get("metrics", {}))
 
 
 class Registry:
@@ -165,8 +178,15 @@ class Registry:
         tags: dict[str, str] | None = None,
         idempotency_key: str | None = None,
         promote_if_better: str | None = None,
+        owner: str | None = None,
+        authorized: bool = True,
+        eval_set: dict[str, Any] | None = None,
     ) -> VersionRecord:
-        """Upload, verify, then commit a new version (and its event) atomically. Idempotent per key."""
+        """Upload, verify, then commit a new version (and its event) atomically. Idempotent per key.
+
+        Rights: a new model records `owner` and `eval_set` at creation. Into an existing model, a caller
+        that is not `authorized` (a token holder) may register, and auto-promote, only as its owner.
+        """
         check_name(model)
         if promote_if_better is not None:
             check_alias(promote_if_better)
@@ -176,6 +196,8 @@ class Registry:
             done = self.redis.hget(keys.registry_idempotency(model), idempotency_key)
             if done is not None:
                 return self._replay(model, idempotency_key, int(done))
+        if not authorized:
+            self._check_owner(self.redis, model, owner)
         self._check_decodes(model, artifact)
 
         version = int(self.redis.incr(keys.registry_version_counter(model)))
@@ -197,7 +219,8 @@ class Registry:
             self._discard(key)
             raise
         try:
-            committed, existing = self._commit_version(rec, idempotency_key, promote_if_better)
+            committed, existing = self._commit_version(rec, idempotency_key, promote_if_better,
+                                                       None if authorized else owner, owner, eval_set)
         except BaseException:
             # The EXEC may have run even if its reply was lost: discard only what is provably uncommitted.
             if self._uncommitted(model, version):
@@ -226,26 +249,51 @@ class Registry:
                 "deleted; nothing registered (use a new key to register again)"
             ) from None
 
-    def _commit_version(self, rec: VersionRecord, idempotency_key: str | None, promote: str | None) -> tuple[bool, int]:
+    def _check_owner(self, client: Any, model: str, owner: str | None) -> None:
+        if not client.sismember(keys.registry_models(), model):
+            return  # a new model: the caller becomes its owner
+        recorded = client.hget(keys.registry_model_info(model), "owner")
+        if owner is None or recorded is None or _s(recorded) != owner:
+            raise RegistryForbidden(
+                f"model {model!r} exists and was not created by {owner or 'this caller'}: registering into it or "
+                "promoting in it needs the registry token (AAS_REGISTRY_TOKEN at submit); or register under a new name"
+            )
+
+    def model_info(self, model: str) -> dict[str, Any]:
+        """Owner and evaluation set recorded when `model` was created ({} for a new or older model)."""
+        raw = {_s(k): _s(v) for k, v in self.redis.hgetall(keys.registry_model_info(check_name(model))).items()}
+        return {"owner": raw.get("owner"), "eval_set": json.loads(raw["eval_set"]) if raw.get("eval_set") else None}
+
+    def _commit_version(self, rec: VersionRecord, idempotency_key: str | None, promote: str | None,
+                        must_own: str | None = None, owner: str | None = None,
+                        eval_set: dict[str, Any] | None = None) -> tuple[bool, int]:
         m = rec.model
         idem, versions, aliases = keys.registry_idempotency(m), keys.registry_versions(m), keys.registry_aliases(m)
         history = keys.registry_alias_history(m, promote) if promote else None
+        info = keys.registry_model_info(m)
 
         def tx(pipe: Any) -> tuple[bool, int]:
             if idempotency_key is not None:
                 done = pipe.hget(idem, idempotency_key)
                 if done is not None:
                     return False, int(done)
+            if must_own is not None:
+                self._check_owner(pipe, m, must_own)
+            # Recorded once: a model whose versions were all deleted keeps its owner and evaluation set.
+            record_info = not pipe.sismember(keys.registry_models(), m) and not pipe.exists(info)
             move, current = False, None
             if promote:
                 raw = pipe.hget(aliases, promote)
                 current = int(raw) if raw is not None else None
                 cur_acc = _accuracy(pipe.hget(versions, current)) if current is not None else None
-                new_acc = rec.metrics.get("accuracy")
+                new_acc = promotion_score(rec.metrics)
                 move = current is None or (
                     isinstance(new_acc, (int, float)) and (cur_acc is None or float(new_acc) >= cur_acc)
                 )
             pipe.multi()
+            if record_info:
+                pipe.hset(info, mapping={"owner": owner or "", "eval_set": json.dumps(eval_set) if eval_set else "",
+                                         "created_at": repr(time.time())})
             pipe.hset(versions, str(rec.version), rec.to_json())
             pipe.sadd(keys.registry_models(), m)
             if idempotency_key is not None:
@@ -255,7 +303,7 @@ class Registry:
                 self._queue_alias_move(pipe, m, promote, rec.version, current)
             return True, rec.version
 
-        watch = [idem, versions, aliases] + ([history] if history else [])
+        watch = [idem, versions, aliases, info, keys.registry_models()] + ([history] if history else [])
         return self._transact(tx, *watch)
 
     def set_alias(self, model: str, alias: str, version: int) -> VersionRecord:
@@ -379,7 +427,7 @@ class Registry:
     def resolve(self, model: str, alias_or_version: str | int) -> VersionRecord:
         """A version number, ``latest``, or an alias name → the version record."""
         ref = str(alias_or_version)
-        if ref.isdigit():
+        if ref.isascii() and ref.isdigit():  # "²".isdigit() is True but int("²") fails
             return self.get(model, int(ref))
         if ref == "latest":
             versions = self.list_versions(model)

@@ -108,6 +108,7 @@ def services_env(redis_url: str, s3_server, monkeypatch: pytest.MonkeyPatch, tmp
         "AAS_RETRY_BACKOFF_S": "0.2",
         "AAS_RETRY_BACKOFF_MAX_S": "1",
         "AAS_TASK_MAX_RETRIES": "3",
+        "AAS_INSECURE_DEV": "1",  # workers run unsigned unless a test sets AAS_SIGNING_KEY
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 
 from pipeline.settings import Settings, get_settings
 
@@ -111,3 +111,17 @@ def _limit_torch_threads(**_: object) -> None:
     import torch
 
     torch.set_num_threads(get_settings().torch_threads)
+
+
+@worker_init.connect
+def _refuse_without_signing_key(**_: object) -> None:
+    """A worker that would trust unsigned blobs does not start (unless AAS_INSECURE_DEV says development)."""
+    import sys
+
+    from pipeline.security import InsecureConfig, require_signing_key
+
+    try:
+        require_signing_key(get_settings(), "this worker")
+    except InsecureConfig as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None  # SystemExit passes through Celery's signal dispatch; an Exception would not

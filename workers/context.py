@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import Checkpoint, decode_checkpoint, encode_checkpoint, encode_optimizer
+from pipeline.checkpoint import Checkpoint, check_model, decode_checkpoint, encode_checkpoint, encode_optimizer
 from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -104,6 +104,8 @@ class Context(Services):
                     opt_data = None  # version 0, or plain SGD: no optimizer state
             self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
             hit = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
+            spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+            check_model(hit, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
             self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
         return hit
 
@@ -118,6 +120,9 @@ class Context(Services):
 
 @lru_cache(maxsize=1)
 def get_context() -> Context:
+    from pipeline.security import require_signing_key
+
     s = get_settings()
+    require_signing_key(s, "a worker")  # also where no worker_init ran (a task called in-process)
     svc = build_services(s, redis_conn=redis_client(s, socket_timeout_s=None))
     return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs)

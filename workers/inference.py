@@ -30,15 +30,19 @@ from starlette.exceptions import HTTPException
 from pipeline.artifacts import LoadedArtifact, load_artifact
 from pipeline.blobs import BlobError
 from pipeline.models import ModelError, get_factory
+from pipeline.security import require_signing_key
 from pipeline.settings import Settings, get_settings
 from storage.registry import Registry, RegistryError, VersionRecord
+from workers.http_limits import BodyLimit, add_json_errors, error_responses
 from workers.oip import Backend, oip_router
 
 log = logging.getLogger("aas.inference")
 
 # Per-sample input shape of the built-in architectures; a user factory may set ``input_shape``.
 INPUT_SHAPES: dict[str, tuple[int, ...]] = {"digits-cnn": (1, 8, 8), "digits-cnn-small": (1, 8, 8)}
-BYTES_PER_INPUT_ROW = 64 * 1024  # request body cap per allowed batch row (JSON text of one sample)
+# Body cap per allowed input value: "-0.12345678901234568, " is 22 bytes, the longest a float32 prints to.
+BYTES_PER_VALUE = 24
+BODY_OVERHEAD_BYTES = 4096  # keys, brackets, whitespace
 
 
 class PredictError(ValueError):
@@ -63,11 +67,15 @@ def input_shape(meta: dict[str, Any]) -> tuple[int, ...] | None:
     return tuple(shape) if shape else None
 
 
-def _check_numbers(inputs: list[Any]) -> None:
+def _check_numbers(inputs: list[Any], max_values: int | None = None) -> None:
     stack: list[tuple[Any, str]] = [(inputs, "inputs")]
+    values = 0
     while stack:
         obj, where = stack.pop()
         if isinstance(obj, list):
+            values += len(obj)
+            if max_values is not None and values > max_values:
+                raise PredictError(413, f"more than {max_values} values in one request; send fewer samples")
             stack.extend((v, f"{where}[{i}]") for i, v in enumerate(obj))
         elif isinstance(obj, bool) or not isinstance(obj, (int, float)):
             raise PredictError(422, f"{where} is {type(obj).__name__} {obj!r}; inputs must be numbers")
@@ -75,13 +83,14 @@ def _check_numbers(inputs: list[Any]) -> None:
             raise PredictError(422, f"{where} is {obj}; inputs must be finite numbers")
 
 
-def to_batch(inputs: Any, shape: tuple[int, ...] | None, max_batch: int | None = None) -> torch.Tensor:
+def to_batch(inputs: Any, shape: tuple[int, ...] | None, max_batch: int | None = None,
+             max_values: int | None = None) -> torch.Tensor:
     """Validate a JSON batch and return a float32 tensor (B, *shape); flat rows are reshaped."""
     if not isinstance(inputs, list) or not inputs:
         raise PredictError(422, "inputs must be a non-empty list (a batch of samples)")
     if max_batch is not None and len(inputs) > max_batch:
         raise PredictError(413, f"batch of {len(inputs)} exceeds the limit of {max_batch}; split it")
-    _check_numbers(inputs)
+    _check_numbers(inputs, max_values)
     try:
         x = torch.tensor(inputs, dtype=torch.float32)
     except (ValueError, TypeError, RuntimeError):
@@ -98,14 +107,15 @@ def to_batch(inputs: Any, shape: tuple[int, ...] | None, max_batch: int | None =
 
 
 def predict_batch(
-    loaded_model: LoadedArtifact | torch.nn.Module, inputs: Any, *, max_batch: int | None = None
+    loaded_model: LoadedArtifact | torch.nn.Module, inputs: Any, *, max_batch: int | None = None,
+    max_values: int | None = None,
 ) -> dict[str, Any]:
     """Classify a batch: {"predictions": [class ids], "probabilities": [[p, ...], ...]}. Raises PredictError."""
     if isinstance(loaded_model, LoadedArtifact):
         model, meta = loaded_model.model, loaded_model.meta
     else:
         model, meta = loaded_model, {}
-    x = inputs if isinstance(inputs, torch.Tensor) else to_batch(inputs, input_shape(meta), max_batch)
+    x = inputs if isinstance(inputs, torch.Tensor) else to_batch(inputs, input_shape(meta), max_batch, max_values)
     device = next(model.parameters()).device
     try:
         with torch.inference_mode():
@@ -277,17 +287,17 @@ def create_app(
 ) -> FastAPI:
     """The worker's HTTP app. With `follow`, a follower thread runs for the app's lifetime."""
     s = settings or get_settings()
-    key = s.signing_key.get_secret_value().encode() if s.signing_key else None
+    key = require_signing_key(s, "the inference worker")
     if registry is None:
         import redis
 
-        from storage.objectstore import open_store
+        from storage.services import build_services
 
         r = redis.Redis.from_url(s.redis_url, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30)
-        registry = Registry(r, open_store(s), signing_key=key)
+        registry = build_services(s, redis_conn=r).registry()
     server = ModelServer(registry, model, alias, device=pick_device(s.device), signing_key=key)
     metrics = server.metrics
-    body_cap = BYTES_PER_INPUT_ROW * s.max_predict_batch
+    body_cap = BYTES_PER_VALUE * s.max_predict_values + BODY_OVERHEAD_BYTES
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -313,17 +323,13 @@ def create_app(
     async def _http(_: Request, exc: HTTPException) -> JSONResponse:
         return _err(exc.status_code, str(exc.detail))
 
-    @app.middleware("http")
-    async def _cap_body(request: Request, call_next: Any) -> Response:
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > body_cap:
-            return _err(413, f"request body of {size} bytes exceeds the limit of {body_cap}; split the batch")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, max_bytes=body_cap, read_timeout_s=s.request_read_timeout_s)
+    add_json_errors(app)
 
     def _not_served(name: str) -> JSONResponse:
         return _err(404, f"this worker serves model {model!r} (alias {alias!r}), not {name!r}")
 
-    @app.post("/v1/models/{name}/predict")
+    @app.post("/v1/models/{name}/predict", responses=error_responses(404, 408, 413, 422, 503))
     def predict(name: str, req: PredictRequest) -> JSONResponse:
         t0 = time.perf_counter()
         resp = _predict(name, req)
@@ -338,14 +344,15 @@ def create_app(
         if served is None:
             return _err(503, "no version loaded yet", last_error=server.last_error)
         try:
-            out = predict_batch(served.loaded, req.inputs, max_batch=s.max_predict_batch)
+            out = predict_batch(served.loaded, req.inputs, max_batch=s.max_predict_batch,
+                                max_values=s.max_predict_values)
         except PredictError as e:
             return _err(e.status, str(e), version=served.version)
         if not req.probabilities:
             out.pop("probabilities")
         return JSONResponse({"model": model, "alias": alias, "version": served.version, **out})
 
-    @app.get("/v1/models/{name}")
+    @app.get("/v1/models/{name}", responses=error_responses(404, 503))
     def describe(name: str) -> JSONResponse:
         if name != model:
             return _not_served(name)
@@ -366,10 +373,10 @@ def create_app(
     app.include_router(oip_router(Backend(
         model=model, alias=alias, current=server.current, predict=predict_batch,
         sample_shape=lambda loaded: input_shape(loaded.meta), max_batch=s.max_predict_batch,
-        max_values_per_row=BYTES_PER_INPUT_ROW // 4, body_cap=body_cap, observe=_observe,
+        max_values=s.max_predict_values, body_cap=body_cap, observe=_observe,
     )))  # fmt: skip  # the Open Inference Protocol v2 endpoints (/v2/...), see workers/oip.py
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=error_responses(503))
     def healthz() -> JSONResponse:
         served = server.current()
         body = {
@@ -399,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = get_settings()
     torch.set_num_threads(settings.torch_threads)
     uvicorn.run(create_app(args.model, args.alias, settings=settings), host=args.host, port=args.port,
-                log_level=args.log_level)  # fmt: skip
+                log_level=args.log_level, timeout_keep_alive=5, limit_concurrency=256)  # fmt: skip
     return 0
 
 

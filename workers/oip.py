@@ -319,7 +319,7 @@ class Backend:
     predict: Callable[[Any, torch.Tensor], dict[str, Any]]  # (loaded, (B, *shape)) → predictions, probabilities
     sample_shape: Callable[[Any], tuple[int, ...] | None]  # loaded → per-sample input shape, None if unknown
     max_batch: int  # rows per request
-    max_values_per_row: int  # used when the sample shape is unknown
+    max_values: int  # numbers per request, whatever the shape (AAS_MAX_PREDICT_VALUES)
     body_cap: int  # bytes read per request
     observe: Callable[[int, float], None]  # (HTTP status, seconds) of each infer request, for metrics
 
@@ -376,9 +376,7 @@ def oip_router(b: Backend) -> APIRouter:
 
     def run(served: ServedVersion, body: bytes, header_length: str | None) -> Response:
         shape = b.sample_shape(served.loaded)
-        per_row = math.prod(shape) if shape is not None else b.max_values_per_row
-        req = parse_infer(body, header_length, sample_shape=shape, max_batch=b.max_batch,
-                          max_values=b.max_batch * per_row)
+        req = parse_infer(body, header_length, sample_shape=shape, max_batch=b.max_batch, max_values=b.max_values)
         try:
             result = b.predict(served.loaded, req.batch)
         except ValueError as e:  # workers.inference.PredictError: inputs that do not fit the model

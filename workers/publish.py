@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
 from pipeline.names import registry_name
+from pipeline.security import holds_registry_right
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
 from storage import keys
@@ -54,11 +55,19 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         manifest = ctx.manifest(job.fields["manifest"])
         xt, yt = ctx.split(manifest.test, job.job_id)
         after = evaluate(served, xt, yt, str(manifest.meta.get("task", "classify")))
+    authorized = holds_registry_right(ctx.settings, job.job_id, name, job.fields.get("registry_grant"))
+    manifest = ctx.manifest(job.fields["manifest"])
+    own_eval = {"split": manifest.test, "task": str(manifest.meta.get("task", "classify"))}
+    eval_set = reg.model_info(name).get("eval_set") or own_eval
+    if eval_set == own_eval:
+        eval_accuracy = after["accuracy"]
+    else:  # the model's own evaluation set, never the one this job brought
+        eval_accuracy = _accuracy_on(ctx, job.job_id, data, idem, eval_set)
     rec = reg.register(
         name, data, codec=chain.describe(),
         metrics={
             "loss": metrics.get("loss"), "accuracy_before": metrics.get("accuracy"),
-            "accuracy": after["accuracy"], "loss_after": after["loss"],
+            "accuracy": after["accuracy"], "loss_after": after["loss"], "eval_accuracy": eval_accuracy,
             **({"perplexity": after["perplexity"]} if "perplexity" in after else {}),
             "raw_bytes": stats["raw_bytes"], "stored_bytes": stats["stored_bytes"], "ratio": stats["ratio"],
         },
@@ -68,6 +77,20 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         },
         idempotency_key=idem,
         promote_if_better=spec.promote,
+        owner=job.job_id,
+        authorized=authorized,
+        eval_set=own_eval,
     )
     ctx.jobs.set_fields(job.job_id, registered_model=name, registered_version=rec.version)
     return rec.to_dict()
+
+
+def _accuracy_on(ctx: Context, job_id: str, artifact: bytes, where: str, eval_set: dict[str, Any]) -> float | None:
+    """The served artifact's accuracy on a model's recorded evaluation set; None when it cannot run on it."""
+    try:
+        served = load_artifact(artifact, f"artifact of {where}", signing_key=ctx.signing_key).model
+        xt, yt = ctx.split(eval_set["split"], job_id)
+        return float(evaluate(served, xt, yt, str(eval_set.get("task", "classify")))["accuracy"])
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        log.warning("%s cannot be evaluated on the model's evaluation set: %s", where, e)
+        return None

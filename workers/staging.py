@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
 from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
 from pipeline.models import ModelError, build_model
+from pipeline.names import registry_name
 from pipeline.spec import JobSpec, SpecError, parse_spec
 from storage import keys
 from storage.datastore import write_dataset
@@ -44,12 +46,16 @@ def stage_job(svc: Services, spec: JobSpec | dict[str, Any]) -> str:
             ds = load_dataset(spec.dataset, spec.dataset_args)
     except (DataError, TypeError) as e:
         raise SpecError(f"invalid job spec: dataset: {e}") from None
+    if ds.x_test.shape[0] == 0 or ds.n_train == 0:  # no test split: nothing to measure, promote or stop on
+        raise SpecError(f"invalid job spec: dataset_args: data set {spec.dataset!r} with {spec.dataset_args} has "
+                        f"{ds.n_train} training and {ds.x_test.shape[0]} test samples; both must be non-empty")
     if spec.shards > ds.n_train:
         raise SpecError(
             f"invalid job spec: shards: {spec.shards} shards for {ds.n_train} training samples"
             " (at most one shard per sample)"
         )
     _check_model(spec, ds.x_train[:2], ds.y_train[:2])
+    right = _registry_right(svc, spec)
     teacher = _resolve_teacher(svc, spec) if spec.kind == "distill" else None
     init = _init_from(svc, spec) if spec.init_from else None
     try:
@@ -65,6 +71,8 @@ def stage_job(svc: Services, spec: JobSpec | dict[str, Any]) -> str:
         fields["teacher"] = teacher
     if init:
         fields["init_from"] = init[0]
+    if right is not None:
+        fields["registry_grant"] = right(job_id)
     if spec.mode == "async":
         # Async: a budget of updates (as many as sync would apply), published every K.
         budget = spec.shards * rounds
@@ -77,6 +85,23 @@ def stage_job(svc: Services, spec: JobSpec | dict[str, Any]) -> str:
         raise ServiceUnavailable(f"object store unavailable: {e}") from None
     svc.jobs.create(job_id, record["spec"], total_rounds=rounds, fields=fields)
     return job_id
+
+def _registry_right(svc: Services, spec: JobSpec) -> Callable[[str], str] | None:
+    """With the registry token: a grant for the job (to register into, and promote in, an existing model).
+    Without: SpecError naming register_as when the model already exists, as its publish would be refused."""
+    from pipeline.security import registry_grant, registry_token
+
+    name = registry_name(spec.model, spec.register_as)
+    token = registry_token(svc.settings)
+    if token is not None:
+        return lambda job_id: registry_grant(token, job_id, name)
+    if not svc.settings.insecure_dev and svc.redis.sismember(keys.registry_models(), name):
+        raise SpecError(
+            f"invalid job spec: register_as: model {name!r} already exists in the registry; registering into it "
+            "needs the registry token (set AAS_REGISTRY_TOKEN), or choose a new register_as"
+        )
+    return None
+
 
 def _check_model(spec: JobSpec, x: Any, y: Any) -> None:
     try:

@@ -228,7 +228,7 @@ class Cluster:
         self.redis = EmbeddedRedis(self.workdir / "redis")
         store = self.workdir / "store"
         env = {**os.environ, "AAS_REDIS_URL": self.redis.url, "AAS_STORE_ROOT": str(store),
-               "AAS_TORCH_THREADS": "1", "AAS_SLOW_FACTOR": "1",
+               "AAS_TORCH_THREADS": "1", "AAS_SLOW_FACTOR": "1", "AAS_INSECURE_DEV": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         self.settings = Settings(redis_url=self.redis.url, store_root=store, torch_threads=1)
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")

@@ -154,6 +154,7 @@ class Cluster:
         return {
             "PYTHONPATH": str(REPO), "AAS_REDIS_URL": str(self.redis_url), "AAS_S3_ENDPOINT": self.proxy.endpoint,
             "AAS_S3_ACCESS_KEY": ACCESS, "AAS_S3_SECRET_KEY": SECRET, "AAS_S3_BUCKET": BUCKET, "AAS_DEVICE": "cpu",
+            "AAS_INSECURE_DEV": "1",  # a fault-injection run on loopback: unsigned on purpose
             "AAS_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s), "AAS_RETRY_BACKOFF_S": "0.5",
             # Retries outlast the longest store outage (30 s): 0.5+1+2+4+4+... s over 25 tries.
             "AAS_RETRY_BACKOFF_MAX_S": "4", "AAS_TASK_MAX_RETRIES": "25", "AAS_TORCH_THREADS": "1",

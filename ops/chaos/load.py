@@ -58,7 +58,7 @@ class LocalCluster:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AAS_")}
         env.update({"PYTHONPATH": str(REPO), "AAS_REDIS_URL": self.redis.url, "AAS_STORE_ROOT": str(self.store),
                     "AAS_DEVICE": "cpu", "AAS_TORCH_THREADS": "1", "AAS_TASK_TIME_LIMIT_S": "1800",
-                    "AAS_VISIBILITY_TIMEOUT_S": "3600"})
+                    "AAS_VISIBILITY_TIMEOUT_S": "3600", "AAS_INSECURE_DEV": "1"})
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")
         for i in range(self.shard_workers):
             self.names.append(f"shard-{i}")

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import redis
+
     from pipeline.client import ServiceUnavailable
     from pipeline.spec import SpecError
     from storage.jobstate import JobNotFound
@@ -94,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except (SpecError, ServiceUnavailable, JobNotFound, TimeoutError) as e:
         print(f"aas: {e}", file=sys.stderr)
+        return 2
+    except redis.RedisError as e:  # one line naming the endpoint, not a traceback
+        from pipeline.settings import get_settings
+
+        print(f"aas: cannot reach Redis at {get_settings().redis_display()}: {e} (set AAS_REDIS_URL or start Redis)",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("aas: interrupted", file=sys.stderr)

@@ -52,6 +52,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             env["AAS_STORE_ROOT"] = str(workdir / "store")
             print(f"[demo] local object store in {workdir / 'store'}", file=out)
         env.setdefault("AAS_VISIBILITY_TIMEOUT_S", "60")
+        if not env.get("AAS_SIGNING_KEY"):  # the demo is a development run on one machine: unsigned, and says so
+            env["AAS_INSECURE_DEV"] = "1"
+            print("[demo] AAS_INSECURE_DEV=1: unsigned development mode (set AAS_SIGNING_KEY to sign)", file=out)
         os.environ.update({k: v for k, v in env.items() if k.startswith("AAS_")})
         from pipeline.settings import get_settings
 

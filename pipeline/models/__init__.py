@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.imports import ImportPathError, is_import_path, resolve_import
+from pipeline.imports import ImportRefused, is_import_path, resolve_import
 from pipeline.models import char_lm, digits_cnn
 
 
@@ -53,7 +53,7 @@ def get_factory(name: str) -> Callable[..., nn.Module]:
         raise ModelError(f"unknown model {name!r} (built-in: {', '.join(sorted(BUILTIN))}; or 'module:factory')")
     try:
         return resolve_import(name, "model")
-    except ImportPathError as e:
+    except ImportRefused as e:
         raise ModelError(str(e)) from None
 
 

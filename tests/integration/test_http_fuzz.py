@@ -57,7 +57,8 @@ def registry_service(root: Path) -> tuple[Any, Callable[[TestClient], None]]:
 def inference_worker(root: Path) -> tuple[Any, Callable[[TestClient], None]]:
     from workers.inference import create_app
 
-    app = create_app(M, settings=Settings(_env_file=None, max_predict_batch=64), registry=_registry_with_versions(root),
+    s = Settings(_env_file=None, max_predict_batch=64, insecure_dev=True)  # unsigned on purpose
+    app = create_app(M, settings=s, registry=_registry_with_versions(root),
                      follow=False)
     assert app.state.server.sync()
 

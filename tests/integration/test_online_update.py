@@ -69,7 +69,8 @@ def local(tmp_path: Path) -> tuple[Registry, LocalStore]:
 
 
 def worker_app(reg: Registry, **settings: Any) -> tuple[TestClient, Any]:
-    app = create_app(M, "production", settings=Settings(_env_file=None, **settings), registry=reg, follow=False)
+    s = Settings(_env_file=None, **{"insecure_dev": True, **settings})  # unsigned on purpose: in-process, fakeredis
+    app = create_app(M, "production", settings=s, registry=reg, follow=False)
     return TestClient(app), app.state.server
 
 
@@ -204,6 +205,7 @@ def start_worker(tmp_path: Path, redis_db: redis.Redis) -> Iterator[Callable[[],
         "AAS_REDIS_URL": REDIS_URL,
         "AAS_STORE_ROOT": str(tmp_path / "store"),
         "AAS_TORCH_THREADS": "1",
+        "AAS_INSECURE_DEV": "1",  # unsigned on purpose: these workers test following, not signatures
         "PYTHONPATH": str(REPO),
     }
 

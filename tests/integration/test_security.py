@@ -26,6 +26,7 @@ from pipeline.artifacts import build_artifact
 from pipeline.client import Client
 from pipeline.models import build_model, default_args
 from pipeline.settings import Settings
+from pipeline.spec import SpecError
 from storage import keys
 from storage.objectstore import LocalStore
 from storage.registry import Registry
@@ -301,3 +302,199 @@ def test_secrets_never_appear_in_logs_task_arguments_results_metrics_or_health(
             assert secret not in text, f"{name} appears in the {where}"
     assert os.environ["AAS_SIGNING_KEY"] == KEY.decode()  # the secrets were really in effect ...
     blobs.decode(client.store.get(keys.checkpoint(job_id, 1)), "v1", signing_key=KEY)  # ... and used
+
+
+# ---------------------------------------------------------------- issue 13: secure by default (in-process)
+
+
+@pytest.mark.parametrize("token", [None, "", "   "])
+def test_without_a_registry_token_every_registry_write_is_refused_and_the_service_will_not_start(
+        tmp_path: Path, token: str | None, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from pipeline.settings import get_settings
+    from workers.registry_api import create_app, main
+
+    reg = Registry(fakeredis.FakeRedis(), LocalStore(tmp_path / "store"))
+    v1, v2 = _register(reg, None), _register(reg, None, alias=None)
+    client = TestClient(create_app(Settings(_env_file=None, registry_token=token), registry=reg))
+    for method, url, body in [("POST", f"/v1/models/{M}/aliases/production", {"version": v2}),
+                              ("POST", f"/v1/models/{M}/aliases/production/rollback", None),
+                              ("DELETE", f"/v1/models/{M}/versions/{v1}", None)]:
+        resp = client.request(method, url, json=body)
+        assert resp.status_code == 403 and "AAS_REGISTRY_TOKEN" in resp.json()["error"], (method, url, resp.text)
+    assert reg.aliases(M) == {"production": v1} and len(reg.list_versions(M)) == 2
+    assert "writes are disabled" in caplog.text  # refused writes are logged
+    monkeypatch.setenv("AAS_REGISTRY_TOKEN", token or "")
+    monkeypatch.delenv("AAS_INSECURE_DEV", raising=False)
+    get_settings.cache_clear()
+    try:
+        assert main(["--port", "1"]) == 2  # refuses before it binds anything
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_inference_worker_refuses_to_run_without_a_signing_key_unless_development_mode_is_on(
+        tmp_path: Path) -> None:
+    from pipeline.security import InsecureConfig
+    from workers.inference import create_app
+
+    reg = Registry(fakeredis.FakeRedis(), LocalStore(tmp_path / "store"))
+    for empty in (None, ""):
+        with pytest.raises(InsecureConfig, match="AAS_SIGNING_KEY"):
+            create_app(M, settings=Settings(_env_file=None, signing_key=empty), registry=reg, follow=False)
+    create_app(M, settings=Settings(_env_file=None, insecure_dev=True), registry=reg, follow=False)
+
+
+@pytest.mark.integration
+def test_a_celery_worker_without_a_signing_key_exits_before_taking_any_task(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from pipeline.client.processes import worker_argv
+
+    repo = Path(__file__).resolve().parents[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AAS_")}
+    env.update(PYTHONPATH=str(repo), AAS_REDIS_URL="redis://127.0.0.1:1/0", AAS_SIGNING_KEY="")
+    argv = worker_argv("nokey", "shards")
+    assert argv[0] == sys.executable or "celery" in " ".join(argv)
+    done = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "refuses to run without AAS_SIGNING_KEY" in done.stderr
+
+
+def _tripwire_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, on_import: bool) -> tuple[str, Path]:
+    """A user module that leaves a marker file when imported (on_import) or when its factory is called."""
+    import sys
+
+    name = f"tripwire_{uuid.uuid4().hex[:8]}"
+    marker = tmp_path / f"{name}.ran"
+    code = (f"from pathlib import Path\nfrom torch import nn\n"
+            f"{'' if on_import else '# '}Path({str(marker)!r}).write_text('imported')\n"
+            f"def factory(**kwargs):\n    Path({str(marker)!r}).write_text('called')\n    return nn.Linear(64, 10)\n"
+            f"def load(**kwargs):\n    Path({str(marker)!r}).write_text('called')\n")
+    (tmp_path / f"{name}.py").write_text(code)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    return name, marker
+
+
+def _allow(monkeypatch: pytest.MonkeyPatch, prefixes: str | None) -> None:
+    from pipeline.settings import get_settings
+
+    if prefixes is None:
+        monkeypatch.delenv("AAS_ALLOWED_IMPORTS", raising=False)
+    else:
+        monkeypatch.setenv("AAS_ALLOWED_IMPORTS", prefixes)
+    get_settings.cache_clear()
+
+
+@pytest.fixture
+def settings_cache() -> Any:
+    from pipeline.settings import get_settings
+
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+def test_validating_a_spec_imports_no_user_code_outside_the_allowlist_or_before_every_field_passed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings_cache: None) -> None:
+    from pipeline.imports import ImportRefused, resolve_import
+    from pipeline.spec import SpecError, parse_spec
+
+    name, marker = _tripwire_module(tmp_path, monkeypatch, on_import=True)
+    _allow(monkeypatch, None)  # unset: built-ins only
+    for spec, field in [({"model": f"{name}:factory"}, "model:"), ({"dataset": f"{name}:load"}, "dataset:"),
+                        ({"model": "os:system", "model_args": {"command": "touch x"}}, "model:")]:
+        with pytest.raises(SpecError, match=field) as err:
+            parse_spec(spec)
+        assert "AAS_ALLOWED_IMPORTS" in str(err.value)
+    _allow(monkeypatch, name)  # allowed, but another field is invalid: still nothing imported
+    for bad in [{"shards": 0}, {"seed": 2**80}, {"register_as": "../x"}, {"lr": -1}]:
+        with pytest.raises(SpecError, match=next(iter(bad)) + ":"):
+            parse_spec({"model": f"{name}:factory", **bad})
+    assert not marker.exists(), "user code ran while a spec was being refused"
+    for path in [f"{name}x:factory", "os:system", f"{name}:_private", f"{name}:factory.__globals__", ":f"]:
+        with pytest.raises(ImportRefused):
+            resolve_import(path, "model", allowlist=(name,))
+    assert not marker.exists()
+    parse_spec({"model": f"{name}:factory"})  # allowed and every field valid: now (and only now) it is imported
+    assert marker.read_text() == "imported"
+
+
+def test_a_checkpoint_in_the_store_naming_another_model_or_arguments_is_refused_and_its_code_never_runs(
+        unit_ctx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings_cache: None) -> None:
+    from pipeline.checkpoint import Checkpoint, encode_checkpoint
+
+    name, marker = _tripwire_module(tmp_path, monkeypatch, on_import=False)
+    _allow(monkeypatch, name)  # even code the allowlist admits is not chosen by the store
+    job_id = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis).stage(
+        {"shards": 1, "batch_size": 64})
+    genuine = unit_ctx.store.get(keys.checkpoint(job_id, 0))
+    forgeries = [(f"{name}:factory", {"command": "touch /tmp/pwned"}), (M, {"hidden": 8}), ("digits-cnn-small", {})]
+    for model, args in forgeries:
+        unit_ctx.checkpoints = type(unit_ctx.checkpoints)(4)  # a fresh worker process: nothing cached
+        forged = Checkpoint(model, args, 0, {"weight": __import__("torch").zeros(10, 64)})
+        unit_ctx.store.put(keys.checkpoint(job_id, 0), encode_checkpoint(forged))
+        with pytest.raises(blobs.BlobError, match="spec names 'digits-cnn'"):
+            shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+        assert not marker.exists(), f"a checkpoint naming {model} ran its code"
+    unit_ctx.checkpoints = type(unit_ctx.checkpoints)(4)
+    unit_ctx.store.put(keys.checkpoint(job_id, 0), genuine)
+    assert "key" in shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+
+
+def _train_and_publish(ctx: Any, client: Client, spec: dict[str, Any], rounds: int) -> Any:
+    from workers.publish import publish_version
+
+    job_id = client.stage(spec)
+    for v in range(rounds):
+        results = [shard.train_shard(ctx, job_id, s, v, v, 0) for s in range(spec.get("shards", 1))]
+        aggregator.aggregate_round(ctx, job_id, v, results)
+    return job_id, publish_version(ctx, ctx.jobs.get(job_id))
+
+
+def test_a_job_without_the_registry_right_cannot_register_into_or_promote_in_another_jobs_model(
+        unit_ctx: Any) -> None:
+    from storage.registry import RegistryForbidden
+
+    reg = Registry(unit_ctx.redis, unit_ctx.store)
+    owner = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis)
+    base = {"shards": 1, "batch_size": 128, "epochs": 50, "register_as": "victim"}
+    _, rec = _train_and_publish(unit_ctx, owner, base, 2)
+    assert reg.aliases("victim") == {"production": rec["version"]}
+    with pytest.raises(SpecError, match="register_as: model 'victim' already exists"):
+        owner.stage({**base, "seed": 1})  # a second job, no token: refused at submit
+    # One that skips the client's check (it can write Redis) is refused by the publishing worker.
+    sneaky = Client(unit_ctx.settings.model_copy(update={"insecure_dev": True}), store=unit_ctx.store,
+                    redis_client=unit_ctx.redis)
+    with pytest.raises(RegistryForbidden, match="needs the registry token"):
+        _train_and_publish(unit_ctx, sneaky, {**base, "seed": 2}, 1)
+    assert reg.aliases("victim") == {"production": rec["version"]} and len(reg.list_versions("victim")) == 1
+
+
+def test_promotion_compares_versions_on_the_models_own_evaluation_set_not_the_one_a_new_job_brought(
+        unit_ctx: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, settings_cache: None) -> None:
+    import sys
+
+    name = f"rigged_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text(
+        "from pipeline.checkpoint import initial_checkpoint\nfrom pipeline.data import load_digits\n"
+        "def load(**kwargs):\n    ds = load_digits()\n    x = ds.x_test[:10]\n"
+        "    y = initial_checkpoint('digits-cnn', {}, 0).build()(x).argmax(1)  # what the untrained model says\n"
+        "    return {'x_train': ds.x_train, 'y_train': ds.y_train, 'x_test': x, 'y_test': y}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    _allow(monkeypatch, name)
+    ctx = unit_ctx
+    from pydantic import SecretStr
+
+    ctx.settings = ctx.settings.model_copy(update={"registry_token": SecretStr("reg-token-Kd2Lm9")})  # rights held
+    client = Client(ctx.settings, store=ctx.store, redis_client=ctx.redis)
+    base = {"shards": 1, "batch_size": 128, "epochs": 50, "register_as": "victim"}
+    _, good = _train_and_publish(ctx, client, base, 4)
+    # A barely trained version that scores 1.0 on its own ten rigged samples.
+    _, rigged = _train_and_publish(ctx, client, {**base, "dataset": f"{name}:load", "lr": 1e-6}, 1)
+    assert rigged["metrics"]["accuracy"] == 1.0  # on the split it brought
+    assert rigged["metrics"]["eval_accuracy"] < good["metrics"]["eval_accuracy"]  # on the model's own
+    assert Registry(ctx.redis, ctx.store).aliases("victim") == {"production": good["version"]}

@@ -42,11 +42,10 @@ def _not(*allowed: str) -> st.SearchStrategy[str]:
 INVALID: dict[str, st.SearchStrategy[Any]] = {
     "shards": st.integers(max_value=0) | st.integers(min_value=100_001) | st.integers(1439, 100_000) | _word,
     "epochs": st.integers(max_value=0) | st.integers(min_value=100_001),
-    "batch_size": st.integers(max_value=0) | st.floats(0.1, 0.9),
+    "batch_size": st.integers(max_value=0) | st.floats(0.1, 0.9) | st.integers(min_value=65_537),
     "local_steps": st.integers(max_value=0) | st.integers(min_value=10_001),
     "mode": _not("sync", "async"),
     "kind": _not("train", "distill"),
-    "lr": st.floats(max_value=0) | st.sampled_from([math.inf, math.nan]),
     "momentum": st.floats(max_value=-1e-9) | st.floats(min_value=1.0) | st.just(math.nan),
     "weight_decay": st.floats(max_value=-1e-9) | st.just(math.inf),
     "temperature": st.floats(max_value=0) | st.just(math.inf),
@@ -58,13 +57,19 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "target_accuracy": st.floats(max_value=0) | st.floats(min_value=1.0, exclude_min=True),
     "publish_every": st.integers(max_value=0),
     "max_staleness": st.integers(max_value=-1),
-    "seed": _word,
-    "model": _not(*BUILTIN_MODELS) | st.sampled_from(["no_such_module_xyz:factory", "math:pi", "os:nope"]),
+    "seed": _word | st.integers(min_value=2**63) | st.just(2**80) | st.integers(max_value=-1),
+    "register_as": st.sampled_from(["a b", "../prod", "", "x" * 200, "-lead", "ünï"]),
+    "teacher": st.sampled_from(["a b@1", "@prod", "m@x y", "x" * 400]),
+    "init_from": st.sampled_from(["a b", "@7", "m@../x"]),
+    "lr": st.floats(max_value=0) | st.sampled_from([math.inf, math.nan]) | st.floats(min_value=101),
+    "publish_every_versions": st.integers(max_value=-1) | st.integers(min_value=100_001),
+    "model": _not(*BUILTIN_MODELS) | st.sampled_from(["no_such_module_xyz:factory", "math:pi", "os:nope", "os:system"]),
     "dataset": _not("digits") | st.sampled_from(["no_such_module_xyz:load", "math:pi"]),
     "artifact_chain": st.sampled_from(["int9", "prune", "prune:x", "zstd,zstd", "fp16,int8", "gzip"]),
     "promote": st.sampled_from(["a b", "latest", "123", "../prod", "", "x" * 200]),
     "model_args": st.sampled_from([{"hidden": -1}, {"no_such_arg": 1}, {"channels": [1]}, []]),
-    "dataset_args": st.sampled_from([{"no_such_arg": 1}, "digits"]),
+    "dataset_args": st.sampled_from([{"no_such_arg": 1}, "digits", {"test_fraction": 0}, {"test_fraction": 1.0},
+                                     {"pad": "x" * 20_000}]),
 }
 NAMED = {"model_args": "model", "dataset_args": "dataset"}
 
@@ -98,6 +103,21 @@ def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: 
         assert client.dispatch.sent == [], "a refused spec enqueued work"
         assert r.dbsize() == 0, "a refused spec wrote to Redis"
         assert list(client.store.list("")) == [], "a refused spec wrote to the object store"
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", 2**80), ("seed", -1), ("batch_size", 10**6), ("register_as", "a b"), ("register_as", "../prod"),
+    ("dataset_args", {"test_fraction": 0}), ("model", "os:system"), ("dataset", "os:getcwd"), ("lr", 1e9),
+    ("init_from", "a b@7"), ("model_args", {"pad": "x" * 20_000}),
+])
+def test_fields_that_were_unchecked_are_refused_at_submit_naming_the_field(
+        tmp_path: Path, field: str, value: Any) -> None:
+    r = fakeredis.FakeRedis()
+    client = offline_client(tmp_path, r)
+    with pytest.raises(SpecError) as err:
+        client.submit({**BASE, field: value})
+    assert f"{field}:" in str(err.value) or f"{NAMED.get(field)}:" in str(err.value), str(err.value)
+    assert "Traceback" not in str(err.value) and r.dbsize() == 0 and client.dispatch.sent == []
 
 
 def test_a_valid_spec_passes_the_same_checks(tmp_path: Path) -> None:
@@ -305,3 +325,19 @@ def test_a_job_hash_holding_only_counters_is_not_a_job_and_resume_rebuilds_it_fr
     assert state["status"] == "running" and state["version"] == 0
     assert state["total_rounds"] == want.total_rounds and client.jobs.get(job_id).spec == want.spec
     assert client.dispatch.of("round") == [{"job_id": job_id, "version": 0, "shards": 2, "step": 0}]
+
+
+def test_an_unreachable_redis_is_one_line_naming_it_not_a_traceback(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.client.cli import main
+    from pipeline.settings import get_settings
+
+    monkeypatch.setenv("AAS_REDIS_URL", "redis://:pw-Hq2@127.0.0.1:1/0")
+    get_settings.cache_clear()
+    try:
+        assert main(["status", "abc123"]) == 2
+    finally:
+        get_settings.cache_clear()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "cannot reach Redis at redis://:***@127.0.0.1:1/0" in err
+    assert "pw-Hq2" not in err and len(err.strip().splitlines()) == 1

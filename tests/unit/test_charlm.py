@@ -48,7 +48,7 @@ def test_changing_a_future_token_leaves_the_logits_of_earlier_positions_unchange
 def test_state_dict_holds_each_tensor_once_so_checkpoints_can_store_it() -> None:
     from pipeline.checkpoint import decode_checkpoint, encode_checkpoint, initial_checkpoint
 
-    ckpt = initial_checkpoint("pipeline.models.char_lm:char_lm", dict(TINY), seed=0)
+    ckpt = initial_checkpoint("char-lm", dict(TINY), seed=0)
     back = decode_checkpoint(encode_checkpoint(ckpt), "test")
     model = back.build()
     assert set(back.state) == {n for n, _ in model.named_parameters()}  # tied output layer adds no entry

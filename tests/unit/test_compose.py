@@ -227,3 +227,18 @@ def test_the_beat_healthcheck_reads_redbeats_lock_key(services: dict[str, dict[s
 
     check = " ".join(services["beat"]["healthcheck"]["test"])
     assert f"'{keys.redbeat_prefix()}:lock'" in check, "the beat healthcheck must read RedBeat's lock key"
+
+
+SECRETS = ("AAS_SIGNING_KEY", "AAS_REGISTRY_TOKEN", "AAS_S3_ACCESS_KEY", "AAS_S3_SECRET_KEY", "AAS_FLOWER_PASSWORD")
+
+
+def test_no_secret_has_a_working_default_so_compose_stops_until_each_is_set() -> None:
+    text = COMPOSE.read_text()
+    for name in SECRETS:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, f"{name} is not configured in docker-compose.yml"
+        for tail in uses:
+            assert tail.startswith(":?"), f"${{{name}{tail}}}: a secret must be required (${{{name}:?message}})"
+    example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert all(example.get(name, "") == "" for name in SECRETS), ".env.example must not ship a usable secret"

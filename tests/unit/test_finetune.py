@@ -32,8 +32,11 @@ def test_retrain_job_starts_from_the_alias_version_and_trains_on_exactly_the_new
         new.append(key)
     sched = parse_schedule({"name": "s", "model": "digits-cnn", "alias": "production", "interval_s": 60,
                             "dataset_prefix": "incoming/s/", "spec": {"epochs": 1}})
-    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis,
-                    dispatch=unit_ctx.dispatch)
+    # Retraining registers into an existing model: beat's worker holds the registry token for that.
+    from pydantic import SecretStr
+
+    rights = unit_ctx.settings.model_copy(update={"registry_token": SecretStr("retrain-token")})
+    client = Client(rights, store=unit_ctx.store, redis_client=unit_ctx.redis, dispatch=unit_ctx.dispatch)
     job_id = client.stage(retrain_spec(sched, new, rec.version))
     job = unit_ctx.jobs.get(job_id)
     assert job.fields["init_from"] == f"digits-cnn@{rec.version}"
