@@ -63,6 +63,7 @@ class Settings(BaseSettings):
     beat_lock_timeout_s: int = Field(default=60, ge=2)  # RedBeat lock: a dead beat's lock frees after this long
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # worker /metrics port; None: not served
     metrics_host: str = "127.0.0.1"  # interface for /metrics ("0.0.0.0" in containers)
+    health_file: Path | None = None  # worker heartbeat file (workers/health.py); None: no heartbeat
 
     def signing_key_bytes(self) -> bytes | None:
         """The HMAC key for blobs and artifacts as bytes (the one place it is derived), or None when unset."""

@@ -160,13 +160,37 @@ def test_depends_on_names_existing_services(services: dict[str, dict[str, Any]])
                 assert deps[dep].get("condition") == "service_completed_successfully"
 
 
-def test_the_gpu_worker_is_a_profile_that_reserves_an_nvidia_device(services: dict[str, dict[str, Any]]) -> None:
-    gpu = services["shard-worker-gpu"]
-    assert gpu["profiles"] == ["gpu"]
-    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "--pool=solo" in _command(gpu), "GPU workers must not fork after CUDA"
-    assert gpu["environment"]["AAS_DEVICE"] == "cuda"
+def test_each_gpu_worker_is_one_process_pinned_to_its_own_device(services: dict[str, dict[str, Any]]) -> None:
+    gpus = {name: svc for name, svc in services.items() if name.startswith("shard-worker-gpu")}
+    assert len(gpus) >= 2, "per-device GPU services (shard-worker-gpu0, -gpu1, ...)"
+    pinned: dict[str, str] = {}
+    names: set[str] = set()
+    for name, gpu in gpus.items():
+        assert gpu["profiles"] == ["gpu"]
+        [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert "count" not in device, f"{name}: `count: 1` is GPU 0 for every replica; pin device_ids"
+        [dev] = device["device_ids"]
+        assert dev not in pinned, f"{name} and {pinned.get(dev)} both reserve GPU {dev}"
+        pinned[dev] = name
+        cmd = _command(gpu)
+        assert "--pool=solo" in cmd, "GPU workers must not fork after CUDA"
+        worker = _opt(cmd, "-n")
+        assert worker not in names, f"{name}: worker name {worker} is used twice"
+        names.add(str(worker))
+        assert gpu["environment"]["AAS_DEVICE"] == "cuda"
+
+
+def test_the_gpu_launcher_pins_one_device_per_process() -> None:
+    import os
+    import subprocess
+
+    out = subprocess.run([str(REPO / "ops" / "gpu-workers"), "3"], env={**os.environ, "AAS_GPU_WORKERS_DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+    assert len(out) == 3
+    for i, line in enumerate(out):
+        assert f"CUDA_VISIBLE_DEVICES={i} " in line and f"-n gpu{i}@%h" in line and "--pool=solo" in line
+        assert f"AAS_METRICS_PORT={9100 + i} " in line and f"aas-gpu{i}.health" in line
 
 
 def test_the_dockerfile_installs_cpu_torch_by_default_then_the_package() -> None:
