@@ -141,3 +141,38 @@ def workers(services_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
         text = log.read_text(errors="replace")
         if "Traceback" in text:
             print(f"--- {log.name} (tail)\n{text[-3000:]}")
+
+
+# ---------------------------------------------------------------- tools from Debian packages
+
+
+def debian_tool(names: tuple[str, ...], package: str) -> str:
+    """The path of the first of `names` on PATH. Missing: under CI=true install Debian's `package` with
+    apt-get (the CI image runs as root), else skip."""
+    import shutil
+    import subprocess
+
+    def find() -> str | None:
+        return next((p for n in names if (p := shutil.which(n))), None)
+
+    found = find()
+    if found is None and IN_CI and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], check=False,
+                       capture_output=True, timeout=1200, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = find()
+    if found is None:
+        missing(f"{' or '.join(names)} not installed (apt-get install {package})")
+    return str(found)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless-capable Chromium."""
+    return debian_tool(("chromium", "chromium-browser", "google-chrome"), "chromium")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's metrics linter (Debian's `prometheus` package)."""
+    return debian_tool(("promtool",), "prometheus")

@@ -93,13 +93,15 @@ def age_since(t: Any, now: float | None = None) -> float:
 # ---------------------------------------------------------------- worker signals
 
 _heartbeat: Heartbeat | None = None
+_consumer: Any = None
 
 
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
-    global _heartbeat
+    global _heartbeat, _consumer
     from pipeline.settings import get_settings
 
+    _consumer = sender  # the worker's Consumer: its event dispatcher is flushed when a task starts
     path = get_settings().health_file
     if path is None or _heartbeat is not None:
         return
@@ -112,6 +114,24 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 def _task_started(task: Any = None, **_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.task, _heartbeat.task_since = getattr(task, "name", "?"), time.time()
+    flush_task_events()
+
+
+def flush_task_events() -> None:
+    """Send the buffered task-received/task-started events now, before the task runs.
+
+    A worker with an event loop (Redis transport, solo pool included) buffers task events and sends
+    them from the loop, which a solo worker does not run while a task holds it: Flower then shows a
+    running task only once it has finished ("Active" stays 0 mid-job). This runs on the task's thread,
+    the loop's own thread under the solo pool.
+    """
+    dispatcher = getattr(_consumer, "event_dispatcher", None)
+    if dispatcher is None or not getattr(dispatcher, "enabled", False):
+        return
+    try:
+        dispatcher.flush(errors=False, groups=True)
+    except Exception as e:  # noqa: BLE001 - events are for monitoring; the task runs regardless
+        log.debug("could not flush task events: %s", e)
 
 
 @task_postrun.connect

@@ -56,6 +56,9 @@ def register_cli(subparsers: Any) -> None:
     f.add_argument("--port", type=int, default=5555)
     f.add_argument("--address", default="127.0.0.1")
     f.add_argument("--no-auth", action="store_true", help="allow starting without AAS_FLOWER_USER/PASSWORD")
+    f.add_argument("--tasks-columns", dest="tasks_columns", default=FLOWER_TASKS_COLUMNS,
+                   help=f"columns of Flower's task list (default {FLOWER_TASKS_COLUMNS}; Flower's own omits the "
+                        "arguments, so a running task would not show its job, shard and version)")
     f.set_defaults(run=run_flower)
 
 
@@ -154,6 +157,7 @@ def run_plot(args: argparse.Namespace, redis_client: Any = None) -> int:
 # ---------------------------------------------------------------- flower
 
 
+FLOWER_TASKS_COLUMNS = "name,uuid,state,kwargs,args,received,started,runtime,worker"
 FLOWER_BROKER_POOL_MIN = 32  # connections; Flower's inspector runs ~8 broadcasts at once (see run_flower)
 
 
@@ -195,5 +199,6 @@ def run_flower(args: argparse.Namespace) -> int:
     limit = capp.conf.broker_pool_limit
     if limit is not None and limit < FLOWER_BROKER_POOL_MIN:
         capp.conf.broker_pool_limit = FLOWER_BROKER_POOL_MIN
-    capp.start(["flower", f"--port={args.port}", f"--address={args.address}"])
+    capp.start(["flower", f"--port={args.port}", f"--address={args.address}",
+                f"--tasks_columns={args.tasks_columns}"])
     return 0
