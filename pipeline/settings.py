@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 
+    # Grafana (compose only: the admin login of the provisioned dashboards).
+    grafana_user: str | None = None
+    grafana_password: SecretStr | None = None
+
     # Operations: beat schedules and Prometheus metrics.
     schedules_json: str | None = None  # JSON list of schedules installed when beat starts (see pipeline/schedules.py)
     beat_lock_timeout_s: int = Field(default=60, ge=2)  # RedBeat lock: a dead beat's lock frees after this long
