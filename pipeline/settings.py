@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"  # interface for /metrics ("0.0.0.0" in containers)
     health_file: Path | None = None  # worker heartbeat file (workers/health.py); None: no heartbeat
 
+    # Retention (storage/retention.py): Redis state of finished jobs, registry versions no alias points to.
+    finished_job_ttl_s: int = Field(default=24 * 3600, ge=0)  # per-version keys of an ended job; 0: delete at once
+    keep_finished_jobs: int = Field(default=200, ge=0)  # ended jobs kept in Redis, newest first; 0: all
+    registry_keep_versions: int = Field(default=50, ge=0)  # newest versions kept per model (aliased ones too); 0: all
+
     def signing_key_bytes(self) -> bytes | None:
         """The HMAC key for blobs and artifacts as bytes (the one place it is derived), or None when unset."""
         return self.signing_key.get_secret_value().encode() if self.signing_key else None

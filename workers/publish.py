@@ -70,4 +70,6 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         promote_if_better=spec.promote,
     )
     ctx.jobs.set_fields(job.job_id, registered_model=name, registered_version=rec.version)
+    if ctx.settings.registry_keep_versions > 0:  # versions no alias (or rollback) needs, beyond the newest N
+        reg.apply_retention(name, ctx.settings.registry_keep_versions)
     return rec.to_dict()
