@@ -62,7 +62,28 @@ def _from_user(obj: Any, name: str) -> Dataset:
     tensors = [torch.as_tensor(p) for p in parts]
     if tensors[0].shape[0] != tensors[1].shape[0] or tensors[2].shape[0] != tensors[3].shape[0]:
         raise DataError(f"dataset {name!r}: inputs and targets differ in length")
-    return Dataset(*tensors, meta={"name": name})
+    x_train, x_test = (_user_inputs(t, name, part) for t, part in ((tensors[0], "x_train"), (tensors[2], "x_test")))
+    y_train, y_test = (_user_labels(t, name, part) for t, part in ((tensors[1], "y_train"), (tensors[3], "y_test")))
+    return Dataset(x_train, y_train, x_test, y_test, meta={"name": name})
+
+
+def _user_inputs(t: torch.Tensor, name: str, part: str) -> torch.Tensor:
+    """Features as models take them: any float dtype → float32 (scikit-learn and numpy give float64);
+    integer inputs (token ids) → int64."""
+    if t.is_floating_point():
+        return t.to(torch.float32)
+    if t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        return t.to(torch.int64)
+    raise DataError(f"dataset {name!r}: {part} has dtype {t.dtype}; return float features (any float dtype, "
+                    "converted to float32) or integer token ids")
+
+
+def _user_labels(t: torch.Tensor, name: str, part: str) -> torch.Tensor:
+    """Class ids or target tokens as the losses take them: any integer dtype → int64."""
+    if t.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64):
+        return t.to(torch.int64)
+    raise DataError(f"dataset {name!r}: {part} has dtype {t.dtype}; return integer class ids (e.g. "
+                    "y.astype('int64') for a numpy array), not floats or booleans")
 
 
 def load_dataset(name: str, args: dict[str, Any] | None = None) -> Dataset:

@@ -66,11 +66,21 @@ class Settings(BaseSettings):
     flower_user: str | None = None
     flower_password: SecretStr | None = None
 
+    # Grafana (compose only: the admin login of the provisioned dashboards).
+    grafana_user: str | None = None
+    grafana_password: SecretStr | None = None
+
     # Operations: beat schedules and Prometheus metrics.
     schedules_json: str | None = None  # JSON list of schedules installed when beat starts (see pipeline/schedules.py)
     beat_lock_timeout_s: int = Field(default=60, ge=2)  # RedBeat lock: a dead beat's lock frees after this long
     metrics_port: int | None = Field(default=None, ge=1, le=65535)  # worker /metrics port; None: not served
     metrics_host: str = "127.0.0.1"  # interface for /metrics ("0.0.0.0" in containers)
+    health_file: Path | None = None  # worker heartbeat file (workers/health.py); None: no heartbeat
+
+    # Retention (storage/retention.py): Redis state of finished jobs, registry versions no alias points to.
+    finished_job_ttl_s: int = Field(default=24 * 3600, ge=0)  # per-version keys of an ended job; 0: delete at once
+    keep_finished_jobs: int = Field(default=200, ge=0)  # ended jobs kept in Redis, newest first; 0: all
+    registry_keep_versions: int = Field(default=50, ge=0)  # newest versions kept per model (aliased ones too); 0: all
 
     def signing_key_bytes(self) -> bytes | None:
         """The HMAC key for blobs and artifacts as bytes (the one place it is derived), or None when unset."""

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from storage import keys
+from storage.retention import Retention, compact_finished_job, prune_finished_jobs
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -70,8 +71,10 @@ class JobState:
 
 
 class JobStore:
-    def __init__(self, r: redis.Redis) -> None:
+    def __init__(self, r: redis.Redis, retention: Retention | None = None) -> None:
+        """`retention`: what happens to a job's Redis state when it ends (storage/retention.py)."""
         self.r = r
+        self.retention = retention or Retention()
 
     def create(self, job_id: str, spec: dict[str, Any], *, total_rounds: int, fields: dict[str, Any]) -> None:
         mapping = {
@@ -139,6 +142,9 @@ class JobStore:
         if not self._check_and_write(key, still_open, lambda pipe: pipe.hset(key, mapping=mapping)):
             return False
         self.event(job_id, "status", status=status, **({"error": error} if error else {}))
+        if status in TERMINAL:
+            compact_finished_job(self.r, job_id, status, self.retention)
+            prune_finished_jobs(self.r, self.retention)
         return True
 
     def commit_version(

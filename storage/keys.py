@@ -36,6 +36,16 @@ def job_launched(job_id: str, version: int) -> str:
     return f"{PREFIX}:job:{job_id}:launched:v{version}"
 
 
+def job_consumed_pattern(job_id: str) -> str:
+    """SCAN pattern over every ``job_consumed`` set of a job (retention expires them when it ends)."""
+    return f"{PREFIX}:job:{job_id}:consumed:v*"
+
+
+def job_launched_pattern(job_id: str) -> str:
+    """SCAN pattern over every ``job_launched`` marker of a job."""
+    return f"{PREFIX}:job:{job_id}:launched:v*"
+
+
 def jobs_index() -> str:
     """Sorted set: job ids by creation time."""
     return f"{PREFIX}:jobs"

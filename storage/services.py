@@ -12,6 +12,7 @@ from pipeline.settings import Settings, get_settings
 from storage.jobstate import JobStore
 from storage.objectstore import ObjectStore, open_store
 from storage.registry import Registry
+from storage.retention import Retention
 
 if TYPE_CHECKING:
     import torch
@@ -53,4 +54,6 @@ def build_services(settings: Settings | None = None, *, redis_conn: redis.Redis 
                    store: ObjectStore | None = None) -> Services:
     s = settings or get_settings()
     r = redis_conn if redis_conn is not None else redis_client(s)
-    return Services(settings=s, redis=r, store=store if store is not None else open_store(s), jobs=JobStore(r))
+    retention = Retention(finished_ttl_s=s.finished_job_ttl_s, keep_jobs=s.keep_finished_jobs)
+    return Services(settings=s, redis=r, store=store if store is not None else open_store(s),
+                    jobs=JobStore(r, retention))

@@ -142,3 +142,83 @@ def workers(services_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
         text = log.read_text(errors="replace")
         if "Traceback" in text:
             print(f"--- {log.name} (tail)\n{text[-3000:]}")
+
+
+# ---------------------------------------------------------------- tools from Debian packages
+
+
+def debian_tool(names: tuple[str, ...], package: str) -> str:
+    """The path of the first of `names` on PATH. Missing: under CI=true install Debian's `package` with
+    apt-get (the CI image runs as root), else skip."""
+    import shutil
+    import subprocess
+
+    def find() -> str | None:
+        return next((p for n in names if (p := shutil.which(n))), None)
+
+    found = find()
+    if found is None and IN_CI and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "update", "-qq"], check=False, capture_output=True, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", package], check=False,
+                       capture_output=True, timeout=1200, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+        found = find()
+    if found is None:
+        missing(f"{' or '.join(names)} not installed (apt-get install {package})")
+    return str(found)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's headless-capable Chromium."""
+    return debian_tool(("chromium", "chromium-browser", "google-chrome"), "chromium")
+
+
+@pytest.fixture(scope="session")
+def promtool() -> str:
+    """Prometheus's metrics linter (Debian's `prometheus` package)."""
+    return debian_tool(("promtool",), "prometheus")
+
+
+# ---------------------------------------------------------------- metrics endpoints
+
+
+def metrics_endpoints() -> dict[str, str]:
+    """The /metrics text of every kind of process, as each serves it at start-up: a shard worker, an
+    aggregator (with its Redis state read from an empty fakeredis) and an inference worker."""
+    import fakeredis
+    from prometheus_client import generate_latest
+
+    from storage.objectstore import LocalStore
+    from storage.registry import Registry
+    from workers.inference import Metrics
+    from workers.metrics import ROLE_AGGREGATOR, ROLE_SHARD, StateCollector, registry_for
+
+    r = fakeredis.FakeRedis()
+
+    class _Services:
+        redis = r
+
+        def registry(self) -> Registry:
+            import tempfile
+
+            return Registry(r, LocalStore(Path(tempfile.mkdtemp(prefix="aas-metrics-"))))
+
+    state = StateCollector(lambda: _Services(), ("shards", "aggregate", "predict", "beat"))
+    return {
+        "shard-worker": generate_latest(registry_for({ROLE_SHARD})).decode(),
+        "aggregator": generate_latest(registry_for({ROLE_AGGREGATOR}, state=state)).decode(),
+        "inference": generate_latest(Metrics().registry).decode(),
+    }
+
+
+def exposed_names(text: str) -> set[str]:
+    """Every series name an exposition offers to a query: sample names, and the family name of a
+    family with no sample yet (a labelled gauge before its first label set)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names |= {s.name for s in family.samples}
+        if not family.samples:
+            names.add(family.name + ("_total" if family.type == "counter" else ""))
+    return names

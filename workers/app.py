@@ -37,7 +37,7 @@ TASK_WATCHDOG = "aas.watchdog"
 def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
     app = Celery("aas", broker=s.redis_url, backend=s.redis_url,
-                 include=["workers.tasks", "workers.beat", "workers.metrics"])
+                 include=["workers.tasks", "workers.beat", "workers.metrics", "workers.health"])
     transport = {
         # Redis redelivers a task not acknowledged within this window, even while it still runs.
         "visibility_timeout": s.visibility_timeout_s,
@@ -102,8 +102,13 @@ def app_for(settings: Settings) -> Celery:
 
 def shard_signature(capp: Celery, job_id: str, shard: int, version: int, step: int, attempt: int,
                     link: Any = None) -> Any:
-    """The message of one shard task (a version of -1 means "the newest when the task starts")."""
-    return capp.signature(TASK_TRAIN_SHARD, args=(job_id, shard, version, step, attempt), link=link)
+    """The message of one shard task (a version of -1 means "the newest when the task starts").
+
+    Named arguments, job id first: Flower and ``celery inspect`` show ``{'job_id': ..., 'shard_id': ...,
+    'version': ...}`` rather than an unnamed tuple (the task function still accepts them positionally).
+    """
+    kwargs = {"job_id": job_id, "shard_id": shard, "version": version, "step": step, "attempt": attempt}
+    return capp.signature(TASK_TRAIN_SHARD, kwargs=kwargs, link=link)
 
 
 @worker_process_init.connect

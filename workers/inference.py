@@ -23,7 +23,15 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
@@ -153,6 +161,9 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )  # fmt: skip
         self.load_failures = Counter("aas_inference_load_failures", "Versions refused or failed to load", registry=r)
+        for status in ("200", "400", "401", "404", "413", "422", "503"):  # series exist before the first request
+            self.requests.labels(status=status)
+        r.register(PROCESS_COLLECTOR)
 
 
 class ModelServer:

@@ -82,6 +82,8 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         eval_set=own_eval,
     )
     ctx.jobs.set_fields(job.job_id, registered_model=name, registered_version=rec.version)
+    if ctx.settings.registry_keep_versions > 0:  # versions no alias (or rollback) needs, beyond the newest N
+        reg.apply_retention(name, ctx.settings.registry_keep_versions)
     return rec.to_dict()
 
 

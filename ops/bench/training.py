@@ -277,7 +277,7 @@ class Cluster:
 def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
     """Σ compute_s, Σ io_s and the count of this job's shard task results in the Celery result backend.
 
-    The app sets ``result_extended``, so each stored result names its task and arguments (job id first).
+    The app sets ``result_extended``, so each stored result names its task and arguments (``job_id`` by name).
     """
     compute = io = 0.0
     n = 0
@@ -287,8 +287,10 @@ def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
             continue
         meta = json.loads(raw)
         args = meta.get("args") or []
+        kwargs = meta.get("kwargs") or {}
+        task_job = kwargs.get("job_id", args[0] if args else None)  # named since workers/app.py shard_signature
         res = meta.get("result")
-        if meta.get("name") != "aas.train_shard" or not args or args[0] != job_id or not isinstance(res, dict):
+        if meta.get("name") != "aas.train_shard" or task_job != job_id or not isinstance(res, dict):
             continue
         if "compute_s" in res:
             compute += float(res["compute_s"])

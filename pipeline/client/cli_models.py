@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from pipeline.client.output import EXIT_UNAVAILABLE, EXIT_USAGE, fail, iso_time, print_json
 from storage.registry import Registry, RegistryError, VersionRecord
 
 
@@ -29,18 +29,20 @@ def register_cli(subparsers: Any) -> argparse.ArgumentParser:
 
     add("list", "registered models with their latest version and aliases")
     sp = add("show", "a model's versions and aliases, or one version in full")
-    sp.add_argument("name")
+    sp.add_argument("name", help="registered model name")
     sp.add_argument("--version", help="a version number, an alias, or 'latest'")
+    sp.add_argument("--limit", type=int, default=20, metavar="N",
+                    help="newest N versions (default 20; 0 lists all)")
     sp = add("promote", "point an alias at a version")
-    sp.add_argument("name")
-    sp.add_argument("version", type=int)
-    sp.add_argument("--alias", default="production")
+    sp.add_argument("name", help="registered model name")
+    sp.add_argument("version", type=int, help="version number")
+    sp.add_argument("--alias", default="production", help="alias to move (default production)")
     sp = add("rollback", "move an alias back to the version it pointed to before")
-    sp.add_argument("name")
-    sp.add_argument("--alias", default="production")
+    sp.add_argument("name", help="registered model name")
+    sp.add_argument("--alias", default="production", help="alias to move back (default production)")
     sp = add("delete", "delete a version and its artifact (refused while an alias points at it)")
-    sp.add_argument("name")
-    sp.add_argument("version", type=int)
+    sp.add_argument("name", help="registered model name")
+    sp.add_argument("version", type=int, help="version number")
     return p
 
 
@@ -52,20 +54,19 @@ def open_registry() -> Registry:
 
 
 def run(args: argparse.Namespace, registry: Registry | None = None) -> int:
-    """Execute one ``models`` subcommand; 0 on success, 1 on a registry error (message on stderr)."""
+    """Execute one ``models`` subcommand; 0 on success, 2 on a registry refusal, 3 when Redis does not
+    answer (``aas: ...`` on stderr, as every command)."""
     import redis
 
     try:
         reg = registry or open_registry()
         out = _COMMANDS[args.models_command](reg, args)
     except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return fail(str(e), EXIT_USAGE)
     except redis.RedisError as e:
-        print(f"error: cannot reach the registry's Redis: {e}", file=sys.stderr)
-        return 1
+        return fail(f"cannot reach the registry's Redis: {e} (set AAS_REDIS_URL or start Redis)", EXIT_UNAVAILABLE)
     if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
+        print_json(out, indent=2)
     else:
         print(_render(args.models_command, out))
     return 0
@@ -89,10 +90,13 @@ def _list(reg: Registry, args: argparse.Namespace) -> Any:
 def _show(reg: Registry, args: argparse.Namespace) -> Any:
     if args.version is not None:
         return reg.resolve(args.name, args.version).to_dict()
+    versions = reg.list_versions(args.name)
+    shown = versions[-args.limit:] if args.limit > 0 else versions
     return {
         "name": args.name,
         "aliases": reg.aliases(args.name),
-        "versions": [r.to_dict() for r in reg.list_versions(args.name)],
+        "total_versions": len(versions),
+        "versions": [r.to_dict() for r in shown],
     }
 
 
@@ -147,7 +151,7 @@ def _render(command: str, out: Any) -> str:
         rows = [
             [
                 r["version"],
-                time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                iso_time(r["created_at"]),
                 r["codec"],
                 r["size"],
                 _metric(r, "accuracy"),
@@ -158,11 +162,14 @@ def _render(command: str, out: Any) -> str:
             for r in out["versions"]
         ]
         head = f"model {out['name']}  aliases: {_aliases_text(out['aliases'])}\n"
-        return head + table(["VERSION", "CREATED", "CODEC", "BYTES", "ACC", "LOSS", "JOB", "ALIASES"], rows)
+        more = out.get("total_versions", len(rows)) - len(rows)
+        foot = f"\n({more} older versions not shown; --limit 0 lists all)" if more > 0 else ""
+        return head + table(["VERSION", "CREATED", "CODEC", "BYTES", "ACC", "LOSS", "JOB", "ALIASES"], rows) + foot
     if command == "show":
         rec = VersionRecord(**out)
         lines = [
-            f"{k}: {json.dumps(v, sort_keys=True) if isinstance(v, dict) else v}" for k, v in rec.to_dict().items()
+            f"{k}: {json.dumps(v, sort_keys=True) if isinstance(v, dict) else iso_time(v) if k.endswith('_at') else v}"
+            for k, v in rec.to_dict().items()
         ]
         return "\n".join(lines)
     if command in ("promote", "rollback"):

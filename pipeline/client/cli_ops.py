@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
+from pipeline.client.output import EXIT_UNAVAILABLE, EXIT_USAGE, fail, print_json
 from pipeline.settings import Settings
 
 
@@ -20,7 +20,7 @@ def register_cli(subparsers: Any) -> None:
     p = subparsers.add_parser("schedule", help="scheduled retraining (celery beat via RedBeat)")
     sub = p.add_subparsers(dest="schedule_command", metavar="{add,list,remove}", required=True)
     a = sub.add_parser("add", help="retrain a registry model on a schedule when new data arrives")
-    a.add_argument("name")
+    a.add_argument("name", help="schedule name (letters, digits, '-', '_')")
     a.add_argument("--model", required=True, help="registry model name (also the fine-tune job's model)")
     when = a.add_mutually_exclusive_group(required=True)
     when.add_argument("--every", type=float, metavar="SECONDS", help="fire every SECONDS")
@@ -33,10 +33,10 @@ def register_cli(subparsers: Any) -> None:
     a.add_argument("--replace", action="store_true", help="replace a schedule of the same name")
     a.set_defaults(run=run_schedule)
     ls = sub.add_parser("list", help="schedules, when they last fired and what happened")
-    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--json", action="store_true", help="print strict JSON instead of text")
     ls.set_defaults(run=run_schedule)
     rm = sub.add_parser("remove", help="remove a schedule (one from AAS_SCHEDULES_JSON returns at beat start)")
-    rm.add_argument("name")
+    rm.add_argument("name", help="schedule name")
     rm.set_defaults(run=run_schedule)
 
     t = subparsers.add_parser("top", help="live view of jobs, workers and queue depths")
@@ -46,22 +46,24 @@ def register_cli(subparsers: Any) -> None:
     t.set_defaults(run=run_top_cmd)
 
     pl = subparsers.add_parser("plot", help="a job's loss and accuracy per version as a PNG")
-    pl.add_argument("job")
-    pl.add_argument("-o", "--output", default="curve.png")
+    pl.add_argument("job", help="job id")
+    pl.add_argument("-o", "--output", default="curve.png", help="PNG file to write (default curve.png)")
     pl.add_argument("--width", type=int, default=1000, help="pixels (default 1000)")
     pl.add_argument("--height", type=int, default=700, help="pixels (default 700)")
     pl.set_defaults(run=run_plot)
 
     f = subparsers.add_parser("flower", help="start Flower on this system's broker, with basic auth from settings")
-    f.add_argument("--port", type=int, default=5555)
-    f.add_argument("--address", default="127.0.0.1")
+    f.add_argument("--port", type=int, default=5555, help="port to serve Flower on (default 5555)")
+    f.add_argument("--address", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     f.add_argument("--no-auth", action="store_true", help="allow starting without AAS_FLOWER_USER/PASSWORD")
+    f.add_argument("--tasks-columns", dest="tasks_columns", default=FLOWER_TASKS_COLUMNS,
+                   help=f"columns of Flower's task list (default {FLOWER_TASKS_COLUMNS}; Flower's own omits the "
+                        "arguments, so a running task would not show its job, shard and version)")
     f.set_defaults(run=run_flower)
 
 
-def _fail(message: str) -> int:
-    print(f"aas: {message}", file=sys.stderr)
-    return 2
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
+    return fail(message, code)
 
 
 # ---------------------------------------------------------------- schedule
@@ -105,7 +107,7 @@ def run_schedule(args: argparse.Namespace, store: Any = None) -> int:
             return 0
         rows = [i.to_dict() for i in store.list()]
         if args.json:
-            print(json.dumps(rows, indent=2))
+            print_json(rows, indent=2)
             return 0
         if not rows:
             print("no schedules (aas schedule add NAME --model M --every SECONDS)")
@@ -118,7 +120,7 @@ def run_schedule(args: argparse.Namespace, store: Any = None) -> int:
     except (ScheduleError, ValueError) as e:
         return _fail(str(e))
     except redis.RedisError as e:
-        return _fail(f"cannot reach Redis for schedules: {e}")
+        return _fail(f"cannot reach Redis for schedules: {e} (set AAS_REDIS_URL or start Redis)", EXIT_UNAVAILABLE)
 
 
 # ---------------------------------------------------------------- top, plot
@@ -146,7 +148,7 @@ def run_plot(args: argparse.Namespace, redis_client: Any = None) -> int:
     except (PlotError, JobNotFound) as e:
         return _fail(str(e))
     except redis.RedisError as e:
-        return _fail(f"cannot reach Redis at {settings.redis_display()}: {e}")
+        return _fail(f"cannot reach Redis at {settings.redis_display()}: {e}", EXIT_UNAVAILABLE)
     print(path)
     return 0
 
@@ -154,6 +156,7 @@ def run_plot(args: argparse.Namespace, redis_client: Any = None) -> int:
 # ---------------------------------------------------------------- flower
 
 
+FLOWER_TASKS_COLUMNS = "name,uuid,state,kwargs,args,received,started,runtime,worker"
 FLOWER_BROKER_POOL_MIN = 32  # connections; Flower's inspector runs ~8 broadcasts at once (see run_flower)
 
 
@@ -195,5 +198,6 @@ def run_flower(args: argparse.Namespace) -> int:
     limit = capp.conf.broker_pool_limit
     if limit is not None and limit < FLOWER_BROKER_POOL_MIN:
         capp.conf.broker_pool_limit = FLOWER_BROKER_POOL_MIN
-    capp.start(["flower", f"--port={args.port}", f"--address={args.address}"])
+    capp.start(["flower", f"--port={args.port}", f"--address={args.address}",
+                f"--tasks_columns={args.tasks_columns}"])
     return 0

@@ -2,7 +2,8 @@
 
 Starts an embedded Redis (unless AAS_REDIS_URL is set) and a local-folder store (unless
 AAS_S3_ENDPOINT is set), real `celery worker` processes (N shard workers, 1 aggregator), submits a
-job, shows progress per version, prints a summary, and stops everything it started.
+job, shows progress per version, prints a summary, and stops everything it started: on success, on
+an error, on Ctrl-C, and on SIGTERM or SIGHUP (handled as Ctrl-C).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -35,7 +37,16 @@ class DemoOptions:
     spec_overrides: tuple[tuple[str, Any], ...] = ()
 
 
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # handled as Ctrl-C is: the `finally` below stops everything
+
+
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    previous[signal.SIGINT] = signal.getsignal(signal.SIGINT)
     workdir = Path(tempfile.mkdtemp(prefix="aas-demo-"))
     embedded = None
     group = None
@@ -117,12 +128,19 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
             summary["error"] = final.get("error")
         return summary
     finally:
-        if group is not None:
-            group.close()
-        if embedded is not None:
-            embedded.close()
-        if not opts.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+        # A second signal must not cut the clean-up short (it is bounded: TERM, a grace period, KILL).
+        for sig in (*STOP_SIGNALS, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        try:
+            if group is not None:
+                group.close()
+            if embedded is not None:
+                embedded.close()
+            if not opts.keep:
+                shutil.rmtree(workdir, ignore_errors=True)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 class ServedWatcher:

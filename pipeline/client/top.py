@@ -81,8 +81,10 @@ def _bar(done: int, total: int, width: int = 12) -> str:
 
 
 def _task_line(t: dict[str, Any]) -> str:
-    args = t.get("args")
+    args, kwargs = t.get("args"), t.get("kwargs")
     shown = ", ".join(str(a) for a in args) if isinstance(args, (list, tuple)) else str(args or "")
+    if isinstance(kwargs, dict) and kwargs:  # shard tasks travel with named arguments (workers/app.py)
+        shown = ", ".join([*([shown] if shown else []), *(f"{k}={v}" for k, v in kwargs.items())])
     started = t.get("time_start")
     age = f" {time.time() - float(started):.0f}s" if isinstance(started, (int, float)) else ""
     return f"{t.get('name', '?')}({shown}){age}"

@@ -335,7 +335,7 @@ def test_an_unreachable_redis_is_one_line_naming_it_not_a_traceback(
     monkeypatch.setenv("AAS_REDIS_URL", "redis://:pw-Hq2@127.0.0.1:1/0")
     get_settings.cache_clear()
     try:
-        assert main(["status", "abc123"]) == 2
+        assert main(["status", "abc123"]) == 3  # exit 3: a service did not answer
     finally:
         get_settings.cache_clear()
     err = capsys.readouterr().err

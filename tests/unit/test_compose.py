@@ -125,7 +125,8 @@ def test_service_environments_use_only_aas_variables(services: dict[str, dict[st
         env = svc.get("environment") or {}
         keys = env if isinstance(env, dict) else [e.split("=", 1)[0] for e in env]
         for key in keys:
-            third_party = name in ("minio",) and key.startswith("MINIO_")  # MinIO's own names, fed from AAS_ vars
+            third_party = ((name == "minio" and key.startswith("MINIO_"))  # their own names, fed from AAS_ vars
+                           or (name == "grafana" and key.startswith("GF_")))
             assert key.startswith("AAS_") or third_party, f"{name}: {key} is not an AAS_ setting"
             value = str(env[key]) if isinstance(env, dict) else ""
             if third_party:
@@ -160,13 +161,37 @@ def test_depends_on_names_existing_services(services: dict[str, dict[str, Any]])
                 assert deps[dep].get("condition") == "service_completed_successfully"
 
 
-def test_the_gpu_worker_is_a_profile_that_reserves_an_nvidia_device(services: dict[str, dict[str, Any]]) -> None:
-    gpu = services["shard-worker-gpu"]
-    assert gpu["profiles"] == ["gpu"]
-    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert "--pool=solo" in _command(gpu), "GPU workers must not fork after CUDA"
-    assert gpu["environment"]["AAS_DEVICE"] == "cuda"
+def test_each_gpu_worker_is_one_process_pinned_to_its_own_device(services: dict[str, dict[str, Any]]) -> None:
+    gpus = {name: svc for name, svc in services.items() if name.startswith("shard-worker-gpu")}
+    assert len(gpus) >= 2, "per-device GPU services (shard-worker-gpu0, -gpu1, ...)"
+    pinned: dict[str, str] = {}
+    names: set[str] = set()
+    for name, gpu in gpus.items():
+        assert gpu["profiles"] == ["gpu"]
+        [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+        assert "count" not in device, f"{name}: `count: 1` is GPU 0 for every replica; pin device_ids"
+        [dev] = device["device_ids"]
+        assert dev not in pinned, f"{name} and {pinned.get(dev)} both reserve GPU {dev}"
+        pinned[dev] = name
+        cmd = _command(gpu)
+        assert "--pool=solo" in cmd, "GPU workers must not fork after CUDA"
+        worker = _opt(cmd, "-n")
+        assert worker not in names, f"{name}: worker name {worker} is used twice"
+        names.add(str(worker))
+        assert gpu["environment"]["AAS_DEVICE"] == "cuda"
+
+
+def test_the_gpu_launcher_pins_one_device_per_process() -> None:
+    import os
+    import subprocess
+
+    out = subprocess.run([str(REPO / "ops" / "gpu-workers"), "3"], env={**os.environ, "AAS_GPU_WORKERS_DRY_RUN": "1"},
+                         capture_output=True, text=True, timeout=30, check=True).stdout.splitlines()
+    assert len(out) == 3
+    for i, line in enumerate(out):
+        assert f"CUDA_VISIBLE_DEVICES={i} " in line and f"-n gpu{i}@%h" in line and "--pool=solo" in line
+        assert f"AAS_METRICS_PORT={9100 + i} " in line and f"aas-gpu{i}.health" in line
 
 
 def test_the_dockerfile_installs_cpu_torch_by_default_then_the_package() -> None:
@@ -179,32 +204,40 @@ def test_the_dockerfile_installs_cpu_torch_by_default_then_the_package() -> None
     assert torch < package, "torch must come from its index before `pip install .` pulls the default build"
 
 
-def _exposed_metric_names() -> set[str]:
-    from workers.inference import Metrics
-    from workers.metrics import REGISTRY
-
-    names: set[str] = set()
-    for registry in (REGISTRY, Metrics().registry):
-        for family in registry.collect():
-            suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}.get(family.type, [""])
-            names |= {family.name + s for s in suffixes}
-    return names
-
-
 def test_the_dashboard_is_valid_json_whose_queries_use_exported_metrics() -> None:
     dash = json.loads((REPO / "ops" / "grafana" / "aas-dashboard.json").read_text())
     assert dash["title"] and dash["panels"]
-    exported = _exposed_metric_names()
+    from conftest import exposed_names, metrics_endpoints
+
+    exported = set().union(*(exposed_names(text) for text in metrics_endpoints().values()))
     used = set()
     for panel in dash["panels"]:
+        if panel["type"] == "row":
+            continue
         assert panel["targets"], f"panel {panel['title']!r} has no query"
+        assert panel["datasource"]["uid"] == "prometheus", "the provisioned data source's uid"
         for target in panel["targets"]:
-            used |= set(re.findall(r"\baas_[a-z0-9_]+", target["expr"]))
+            used |= set(re.findall(r"\b(?:aas|process)_[a-z0-9_]+", target["expr"]))
     assert used, "the dashboard queries no aas_ metric"
-    assert not used - exported, f"dashboard queries metrics nobody exports: {sorted(used - exported)}"
+    assert not used - exported, f"dashboard queries metrics nobody exports at start-up: {sorted(used - exported)}"
     for needed in ("aas_versions_published_total", "aas_updates_rejected_total", "aas_shard_samples_per_second",
-                   "aas_round_duration_seconds_bucket", "aas_update_staleness_versions_bucket"):
+                   "aas_round_duration_seconds_bucket", "aas_update_staleness_versions_bucket",
+                   "aas_model_version", "aas_model_accuracy_ratio", "aas_model_loss", "aas_queue_depth_messages",
+                   "aas_inference_latency_seconds_bucket", "aas_inference_load_failures_total",
+                   "process_resident_memory_bytes"):
         assert needed in used, f"no panel for {needed}"
+
+
+def test_grafana_provisions_the_dashboard_and_the_prometheus_data_source(services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]
+    mounts = " ".join(grafana["volumes"])
+    assert "./ops/grafana/provisioning:/etc/grafana/provisioning" in mounts
+    assert "./ops/grafana/aas-dashboard.json:/var/lib/grafana/dashboards/" in mounts
+    [source] = yaml.safe_load((REPO / "ops/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"]
+    assert source["uid"] == "prometheus" and source["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load((REPO / "ops/grafana/provisioning/dashboards/aas.yml").read_text())["providers"]
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert "prometheus" in grafana["depends_on"]
 
 
 def test_prometheus_scrapes_the_services_on_their_metrics_ports(services: dict[str, dict[str, Any]]) -> None:

@@ -310,6 +310,6 @@ def test_cli_lists_promotes_rolls_back_and_deletes(
     assert json.loads(capsys.readouterr().out)["aliases"] == {"production": 1}
     assert cli(reg, "show", M, "--version", "production") == 0
     assert "sha256:" in capsys.readouterr().out
-    assert cli(reg, "delete", M, str(v1)) == 1
+    assert cli(reg, "delete", M, str(v1)) == 2
     assert "alias" in capsys.readouterr().err
     assert cli(reg, "delete", M, str(v2)) == 0
