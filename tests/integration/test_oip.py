@@ -266,7 +266,7 @@ def test_bad_requests_get_the_protocols_error_bodies_and_status_codes(worker: Wo
         ({"inputs": [{**good, "data": [0.0] * 63}]}, 400, "63 values; its shape needs 64"),
         ({"inputs": [{**good, "data": ["0"] * 64}]}, 400, "its values must be numbers"),
         ({"inputs": [good], "outputs": [{"name": "logits"}]}, 400, "unknown output 'logits'"),
-        ({"inputs": [{**good, "shape": [MAX_BATCH, 1_000_000]}]}, 413, "values exceed the limit of 1024"),
+        ({"inputs": [{**good, "shape": [MAX_BATCH, 1_000_000]}]}, 413, "values exceed the limit of 262144"),
     ]
     for body, status, message in raw_cases:
         resp = httpx.post(url, content=body) if isinstance(body, bytes) else httpx.post(url, json=body)
