@@ -178,3 +178,15 @@ def test_a_new_version_replaces_the_cached_module(unit_ctx) -> None:
     shard.train_shard(unit_ctx, job_id, 0, 1, 1, 0)
     assert unit_ctx.models.get(f"{keys.checkpoint(job_id, 0)}@cpu") is None
     assert unit_ctx.models.get(f"{keys.checkpoint(job_id, 1)}@cpu") is not None
+
+
+def test_a_cuda_device_the_process_cannot_see_is_refused_by_name(unit_ctx) -> None:
+    from dataclasses import replace
+
+    ctx = replace(unit_ctx, settings=unit_ctx.settings.model_copy(update={"device": "cuda:7"}))
+    if torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 GPUs")
+    with pytest.raises(ValueError, match="AAS_DEVICE=cuda:7"):
+        ctx.device()
+    cpu = replace(unit_ctx, settings=unit_ctx.settings.model_copy(update={"device": "cpu"}))
+    assert cpu.device() == torch.device("cpu")
