@@ -29,11 +29,35 @@ class Checkpoint:
     opt: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # slot → name → tensor
     meta: dict[str, Any] = field(default_factory=dict)
 
-    def build(self, device: str | torch.device = "cpu") -> nn.Module:
-        """Rebuild the module and load the weights; shapes are checked by load_state_dict(strict=True)."""
+    def build(self, device: str | torch.device = "cpu", *, copy: bool = True) -> nn.Module:
+        """Rebuild the module and load the weights; shapes are checked by load_state_dict(strict=True).
+
+        The module is built on the meta device, so no weight is allocated or initialised only to be
+        overwritten (a 1B-parameter model's random init alone takes seconds and 4 GB); the checkpoint's
+        tensors then become its parameters. With copy=False they are this checkpoint's own tensors
+        where `device` is the CPU (no second copy): only for a caller that owns this Checkpoint and
+        does not change the weights in place, or restores them (see training.local_steps).
+        """
+        device = torch.device(device)
+        model = _build_on_meta(self.model, self.model_args)
+        if model is not None:
+            state = {k: v.to(device, copy=copy) for k, v in self.state.items()}
+            model.load_state_dict(state, strict=True, assign=True)
+            if not any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+                return model
+        # A module that cannot be built on meta, or holds a tensor the state dict does not (a
+        # non-persistent buffer, computed in __init__): build it for real.
         model = build_model(self.model, self.model_args)
         model.load_state_dict(self.state, strict=True)
         return model.to(device)
+
+
+def _build_on_meta(name: str, args: dict[str, Any]) -> nn.Module | None:
+    try:
+        with torch.device("meta"):
+            return build_model(name, args)
+    except (NotImplementedError, RuntimeError):  # e.g. a user __init__ that reads a value (.item()) of a tensor
+        return None
 
 
 def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None, with_opt: bool = True) -> bytes:
@@ -121,5 +145,14 @@ def initial_checkpoint(model_name: str, model_args: dict[str, Any], seed: int) -
     """Version 0: the model's seeded initialisation."""
     torch.manual_seed(seed)
     model = build_model(model_name, model_args)
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    # The module is dropped on return, so its tensors are taken as they are (no second copy of a large
+    # model); a tensor sharing storage with an earlier one (tied weights) is cloned: safetensors refuses
+    # shared storage.
+    state: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     return Checkpoint(model=model_name, model_args=model_args, version=0, state=state)

@@ -63,6 +63,11 @@ class JobSpec(BaseModel):
     init_from: str | None = Field(default=None, max_length=300)
     temperature: float = Field(default=4.0, gt=0, le=1000)
     alpha: float = Field(default=0.7, ge=0, le=1)
+    # Big models on the workers: a batch too large for the device runs in micro-batches of this many rows
+    # (the same gradient, one slice's activations in memory); "auto" precision is bf16 autocast on CUDA,
+    # fp32 on the CPU (pipeline/training.py autocast_dtype).
+    micro_batch_size: int | None = Field(default=None, ge=1)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     # User code is never imported while fields are checked: the field validators check the name's shape and
     # the allowlist only; the import happens in _consistent, which pydantic runs only once every field passed.

@@ -44,25 +44,65 @@ def trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a training step: "auto" is bf16 on CUDA and fp32 (no autocast) elsewhere.
+
+    bf16 keeps fp32's exponent range, so no loss scaling is needed (unlike fp16); weights, gradients and
+    the optimizer stay fp32, only matmuls and activations run in bf16. "bf16" on the CPU runs too (slowly).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r} (known: {', '.join(PRECISIONS)})")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None = None,
-             temperature: float = 4.0, alpha: float = 0.7) -> ShardResult:
-    """Mean-loss gradient of one mini-batch at the model's current weights."""
+             temperature: float = 4.0, alpha: float = 0.7, *, micro_batch_size: int | None = None,
+             precision: str = "fp32") -> ShardResult:
+    """Mean-loss gradient of one mini-batch at the model's current weights.
+
+    With `micro_batch_size`, the batch runs in slices of that many rows, each slice's mean loss scaled by
+    its share of the rows, gradients accumulated: the full batch's gradient (to fp32 rounding) with one
+    slice's activations in memory. Exact when every row has the same number of targets (a class, or T
+    next bytes). The model is left without gradients (``.grad`` None): the result holds them.
+    """
     params = trainable(model)
     if x.shape[0] == 0:
         return ShardResult({n: torch.zeros_like(p, device="cpu") for n, p in params.items()}, 0, 0.0)
-    model.train()
-    model.zero_grad(set_to_none=True)
-    logits = model(x)
-    if teacher is not None:
-        with torch.no_grad():
-            t_logits = teacher(x)
-        loss = distill_loss(logits, y, t_logits, temperature, alpha)
-    else:
-        loss = loss_fn(logits, y)
-    loss.backward()
+    loss = _backward(model, x, y, teacher, temperature, alpha, micro_batch_size, precision)
     grads = {n: (p.grad if p.grad is not None else torch.zeros_like(p)).detach().float().cpu()
              for n, p in params.items()}
-    return ShardResult(grads, int(x.shape[0]), float(loss.detach()))
+    model.zero_grad(set_to_none=True)  # a cached model keeps no gradient (a second copy of the weights' size)
+    return ShardResult(grads, int(x.shape[0]), loss)
+
+
+def _backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: nn.Module | None, temperature: float,
+              alpha: float, micro_batch_size: int | None, precision: str) -> float:
+    """Set every parameter's .grad to the batch's mean-loss gradient; return the mean loss."""
+    n = int(x.shape[0])
+    dtype = autocast_dtype(precision, x.device)
+    step = micro_batch_size or n
+    model.train()
+    model.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    for i in range(0, n, step):
+        xb, yb = x[i : i + step], y[i : i + step]  # (b, ...): rows i..i+b
+        with torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            logits = model(xb)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_logits = teacher(xb)
+                loss = distill_loss(logits, yb, t_logits, temperature, alpha)
+            else:
+                loss = loss_fn(logits, yb)
+        share = xb.shape[0] / n  # 1.0 for a whole batch: the same numbers as without slicing
+        (loss * share if step < n else loss).backward()
+        loss_sum += float(loss.detach()) * share
+    return loss_sum
 
 
 def local_steps(
@@ -74,8 +114,14 @@ def local_steps(
     teacher: nn.Module | None = None,
     temperature: float = 4.0,
     alpha: float = 0.7,
+    micro_batch_size: int | None = None,
+    precision: str = "fp32",
 ) -> ShardResult:
-    """H inner optimizer steps (DiLoCo); returns Δ = w_start − w_end and the mean loss of the steps."""
+    """H inner optimizer steps (DiLoCo); returns Δ = w_start − w_end and the mean loss of the steps.
+
+    The model's weights are restored to w_start on return (an error included): workers keep the module
+    of a version between tasks, and the next task on that version must start from it.
+    """
     params = trainable(model)
     start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
     opt: torch.optim.Optimizer
@@ -84,14 +130,20 @@ def local_steps(
     else:
         opt = torch.optim.SGD(params.values(), lr=lr)
     samples, loss_sum = 0, 0.0
-    for x, y in batches:
-        if x.shape[0] == 0:
-            continue
-        r = gradient(model, x, y, teacher, temperature, alpha)
-        opt.step()
-        samples += r.samples
-        loss_sum += r.loss * r.samples
-    delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
+    try:
+        for x, y in batches:
+            if x.shape[0] == 0:
+                continue
+            loss = _backward(model, x, y, teacher, temperature, alpha, micro_batch_size, precision)
+            opt.step()
+            samples += int(x.shape[0])
+            loss_sum += loss * int(x.shape[0])
+        delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(start[n])
+                p.grad = None
     return ShardResult(delta, samples, loss_sum / samples if samples else 0.0)
 
 

@@ -43,7 +43,15 @@ class Services:
         want = self.settings.device
         if want == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(want)
+        dev = torch.device(want)
+        # One process per GPU: each worker names its own (AAS_DEVICE=cuda:1). A device this process cannot
+        # see fails here, by name, rather than deep inside the first tensor copy.
+        if dev.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if count == 0 or (dev.index or 0) >= count:
+                raise ValueError(f"AAS_DEVICE={want}: this process sees {count} CUDA device(s) "
+                                 f"(torch {torch.__version__}; check CUDA_VISIBLE_DEVICES)")
+        return dev
 
 
 def redis_client(settings: Settings, *, socket_timeout_s: float | None = 30.0) -> redis.Redis:

@@ -39,6 +39,9 @@ class LRU:
         while len(self._d) > self.size:
             self._d.popitem(last=False)
 
+    def clear(self) -> None:
+        self._d.clear()
+
 
 @dataclass
 class Context(Services):
@@ -47,6 +50,9 @@ class Context(Services):
 
     dispatch: Dispatcher = field(default=None)  # type: ignore[assignment]  # set in __post_init__
     checkpoints: LRU = field(default_factory=lambda: LRU(4))
+    # Shard workers: the module of the version they last trained on, built once per version and device.
+    # One only: a large model's process holds one copy of its weights (a new version replaces it).
+    models: LRU = field(default_factory=lambda: LRU(1))
     data: LRU = field(default_factory=lambda: LRU(64))
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -107,6 +113,29 @@ class Context(Services):
             spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
             check_model(hit, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
             self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
+        return hit
+
+    def model(self, key: str, job_id: str, device: torch.device) -> torch.nn.Module:
+        """The module of checkpoint `key` on `device`, built once per process: a task on the version
+        the previous one used neither downloads nor rebuilds. The caller must leave its weights as it
+        found them (``training.local_steps`` restores them); gradients are left unset.
+
+        The decoded checkpoint is not kept beside the module (on the CPU the module's parameters are its
+        tensors), so a worker holds one copy of the weights, not two."""
+        mkey = f"{key}@{device}"
+        hit = self.models.get(mkey)
+        if hit is None:
+            self.models.clear()  # drop the old version before the new one is read: one copy at a time
+            cached = self.checkpoints.get(key + "#opt") or self.checkpoints.get(key)
+            if cached is not None:  # shared with another user in this process (the aggregator): copy
+                hit = cached.build(device)
+            else:
+                data = self.store.get(key)
+                self.jobs.add_bytes(job_id, down=len(data))
+                ckpt = decode_checkpoint(data, key, signing_key=self.signing_key)
+                del data
+                hit = ckpt.build(device, copy=False)
+            self.models.put(mkey, hit)
         return hit
 
     def write_checkpoint(self, key: str, ckpt: Checkpoint) -> None:

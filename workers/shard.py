@@ -34,13 +34,12 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         version = job.version
     spec = JobSpec.model_validate(job.spec)
     manifest = ctx.manifest(job.fields["manifest"])
-    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    device = ctx.device()
+    model = ctx.model(keys.checkpoint(job_id, version), job_id, device)  # built once per version and process
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
 
-    device = ctx.device()
     torch.manual_seed(hash((job_id, shard, version, step)) & 0xFFFFFFFF)
-    model = ckpt.build(device)
     teacher = None
     if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
         name, _, version_text = job.fields["teacher"].rpartition("@")
@@ -53,11 +52,13 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         batches.append((x[rows].to(device), y[rows].to(device)))
     t1 = time.perf_counter()
     if spec.local_steps == 1:
-        result = gradient(model, *batches[0], teacher, spec.temperature, spec.alpha)
+        result = gradient(model, *batches[0], teacher, spec.temperature, spec.alpha,
+                          micro_batch_size=spec.micro_batch_size, precision=spec.precision)
     else:
         lr = spec.inner_lr
         result = local_steps(model, batches, optimizer=spec.inner_optimizer, lr=lr, teacher=teacher,
-                             temperature=spec.temperature, alpha=spec.alpha)
+                             temperature=spec.temperature, alpha=spec.alpha,
+                             micro_batch_size=spec.micro_batch_size, precision=spec.precision)
     if ctx.settings.slow_factor > 1:
         time.sleep((time.perf_counter() - t1) * (ctx.settings.slow_factor - 1))
     t_compute = time.perf_counter() - t1

@@ -14,7 +14,7 @@ from typing import Any
 from torch import nn
 
 from pipeline.imports import ImportRefused, is_import_path, resolve_import
-from pipeline.models import char_lm, digits_cnn
+from pipeline.models import char_lm, digits_cnn, gpt
 
 
 class ModelError(ValueError):
@@ -38,6 +38,8 @@ BUILTIN: dict[str, ModelEntry] = {
     "digits-cnn": ModelEntry(digits_cnn.digits_cnn, "classify", digits_cnn.config_args(digits_cnn.DigitsCNNConfig())),
     "digits-cnn-small": ModelEntry(_small_cnn, "classify", digits_cnn.config_args(digits_cnn.SMALL)),
     "char-lm": ModelEntry(char_lm.char_lm, "lm", asdict(char_lm.CharLMConfig())),
+    # Named sizes 1m/10m/100m/1b (pipeline/models/gpt.py); the checkpoint records the size's name.
+    "gpt": ModelEntry(gpt.gpt, "lm", gpt.default_args()),
 }
 
 
