@@ -14,6 +14,11 @@ from workers.lifecycle import advance
 
 
 def _run_job(unit_ctx: Any) -> str:
+    from pydantic import SecretStr
+
+    # Every job publishes into the same model: registering into an existing model needs the registry token.
+    # The workers (this Context) hold the same token, so they can check the job's grant when publishing.
+    unit_ctx.settings = unit_ctx.settings.model_copy(update={"registry_token": SecretStr("retention-token")})
     client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis, dispatch=unit_ctx.dispatch)
     job_id = client.stage({"shards": 2, "epochs": 1, "batch_size": 256, "seed": 1})
     unit_ctx.jobs.set_status(job_id, "running")
