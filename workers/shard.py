@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
-from pipeline.data import batch_rows, batches_per_epoch
+from pipeline.data import batch_rows, batches_per_epoch, hash_seed
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
@@ -39,7 +39,9 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     t_io = time.perf_counter() - t0
 
     device = ctx.device()
-    torch.manual_seed(hash((job_id, shard, version, step)) & 0xFFFFFFFF)
+    # A stable hash: Python's hash() of a str is salted per process (PYTHONHASHSEED), so a redelivered task of a
+    # model with dropout would draw other random numbers on another worker.
+    torch.manual_seed(hash_seed(job_id, shard, version, step))
     model = ckpt.build(device)
     teacher = None
     if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
