@@ -39,9 +39,10 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     t_io = time.perf_counter() - t0
 
     device = ctx.device()
-    # A stable hash: Python's hash() of a str is salted per process (PYTHONHASHSEED), so a redelivered task of a
-    # model with dropout would draw other random numbers on another worker.
-    torch.manual_seed(hash_seed(job_id, shard, version, step))
+    # A stable hash of the spec's seed (Python's hash() of a str is salted per process by PYTHONHASHSEED: a
+    # redelivered task of a model with dropout drew other numbers on another worker). Not the job id: the same
+    # spec trains to the same weights, whichever job, worker or fault.
+    torch.manual_seed(hash_seed(spec.seed, shard, version, step))
     model = ckpt.build(device)
     teacher = None
     if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
