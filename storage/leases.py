@@ -139,6 +139,15 @@ class LeaseBook:
             out.append((lease, int(self.r.hincrby(keys.job_lost(job_id), lease.slot, 1))))
         return out
 
+    def summary(self, job_id: str, fields: dict[str, str], now: float | None = None) -> dict[str, Any]:
+        """What `aas status` and `aas top` show of a job's liveness: seconds since its last progress (a commit or
+        an accepted update), how many times work was relaunched, and which tasks run where."""
+        now = time.time() if now is None else now
+        progress_at = float(fields.get("progress_at") or 0)
+        return {"since_progress_s": round(now - progress_at, 1) if progress_at else None,
+                "relaunches": int(fields.get("relaunches") or 0),
+                "tasks": [lease.to_dict() for lease in self.leases(job_id)]}
+
     def lost_count(self, job_id: str, slot: str) -> int:
         return int(self.r.hget(keys.job_lost(job_id), slot) or 0)
 

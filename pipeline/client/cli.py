@@ -1,4 +1,4 @@
-"""The `aas` command: demo, submit, status, wait, cancel, resume (and `models`, `schedule` where present).
+"""The `aas` command: demo, submit, status, events, wait, cancel, resume (and `models`, `schedule` where present).
 
 Errors a user can fix (a bad spec, a service that does not answer) print one line and exit 2; no
 traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from typing import Any
 
 
@@ -46,6 +47,18 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def _liveness_line(live: dict[str, Any]) -> str:
+    parts = []
+    if live.get("since_progress_s") is not None:
+        parts.append(f"progress {live['since_progress_s']:.0f}s ago")
+    if live.get("tasks"):
+        lost = sum(not t["alive"] for t in live["tasks"])
+        parts.append(f"{len(live['tasks'])} tasks" + (f" ({lost} lease lost)" if lost else ""))
+    if live.get("relaunches"):
+        parts.append(f"relaunched {live['relaunches']}")
+    return ("  " + ", ".join(parts)) if parts else ""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aas", description="Asynchronous training and online model updates")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("wait", help="wait for a job to end")
     w.add_argument("job")
     w.add_argument("--timeout", type=float)
+
+    ev = sub.add_parser("events", help="a job's event stream: retries, rejections, relaunches, failures")
+    ev.add_argument("job")
+    ev.add_argument("--count", type=int, default=100, help="newest N events (default 100)")
+    ev.add_argument("--json", action="store_true", help="one JSON object per line")
 
     c = sub.add_parser("cancel", help="cancel a job")
     c.add_argument("job")
@@ -137,7 +155,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             for row in rows:
                 acc = row.get("test_accuracy")
                 print(f"{row['job_id']}  {row['status']:<10} v{row['version']}/{row['total_rounds']}"
-                      + (f"  acc {acc:.4f}" if acc is not None else ""))
+                      + (f"  acc {acc:.4f}" if acc is not None else "") + _liveness_line(row["liveness"]))
             return 0
         st = client.status(args.job)
         if args.json:
@@ -145,8 +163,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         else:
             metrics = st.pop("metrics")
             st.pop("spec")
+            live = st.pop("liveness")
             for k, v in st.items():
                 print(f"{k:>14}: {v}")
+            if live.get("since_progress_s") is not None:
+                print(f"{'progress':>14}: {live['since_progress_s']:.0f} s ago")
+            print(f"{'relaunches':>14}: {live.get('relaunches', 0)}")
+            for t in live.get("tasks", []):
+                print(f"{'task':>14}: {t['slot']} {t['what']} on {t['worker']} "
+                      f"({time.time() - t['started']:.0f} s, {t['state'] if t['alive'] else 'lease LOST'})")
             if metrics:
                 print(f"{'last version':>14}: {json.dumps(metrics[-1])}")
         return 0
@@ -154,6 +179,15 @@ def _dispatch(args: argparse.Namespace) -> int:
         final = client.wait(args.job, timeout=args.timeout)
         print(json.dumps({k: v for k, v in final.items() if k not in ("metrics", "spec")}))
         return 0 if final["status"] == "succeeded" else 1
+    if args.command == "events":
+        for e in client.events(args.job, count=args.count):
+            if args.json:
+                print(json.dumps(e))
+                continue
+            t = time.strftime("%H:%M:%S", time.localtime(float(e.get("t", 0))))
+            rest = "  ".join(f"{k}={v}" for k, v in e.items() if k not in ("id", "t", "kind"))
+            print(f"{t}  {e['kind']:<10} {rest}")
+        return 0
     if args.command == "cancel":
         moved = client.cancel(args.job)
         print("cancelled" if moved else "already finished")

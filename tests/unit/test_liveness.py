@@ -202,3 +202,28 @@ def test_queued_redis_messages_are_read_as_job_slots() -> None:
                                                                                                          "s0:t7")
     assert parse(message("aas.predict", ["m", "production", []], {})) is None
     assert parse(b"not json") is None
+
+
+def test_top_and_status_show_time_since_progress_tasks_and_where_they_run_and_relaunches(unit_ctx) -> None:
+    from pipeline.client.top import collect, render
+
+    job_id = stage(unit_ctx)
+    unit_ctx.jobs.set_status(job_id, "running")
+    book(unit_ctx).acquire(job_id, "t0", "v0:s0", "shard0@host/12", f"shard 0 of job {job_id} v0")
+    book(unit_ctx).acquire(job_id, "t1", "v0:s1", "shard1@host/13", f"shard 1 of job {job_id} v0")
+    unit_ctx.redis.delete(keys.lease("t1"))
+    liveness.sweep(unit_ctx, Probe())
+    book(unit_ctx).acquire(job_id, "t2", "v0:s1", "shard1@host/14", f"shard 1 of job {job_id} v0")
+    frame = render(collect(unit_ctx.redis, None, depths=lambda: {"shards": 4, "aggregate": 0}))
+    assert "shards 4" in frame
+    assert "s ago" in frame and f"shard 0 of job {job_id} v0" in frame and "shard0@host/12" in frame
+    assert "shard1@host/14" in frame
+    row = next(line for line in frame.splitlines() if line.strip().startswith(job_id))
+    assert row.split()[-1] == "1"  # one relaunch
+
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis, dispatch=unit_ctx.dispatch)
+    live = client.status(job_id)["liveness"]
+    assert live["relaunches"] == 1 and live["since_progress_s"] >= 0
+    assert sorted(t["worker"] for t in live["tasks"]) == ["shard0@host/12", "shard1@host/14"]
+    assert [e["kind"] for e in client.events(job_id) if e["kind"] in ("lease_lost", "relaunch")] == ["lease_lost",
+                                                                                                     "relaunch"]
