@@ -87,7 +87,8 @@ class Settings(BaseSettings):
 
     def broker(self) -> str:
         """The Celery broker URL (Redis unless AAS_BROKER_URL names another)."""
-        return self.broker_url.get_secret_value() if self.broker_url else self.redis_url
+        url = self.broker_url.get_secret_value() if self.broker_url else ""
+        return url or self.redis_url  # an empty AAS_BROKER_URL (compose's default) means Redis
 
     def broker_kind(self) -> str:
         """The broker's kind: "redis", or "rabbitmq" for any amqp URL."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import worker_init, worker_process_init
 from kombu import Exchange, Queue
 
 from pipeline.settings import Settings, get_settings
@@ -133,6 +133,18 @@ def shard_signature(capp: Celery, job_id: str, shard: int, version: int, step: i
                     link: Any = None) -> Any:
     """The message of one shard task (a version of -1 means "the newest when the task starts")."""
     return capp.signature(TASK_TRAIN_SHARD, args=(job_id, shard, version, step, attempt), link=link)
+
+
+@worker_init.connect
+def _declare_rabbitmq_queues(sender: Any = None, **_: object) -> None:
+    """RabbitMQ: declare every queue and its exchange before the consumer starts, also those this worker does
+    not consume: Celery's native delayed delivery (retry countdowns on quorum queues) binds all of them."""
+    capp = getattr(sender, "app", None) or app
+    if not str(capp.conf.broker_url).startswith(("amqp", "pyamqp")):
+        return
+    with capp.connection_for_write() as conn:
+        for q in capp.conf.task_queues or ():
+            q.bind(conn.default_channel).declare()
 
 
 @worker_process_init.connect
