@@ -151,6 +151,11 @@ def parse_slot(slot: str) -> Slot:
     return Slot("step", shard=int(m["as"]), step=int(m["t"]))
 
 
+def fault_armed(point: str, scope: str) -> str:
+    """String: an ``=armed`` fault point may fire once for `scope` (a chaos run arms it when it chooses)."""
+    return f"{PREFIX}:fault-armed:{point}:{scope}"
+
+
 def fault_fired(point: str, scope: str) -> str:
     """String: set once an armed fault point fired for `scope` (a job), so it fires once (tests, chaos)."""
     return f"{PREFIX}:fault:{point}:{scope}"
