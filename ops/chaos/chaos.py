@@ -131,7 +131,7 @@ class Cluster:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, shard_workers: int = 2) -> Cluster:
+    def start(self, shard_workers: int = 2, aggregators: int = 1) -> Cluster:
         if self.redis is not None:
             self.redis.start()
             self.redis_url = self.redis.url
@@ -142,7 +142,8 @@ class Cluster:
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")
         for _ in range(shard_workers):
             self.start_worker("shard")
-        self.start_worker("aggregate")
+        for _ in range(aggregators):
+            self.start_worker("aggregate")
         return self
 
     def close(self) -> None:
@@ -326,7 +327,10 @@ class JobRun:
             state = self._state() or state
             if state is not None:
                 for rec in self.injected:
-                    if "progress_s" not in rec and "skipped" not in rec and state["version"] > rec["version"]:
+                    if rec["kind"] == "user_hang" and "_t" not in rec:
+                        self._hang_fired(rec, state["version"], now)
+                    if "_t" in rec and "progress_s" not in rec and "skipped" not in rec \
+                            and state["version"] > rec["version"]:
                         rec["progress_s"] = round(now - rec["_t"], 2)
             if state is not None and pending and state["version"] >= pending[0].at_version and self._may_fire():
                 due = due if due is not None else now + pending[0].delay_s
@@ -359,6 +363,9 @@ class JobRun:
                 if code != EXIT_HUNG:
                     self.notes.append(f"worker {name} exited on its own ({code}); replaced")
             time.sleep(0.05)
+        for rec in self.injected:
+            if rec["kind"] == "user_hang" and "_t" not in rec:
+                rec["skipped"] = "the armed hang never fired before the job ended"
         self._drain_timers()
         self._count_watchdog()
         for name in self._extra_aggs:
@@ -370,6 +377,16 @@ class JobRun:
                 "stalls": self.stalls, "watchdog": self.watchdog,
                 "redelivered": max(0, self._redelivered() - redelivered0),
                 "notes": self.notes, "consumed": self.consumed}
+
+    def _hang_fired(self, rec: dict[str, Any], version: int, now: float) -> None:
+        """A user_hang is timed from the moment a shard task reaches the armed point, not from the arming."""
+        import redis
+
+        try:
+            if self.client.redis.exists(keys.fault_fired(HANG_POINT, self.job_id)):
+                rec.update(_t=now, version=version, fired_after_s=round(now - rec["_armed"], 2))
+        except redis.RedisError:
+            pass
 
     def _may_fire(self) -> bool:
         """One fault at a time (the previous one has been followed by a version), on a fleet that is up: two
@@ -505,7 +522,8 @@ class JobRun:
             from workers import faults
 
             faults.arm(self.client.redis, HANG_POINT, self.job_id)  # the next shard task to get there never returns
-            rec.update(point=HANG_POINT)
+            rec.update(point=HANG_POINT, _armed=now)
+            del rec["_t"]  # timed from when it fires (_hang_fired)
         elif f.kind == "two_aggregators":
             from workers.app import app_for
 
@@ -690,8 +708,8 @@ def main(argv: list[str] | None = None) -> int:
     reference: dict[str, Any] = {}
     try:
         print(f"[chaos] broker {args.broker}; starting redis-server, moto behind a proxy, 3 shard workers, "
-              f"1 aggregator in {workdir}")
-        cluster.start(shard_workers=3).wait_ready()
+              f"2 aggregators in {workdir}")
+        cluster.start(shard_workers=3, aggregators=2).wait_ready()
         client = cluster.client()
         reference = check_job(JobRun(cluster, client, spec, []).run(), client, spec["shards"], None)
         rounds = int(reference["total_rounds"])
