@@ -66,6 +66,24 @@ def test_a_sigkilled_computing_worker_costs_seconds_not_the_visibility_timeout(w
         assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
 
 
+def test_shard_messages_the_broker_lost_are_relaunched_in_seconds_with_the_default_settings(workers) -> None:
+    from pipeline.client import Client
+
+    start = workers
+    start("aggregator", "aggregate", extra_env=DEFAULTS)
+    client = Client()
+    job_id = client.submit(SPEC)
+    wait_for(lambda: client.redis.llen("shards"), 10, "the round was never queued")
+    assert client.redis.delete("shards") == 1  # the round's shard messages vanish, as kombu can lose them
+    start("shard0", extra_env=DEFAULTS)
+    final = client.wait(job_id, timeout=120)
+    assert final["status"] == "succeeded", final.get("error")
+    events = client.jobs.events(job_id, count=1000)
+    assert {e["slot"] for e in events if e["kind"] == "relaunch" and "message lost" in e["reason"]} == {"v0:s0",
+                                                                                                         "v0:s1"}
+    assert not any(e["kind"] == "watchdog" for e in events)  # the 15-minute last resort was not needed
+
+
 def test_a_user_factory_that_hangs_fails_its_job_naming_the_task_and_a_second_job_succeeds(workers) -> None:
     from pipeline.client import Client
 
