@@ -147,7 +147,8 @@ def batch_rows(shard_size: int, batch_size: int, step: int, bpe: int, seed: int,
     return perm[b * batch_size : (b + 1) * batch_size]
 
 
-def hash_seed(*parts: int) -> int:
+def hash_seed(*parts: int | str) -> int:
+    """A seed from the parts, the same in every process (unlike hash(), which PYTHONHASHSEED salts)."""
     digest = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 

@@ -14,8 +14,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="AAS_", env_file=".env", extra="ignore")
 
-    # Redis: broker, results, job state, registry, events.
+    # Redis: job state, results, registry, events (and the broker unless broker_url names another).
     redis_url: str = "redis://127.0.0.1:6379/0"
+    # The Celery broker: None uses redis_url; "amqp://user:pass@host:5672/vhost" uses RabbitMQ with quorum
+    # queues (no loss window between delivery and the unacked record; see docs/reliability.md).
+    broker_url: SecretStr | None = None
 
     # Object store. With s3_endpoint set, S3/MinIO is used; otherwise a local folder.
     s3_endpoint: str | None = None  # host:port, e.g. "minio:9000"
@@ -45,6 +48,17 @@ class Settings(BaseSettings):
     # Default (None): visibility timeout + task time limit. watchdog_interval_s = 0 turns it off.
     watchdog_stall_s: float | None = Field(default=None, gt=0)
     watchdog_interval_s: float = Field(default=30.0, ge=0)
+    # Liveness (workers/liveness.py): every worker process renews its heartbeat and the lease of the task it runs
+    # every heartbeat_interval_s; a lease not renewed for lease_ttl_s is lost (the worker died or is stopped). The
+    # monitor sweeps every liveness_interval_s (0: off) and relaunches the missing work of a round: at once for a
+    # lost lease, after relaunch_grace_s for work that is neither queued nor leased (a message the broker lost).
+    heartbeat_interval_s: float = Field(default=1.0, gt=0)
+    lease_ttl_s: float = Field(default=5.0, gt=0)
+    liveness_interval_s: float = Field(default=1.0, ge=0)
+    relaunch_grace_s: float = Field(default=2.0, ge=0)
+    # A task still running this long past task_time_limit_s ends its worker process (os._exit) on any pool, solo
+    # included (which does not enforce Celery's time limits); the supervisor restarts the worker.
+    hard_exit_grace_s: float = Field(default=5.0, ge=0)
 
     # Limits on what is accepted.
     max_blob_bytes: int = Field(default=2 * 1024**3, ge=1)
@@ -89,15 +103,32 @@ class Settings(BaseSettings):
     def store_kind(self) -> str:
         return "s3" if self.s3_endpoint else "local"
 
+    def broker(self) -> str:
+        """The Celery broker URL (Redis unless AAS_BROKER_URL names another)."""
+        url = self.broker_url.get_secret_value() if self.broker_url else ""
+        return url or self.redis_url  # an empty AAS_BROKER_URL (compose's default) means Redis
+
+    def broker_kind(self) -> str:
+        """The broker's kind: "redis", or "rabbitmq" for any amqp URL."""
+        return "rabbitmq" if self.broker().split("://", 1)[0] in ("amqp", "amqps", "pyamqp") else "redis"
+
+    def broker_display(self) -> str:
+        """The broker URL without a password, safe to print."""
+        return _without_password(self.broker())
+
     def redis_display(self) -> str:
         """The Redis URL without a password, safe to print."""
-        from urllib.parse import urlsplit, urlunsplit
+        return _without_password(self.redis_url)
 
-        parts = urlsplit(self.redis_url)
-        if parts.password:
-            netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-            return urlunsplit(parts._replace(netloc=netloc))
-        return self.redis_url
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 @lru_cache(maxsize=1)

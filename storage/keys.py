@@ -66,12 +66,118 @@ def deliveries_pattern() -> str:
     return f"{PREFIX}:deliveries:*"
 
 
+# ---- liveness (storage/leases.py, workers/liveness.py)
+# A worker process renews its heartbeat and the leases of the tasks it runs; both are TTL keys, so a process that
+# dies or is stopped simply stops existing in Redis. A "slot" names one piece of a job's work that must be done
+# (a sync round's shard or its aggregation; an async shard's data step); see slot_* below.
+
+
+def worker_heartbeat(worker: str) -> str:
+    """String with a TTL (JSON: host, pid, queues, broker, the task it runs): the worker process is alive."""
+    return f"{PREFIX}:worker:{worker}"
+
+
+def worker_heartbeat_pattern() -> str:
+    """SCAN pattern over every live worker's heartbeat."""
+    return f"{PREFIX}:worker:*"
+
+
+def lease(task_id: str) -> str:
+    """String with a TTL: the task message `task_id` is being run (or held for a retry) by a live worker."""
+    return f"{PREFIX}:lease:{task_id}"
+
+
+def job_leases(job_id: str) -> str:
+    """Hash task id → JSON {slot, worker, what, started, state}: the leases taken for the job's tasks. An entry
+    whose ``lease`` key expired is a lost lease (its worker died or stopped mid-task)."""
+    return f"{PREFIX}:job:{job_id}:leases"
+
+
+def job_done(job_id: str, version: int) -> str:
+    """Set: shards whose blob for the round computing on `version` is uploaded (sync)."""
+    return f"{PREFIX}:job:{job_id}:done:v{version}"
+
+
+def job_orphans(job_id: str) -> str:
+    """Hash slot → when the monitor first saw it neither done, queued nor leased (relaunched after a grace)."""
+    return f"{PREFIX}:job:{job_id}:orphans"
+
+
+def job_lost(job_id: str) -> str:
+    """Hash slot → how many times a worker died or hung while running it (the poison-message count)."""
+    return f"{PREFIX}:job:{job_id}:lost"
+
+
+def liveness_lock() -> str:
+    """Lock: one liveness sweep at a time across every worker."""
+    return f"{PREFIX}:liveness:lock"
+
+
+def liveness_epoch() -> str:
+    """String: set by the first sweep on this Redis; its absence means Redis lost its state (restart)."""
+    return f"{PREFIX}:liveness:epoch"
+
+
+def liveness_recovering() -> str:
+    """Lock: one process rebuilds the jobs Redis lost, the others wait for it."""
+    return f"{PREFIX}:liveness:recovering"
+
+
+def slot_shard(version: int, shard: int) -> str:
+    """Sync: shard `shard` of the round computing on `version`."""
+    return f"v{version}:s{shard}"
+
+
+def slot_aggregate(version: int) -> str:
+    """Sync: the aggregation of the round computing on `version`."""
+    return f"v{version}:agg"
+
+
+def slot_step(shard: int, step: int) -> str:
+    """Async: shard `shard`'s data step `step` (its shard task and the application of its result)."""
+    return f"s{shard}:t{step}"
+
+
+@dataclass(frozen=True)
+class Slot:
+    kind: str  # "shard" | "aggregate" | "step"
+    version: int = -1  # sync kinds
+    shard: int = -1  # shard, step
+    step: int = -1  # step
+
+
+_SLOT = re.compile(r"^(?:v(?P<v>\d+):(?:s(?P<s>\d+)|(?P<agg>agg))|s(?P<as>\d+):t(?P<t>\d+))$")
+
+
+def parse_slot(slot: str) -> Slot:
+    """Inverse of ``slot_shard``, ``slot_aggregate`` and ``slot_step``; ValueError for anything else."""
+    m = _SLOT.match(slot)
+    if not m:
+        raise ValueError(f"not a slot: {slot!r} (expected v<version>:s<shard>, v<version>:agg or s<shard>:t<step>)")
+    if m["agg"]:
+        return Slot("aggregate", version=int(m["v"]))
+    if m["v"] is not None:
+        return Slot("shard", version=int(m["v"]), shard=int(m["s"]))
+    return Slot("step", shard=int(m["as"]), step=int(m["t"]))
+
+
+def fault_armed(point: str, scope: str) -> str:
+    """String: an ``=armed`` fault point may fire once for `scope` (a chaos run arms it when it chooses)."""
+    return f"{PREFIX}:fault-armed:{point}:{scope}"
+
+
 def fault_fired(point: str, scope: str) -> str:
     """String: set once an armed fault point fired for `scope` (a job), so it fires once (tests, chaos)."""
     return f"{PREFIX}:fault:{point}:{scope}"
 
 
 # ---------------------------------------------------------------- object keys
+
+
+def live_jobs() -> str:
+    """JSON: the ids of the jobs running when the liveness monitor last looked. After Redis lost its state the
+    monitor rebuilds these jobs from their records and checkpoints and relaunches them."""
+    return "ops/live-jobs.json"
 
 
 def dataset_prefix(dataset_id: str) -> str:

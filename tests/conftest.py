@@ -16,6 +16,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 REDIS_BASE = os.environ.get("AAS_TEST_REDIS", "redis://127.0.0.1:6379")
+# Its own vhost, so nothing else on the broker is touched (ops/ensure-rabbitmq creates it).
+RABBITMQ_URL = os.environ.get("AAS_TEST_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/aas-test")
 
 
 def missing(reason: str) -> None:
@@ -79,6 +81,33 @@ def redis_url() -> Iterator[str]:
 
 
 @pytest.fixture
+def rabbitmq_url() -> Iterator[str]:
+    """A RabbitMQ vhost for the broker, with this system's queues deleted before and after."""
+    from kombu import Connection
+
+    from workers.app import QUEUES
+
+    conn = Connection(RABBITMQ_URL, connect_timeout=3)
+    try:
+        conn.ensure_connection(max_retries=1)
+    except Exception as e:  # noqa: BLE001 - any failure to connect means: no broker here
+        missing(f"RabbitMQ at {RABBITMQ_URL.split('@')[-1]} not answering ({e}); ops/ensure-rabbitmq starts one")
+
+    def delete_queues() -> None:
+        for q in QUEUES:
+            ch = conn.channel()
+            try:
+                ch.queue_delete(q)
+            finally:
+                ch.close()
+
+    delete_queues()
+    yield RABBITMQ_URL
+    delete_queues()
+    conn.release()
+
+
+@pytest.fixture
 def s3_server() -> Iterator[object]:
     try:
         import moto.server  # noqa: F401
@@ -129,8 +158,9 @@ def workers(services_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[.
     env = {**os.environ, **services_env, "PYTHONPATH": str(REPO)}
     group = ProcessGroup(env=env, cwd=REPO, logdir=tmp_path / "logs")
 
-    def start(name: str, queue: str = "shards", extra_env: dict[str, str] | None = None, wait: bool = True):
-        group.start_worker(name, queue, extra_env)
+    def start(name: str, queue: str = "shards", extra_env: dict[str, str] | None = None, wait: bool = True,
+              supervise: bool = False):
+        group.start_worker(name, queue, extra_env, supervise=supervise)
         if wait:
             wait_for_workers(app_for(Settings()), [name], timeout_s=90)
         return group

@@ -8,6 +8,10 @@ Start workers with::
 GPU workers must use ``--pool=solo`` (or threads): a prefork child that inherits an initialised CUDA
 context fails ("Cannot re-initialize CUDA in forked subprocess"). CPU workers may use prefork; each
 process sets torch's thread count from ``AAS_TORCH_THREADS`` when it starts.
+
+The broker is Redis (``AAS_REDIS_URL``) unless ``AAS_BROKER_URL`` names RabbitMQ; Redis always holds the results,
+job state, registry and events. On RabbitMQ every queue is a quorum queue (replicated, durable) with a
+delivery limit, so a message that keeps killing its consumer is dropped by the broker too.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from typing import Any
 
 from celery import Celery
 from celery.signals import worker_init, worker_process_init
+from kombu import Exchange, Queue
 
 from pipeline.settings import Settings, get_settings
 
@@ -34,9 +39,18 @@ TASK_RETRAIN = "aas.retrain"
 TASK_WATCHDOG = "aas.watchdog"
 
 
+def rabbitmq_queues(s: Settings) -> list[Queue]:
+    """Quorum queues, each on its own topic exchange (Celery's native delayed delivery, which carries retry
+    countdowns on quorum queues, binds topic exchanges only). A message delivered `max_deliveries` times is
+    dropped by the broker (``x-delivery-limit`` counts redeliveries: the first delivery is not one)."""
+    args = {"x-queue-type": "quorum", "x-delivery-limit": max(0, s.max_deliveries - 1)}
+    return [Queue(q, Exchange(q, type="topic", durable=True), routing_key=q, durable=True, queue_arguments=args)
+            for q in QUEUES]
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     s = settings or get_settings()
-    app = Celery("aas", broker=s.redis_url, backend=s.redis_url,
+    app = Celery("aas", broker=s.broker(), backend=s.redis_url,
                  include=["workers.tasks", "workers.beat", "workers.metrics", "workers.health"])
     transport = {
         # Redis redelivers a task not acknowledged within this window, even while it still runs.
@@ -84,20 +98,35 @@ def make_app(settings: Settings | None = None) -> Celery:
         # a small pool starves it (no tasks shown). Connections are cheap next to that.
         broker_pool_limit=32,
     )
+    if s.broker_kind() == "rabbitmq":
+        app.conf.update(
+            task_queues=rabbitmq_queues(s),
+            task_create_missing_queues=False,
+            # Quorum queues have no global QoS; Celery detects them and uses per-consumer prefetch.
+            worker_detect_quorum_queues=True,
+            broker_native_delayed_delivery_queue_type="quorum",
+            # A SIGSTOPped consumer's messages come back when the broker drops its connection: AMQP heartbeats
+            # every 10 s (Celery's default is 120 s). The broker's consumer_timeout (30 min by default; set it
+            # above the task limit) is the last resort for a consumer that is alive but never acknowledges.
+            broker_heartbeat=10,
+            broker_transport_options={"confirm_publish": True},
+        )
     return app
 
 
 app = make_app()
+_app_backend = get_settings().redis_url
 _apps: dict[str, Celery] = {}
 
 
 def app_for(settings: Settings) -> Celery:
     """The app for these settings: the process-wide one, or (a client pointed elsewhere) its own."""
-    if settings.redis_url == app.conf.broker_url:
+    key = f"{settings.broker()} {settings.redis_url}"
+    if settings.broker() == app.conf.broker_url and settings.redis_url == _app_backend:
         return app
-    if settings.redis_url not in _apps:
-        _apps[settings.redis_url] = make_app(settings)
-    return _apps[settings.redis_url]
+    if key not in _apps:
+        _apps[key] = make_app(settings)
+    return _apps[key]
 
 
 def shard_signature(capp: Celery, job_id: str, shard: int, version: int, step: int, attempt: int,
@@ -109,6 +138,18 @@ def shard_signature(capp: Celery, job_id: str, shard: int, version: int, step: i
     """
     kwargs = {"job_id": job_id, "shard_id": shard, "version": version, "step": step, "attempt": attempt}
     return capp.signature(TASK_TRAIN_SHARD, kwargs=kwargs, link=link)
+
+
+@worker_init.connect
+def _declare_rabbitmq_queues(sender: Any = None, **_: object) -> None:
+    """RabbitMQ: declare every queue and its exchange before the consumer starts, also those this worker does
+    not consume: Celery's native delayed delivery (retry countdowns on quorum queues) binds all of them."""
+    capp = getattr(sender, "app", None) or app
+    if not str(capp.conf.broker_url).startswith(("amqp", "pyamqp")):
+        return
+    with capp.connection_for_write() as conn:
+        for q in capp.conf.task_queues or ():
+            q.bind(conn.default_channel).declare()
 
 
 @worker_process_init.connect

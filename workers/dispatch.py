@@ -20,6 +20,9 @@ class Dispatcher(Protocol):
     def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
         """One shard task; with `apply` (async mode) its result is applied on arrival."""
 
+    def aggregate(self, job_id: str, version: int) -> None:
+        """Sync: the aggregation of round `version` on its own (it finds the shards' blobs in the store)."""
+
 
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
@@ -46,10 +49,15 @@ class CeleryDispatcher:
         link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
         shard_signature(capp, job_id, shard, version, step, attempt, link=link).apply_async()
 
+    def aggregate(self, job_id: str, version: int) -> None:
+        from workers.app import TASK_AGGREGATE
+
+        self._app().signature(TASK_AGGREGATE, args=([],), kwargs={"job_id": job_id, "version": version}).apply_async()
+
 
 @dataclass
 class StubDispatcher:
-    """Records what would have been enqueued: ("round", {...}) and ("shard", {...}) in order."""
+    """Records what would have been enqueued: ("round", {...}), ("shard", {...}), ("aggregate", {...}) in order."""
 
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
@@ -59,6 +67,9 @@ class StubDispatcher:
     def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
         self.sent.append(("shard", {"job_id": job_id, "shard": shard, "version": version, "step": step,
                                     "attempt": attempt, "apply": apply}))
+
+    def aggregate(self, job_id: str, version: int) -> None:
+        self.sent.append(("aggregate", {"job_id": job_id, "version": version}))
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [m for k, m in self.sent if k == kind]

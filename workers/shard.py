@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
-from pipeline.data import batch_rows, batches_per_epoch
+from pipeline.data import batch_rows, batches_per_epoch, hash_seed
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
@@ -39,7 +39,10 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
 
-    torch.manual_seed(hash((job_id, shard, version, step)) & 0xFFFFFFFF)
+    # A stable hash of the spec's seed (Python's hash() of a str is salted per process by PYTHONHASHSEED: a
+    # redelivered task of a model with dropout drew other numbers on another worker). Not the job id: the same
+    # spec trains to the same weights, whichever job, worker or fault.
+    torch.manual_seed(hash_seed(spec.seed, shard, version, step))
     teacher = None
     if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
         name, _, version_text = job.fields["teacher"].rpartition("@")

@@ -4,6 +4,10 @@ Failure policy, in one place (``_guarded``): transient errors (store or Redis un
 or corrupt blob) are retried with exponential backoff up to ``task_max_retries``; then the job is
 marked failed with the reason, and the last committed version stays readable. A message delivered
 more than ``max_deliveries`` times (it keeps killing its worker) is a poison message: the job fails.
+
+Liveness, in the same place: a task working on a job's slot (``storage/keys.py``) holds a lease while it runs
+(renewed by the process's ``WorkerAgent``), released when it ends and held through a retry's countdown; the
+monitor (``workers/liveness.py``) relaunches the slot when the lease is lost.
 """
 
 from __future__ import annotations
@@ -14,13 +18,14 @@ from typing import Any
 
 import redis
 from celery import Task
+from celery.exceptions import Retry
 from celery.signals import worker_ready
 
 from pipeline import blobs
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.objectstore import StoreError
-from workers import aggregator, async_agg, shard
+from workers import aggregator, async_agg, liveness, shard
 from workers.app import TASK_AGGREGATE, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_TRAIN_SHARD, TASK_WATCHDOG, app
 from workers.context import Context, get_context
 from workers.lifecycle import advance, start_watchdog, watchdog_sweep
@@ -37,8 +42,29 @@ def _backoff_s(ctx: Context, retries: int) -> float:
 
 
 def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
-             on_retry: Callable[[Context, Exception], None] | None = None) -> dict[str, Any]:
+             on_retry: Callable[[Context, Exception], None] | None = None, *, slot: str | None = None
+             ) -> dict[str, Any]:
     ctx = get_context()
+    task_id = task.request.id
+    if slot is None or not task_id:
+        return _run_guarded(ctx, task, job_id, what, fn, on_retry)
+    agent = liveness.agent_for(ctx, task.request.hostname)
+    agent.begin(job_id, task_id, slot, what)
+    held = False
+    try:
+        return _run_guarded(ctx, task, job_id, what, fn, on_retry)
+    except Retry as e:
+        eta = getattr(e, "when", None)
+        agent.hold(job_id, task_id, float(eta) if isinstance(eta, (int, float)) else ctx.settings.retry_backoff_max_s)
+        held = True
+        raise
+    finally:
+        if not held:
+            agent.end(job_id, task_id)
+
+
+def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
+                 on_retry: Callable[[Context, Exception], None] | None) -> dict[str, Any]:
     dkey = keys.deliveries(f"{task.request.id}:{task.request.retries}")
     n = int(ctx.redis.incr(dkey))
     ctx.redis.expire(dkey, 7 * 24 * 3600)
@@ -74,8 +100,13 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
                      ) -> dict[str, Any]:
     """Compute shard `shard_id`'s update on version `version`; upload it; return its key and numbers."""
     job_id, shard_id, version, step, attempt = str(job_id), int(shard_id), int(version), int(step), int(attempt)
-    out = _guarded(self, job_id, f"shard {shard_id} of job {job_id} v{version}",
-                   lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt))
+    slot = keys.slot_shard(version, shard_id) if version >= 0 else keys.slot_step(shard_id, step)
+    what = (f"shard {shard_id} of job {job_id} v{version}" if version >= 0
+            else f"shard {shard_id} of job {job_id} step {step}")
+    out = _guarded(self, job_id, what, lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt),
+                   slot=slot)
+    if "failed" not in out:
+        liveness.shard_finished(get_context(), job_id, shard_id, version, attempt)
     out["worker"] = self.request.hostname
     return out
 
@@ -99,15 +130,19 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
                 ctx.dispatch.shard(job_id, s, version, version * spec.local_steps, self.request.retries + 1,
                                    apply=False)
 
-    return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute)
+    return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute,
+                    slot=keys.slot_aggregate(version))
 
 
 @app.task(name=TASK_APPLY_UPDATE, bind=True)
 def apply_update_task(self: Task, result: dict[str, Any], job_id: str) -> dict[str, Any]:
     """Async mode: apply one shard result on arrival (a link callback of the shard task)."""
     job_id = str(job_id)
+    slot = None
+    if isinstance(result, dict) and "shard" in result and "step" in result:
+        slot = keys.slot_step(int(result["shard"]), int(result["step"]))
     return _guarded(self, job_id, f"async update of job {job_id}",
-                    lambda ctx: async_agg.apply_update(ctx, job_id, result))
+                    lambda ctx: async_agg.apply_update(ctx, job_id, result), slot=slot)
 
 
 @app.task(name=TASK_PREDICT, bind=True, acks_late=False)
@@ -143,5 +178,8 @@ def watchdog_task() -> dict[str, Any]:
 
 
 @worker_ready.connect
-def _watchdog_on_worker_ready(**_: object) -> None:
-    start_watchdog(get_context())
+def _liveness_on_worker_ready(sender: Any = None, **_: object) -> None:
+    ctx = get_context()
+    liveness.agent_for(ctx, getattr(sender, "hostname", None))  # the heartbeat, before the first task
+    liveness.start_monitor(ctx)
+    start_watchdog(ctx)  # the last resort

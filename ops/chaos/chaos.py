@@ -1,6 +1,6 @@
 """Chaos run: sync-mode digits jobs on real services while a seeded schedule breaks things.
 
-    ops/chaos/run [--faults N] [--seed S] [--json FILE] [--quick]
+    ops/chaos/run [--broker redis|rabbitmq] [--faults N] [--minutes M] [--seed S] [--json FILE] [--quick]
 
 The cluster (``Cluster``) is its own: a ``redis-server`` subprocess it can restart (state lost), moto's
 S3 server behind a TCP proxy (``proxy.TcpProxy``) so the store can be unreachable without losing its
@@ -8,7 +8,10 @@ objects, and real ``celery worker`` processes. Faults (``KINDS``): SIGKILL of sh
 aggregator (a replacement starts at once), the store unreachable for a while, Redis restarted mid-job
 (the job is resumed with ``Client.resume``, which rebuilds it from the object store), a shard worker
 stopped (SIGSTOP) for longer than the visibility timeout and then continued, and a second aggregator
-racing the first on the same round. Every job is checked (``audit``) against the exactly-once contract
+racing the first on the same round, and user code that never returns (a fault point armed for one
+task: the worker's hard time limit ends it). Liveness, the poison cap and the rest are the defaults; only
+the run's own timeouts (visibility timeout, task time limit) are shortened. Each fault is timed from its
+injection to the job's next committed version. Every job is checked (``audit``) against the exactly-once contract
 and against a fault-free run of the same spec: weights equal within 1e-6.
 """
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import signal
@@ -39,7 +43,9 @@ from pipeline.client.processes import MotoS3Server, ProcessGroup, free_port, wor
 from storage import keys  # noqa: E402
 from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS  # noqa: E402
 
-KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "two_aggregators")
+KINDS = ("shard_kill", "aggregator_kill", "store_pause", "redis_restart", "hang", "user_hang", "two_aggregators")
+HANG_POINT = "shard.before_upload"  # where a user_hang fault makes one shard task sleep forever
+RABBITMQ_URL = os.environ.get("AAS_CHAOS_RABBITMQ", "amqp://guest:guest@127.0.0.1:5672/aas-chaos")
 BUCKET = "chaos"
 ACCESS, SECRET = "chaos-access", "chaos-secret"
 
@@ -110,7 +116,9 @@ class Cluster:
     redis_url: str | None = None  # None: start (and own) a redis-server, which makes redis_restart possible
     visibility_timeout_s: int = 6
     slow_factor: float = 3.0  # stretches shard compute (a sleep), so a kill or a stop lands mid-task
-    watchdog_stall_s: float = 20.0  # the workers' watchdog relaunches a round that has not moved for this long
+    watchdog_stall_s: float | None = None  # the last-resort watchdog (None: its default, VT + time limit)
+    task_time_limit_s: int = 20  # a hung task ends its worker at this + AAS_HARD_EXIT_GRACE_S (5 s)
+    broker_url: str | None = None  # None: Redis is the broker too
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,7 +132,7 @@ class Cluster:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self, shard_workers: int = 2) -> Cluster:
+    def start(self, shard_workers: int = 2, aggregators: int = 1) -> Cluster:
         if self.redis is not None:
             self.redis.start()
             self.redis_url = self.redis.url
@@ -135,7 +143,8 @@ class Cluster:
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")
         for _ in range(shard_workers):
             self.start_worker("shard")
-        self.start_worker("aggregate")
+        for _ in range(aggregators):
+            self.start_worker("aggregate")
         return self
 
     def close(self) -> None:
@@ -158,7 +167,9 @@ class Cluster:
             "AAS_VISIBILITY_TIMEOUT_S": str(self.visibility_timeout_s), "AAS_RETRY_BACKOFF_S": "0.5",
             # Retries outlast the longest store outage (30 s): 0.5+1+2+4+4+... s over 25 tries.
             "AAS_RETRY_BACKOFF_MAX_S": "4", "AAS_TASK_MAX_RETRIES": "25", "AAS_TORCH_THREADS": "1",
-            "AAS_WATCHDOG_STALL_S": str(self.watchdog_stall_s), "AAS_WATCHDOG_INTERVAL_S": "2",
+            "AAS_TASK_TIME_LIMIT_S": str(self.task_time_limit_s),
+            **({"AAS_WATCHDOG_STALL_S": str(self.watchdog_stall_s)} if self.watchdog_stall_s else {}),
+            **({"AAS_BROKER_URL": self.broker_url} if self.broker_url else {}),
             **self.extra_env,
         }  # fmt: skip
 
@@ -168,7 +179,8 @@ class Cluster:
 
         return Settings(_env_file=None, redis_url=str(self.redis_url), s3_endpoint=self.moto.endpoint,
                         s3_access_key=ACCESS, s3_secret_key=SECRET, s3_bucket=BUCKET,
-                        visibility_timeout_s=self.visibility_timeout_s)
+                        visibility_timeout_s=self.visibility_timeout_s, broker_url=self.broker_url,
+                        task_time_limit_s=self.task_time_limit_s)
 
     def client(self) -> Any:
         from pipeline.client import Client
@@ -181,7 +193,8 @@ class Cluster:
         assert self.group is not None
         name = f"{'shard' if role == 'shard' else 'agg'}-{self._n}"
         self._n += 1
-        extra = {"AAS_SLOW_FACTOR": str(self.slow_factor)} if role == "shard" else {}
+        extra = {"AAS_SLOW_FACTOR": str(self.slow_factor), "AAS_FAULTS": f"{HANG_POINT}=hang-armed"} \
+            if role == "shard" else {}
         self.group.start(name, worker_argv(name, QUEUE_AGGREGATE if role == "aggregate" else QUEUE_SHARDS), extra)
         self.roles[name] = role
         return name
@@ -208,13 +221,24 @@ class Cluster:
         self.signal(name, signal.SIGTERM)
         self.roles.pop(name, None)
 
-    def respawn_dead(self) -> list[str]:
-        """Replace workers that exited on their own (none should); returns their names."""
+    def respawn_dead(self) -> list[tuple[str, int]]:
+        """Replace workers that exited on their own (a supervisor's job); returns their names and exit codes.
+        A worker that ended a hung task exits with liveness.EXIT_HUNG."""
         assert self.group is not None
-        dead = [n for n in self.roles if self.group.procs[n].poll() is not None]
-        for n in dead:
+        dead = [(n, int(self.group.procs[n].returncode)) for n in self.roles if self.group.procs[n].poll() is not None]
+        for n, _ in dead:
             self.start_worker(self.roles.pop(n))
         return dead
+
+    def ready(self, role: str) -> list[str]:
+        """Workers of `role` whose heartbeat is in Redis (started, not stopped, not dead)."""
+        from storage.leases import LeaseBook
+
+        try:
+            beating = {w.split("@", 1)[0] for w in LeaseBook(self.client().redis, 1.0).workers()}
+        except Exception:  # noqa: BLE001 - Redis restarting
+            return []
+        return [n for n in self.live(role) if n in beating and n not in self.stopped]
 
     def wait_ready(self, timeout_s: float = 90) -> None:
         from pipeline.client.processes import wait_for_workers
@@ -248,16 +272,22 @@ def plan(rng: random.Random, kinds: list[str], rounds: int, *, pause_s: tuple[fl
     return faults
 
 
+MIX = {"aggregator_kill": 0.1, "hang": 0.1, "user_hang": 0.08, "store_pause": 0.05, "redis_restart": 0.05,
+       "two_aggregators": 0.05}  # the rest: shard kills, the common failure
+
+
 def job_kinds(rng: random.Random, index: int, per_job: int, allowed: tuple[str, ...]) -> list[str]:
-    """Shard kills dominate; each job also gets an aggregator kill, a hang and one heavy fault in turn."""
-    heavy = [k for k in ("store_pause", "redis_restart", "two_aggregators") if k in allowed]
-    kinds = [k for k in ("aggregator_kill", "hang") if k in allowed]
-    if heavy:
-        kinds.append(heavy[index % len(heavy)])
-    while len(kinds) < per_job and "shard_kill" in allowed:
-        kinds.append("shard_kill")
+    """Shard kills dominate; every other kind in its share of the job's faults (at least one each, in turn)."""
+    kinds = []
+    for i, (k, share) in enumerate(MIX.items()):
+        if k in allowed:
+            n = round(share * per_job)
+            kinds += [k] * (n if n else int((index + i) % round(1 / share) == 0))
     rng.shuffle(kinds)
-    return kinds[:per_job]
+    kinds = kinds[:per_job]
+    kinds += ["shard_kill"] * (per_job - len(kinds)) if "shard_kill" in allowed else []
+    rng.shuffle(kinds)
+    return kinds
 
 
 # ---------------------------------------------------------------- one job under faults
@@ -297,7 +327,14 @@ class JobRun:
             now = time.monotonic()
             self._fire_timers(now)
             state = self._state() or state
-            if state is not None and pending and state["version"] >= pending[0].at_version:
+            if state is not None:
+                for rec in self.injected:
+                    if rec["kind"] == "user_hang" and "_t" not in rec:
+                        self._hang_fired(rec, state["version"], now)
+                    if "_t" in rec and "progress_s" not in rec and "skipped" not in rec \
+                            and state["version"] > rec["version"]:
+                        rec["progress_s"] = round(now - rec["_t"], 2)
+            if state is not None and pending and state["version"] >= pending[0].at_version and self._may_fire():
                 due = due if due is not None else now + pending[0].delay_s
                 if now >= due:
                     self._inject(pending.pop(0), state["version"])
@@ -322,9 +359,15 @@ class JobRun:
             if now - self._t0 > self.timeout_s:
                 self.notes.append(f"timed out after {self.timeout_s:.0f} s at v{state and state['version']}")
                 break
-            for name in self.cluster.respawn_dead():
-                self.notes.append(f"worker {name} exited on its own; replaced")
+            for name, code in self.cluster.respawn_dead():
+                from workers.liveness import EXIT_HUNG
+
+                if code != EXIT_HUNG:
+                    self.notes.append(f"worker {name} exited on its own ({code}); replaced")
             time.sleep(0.05)
+        for rec in self.injected:
+            if rec["kind"] == "user_hang" and "_t" not in rec:
+                rec["skipped"] = "the armed hang never fired before the job ended"
         self._drain_timers()
         self._count_watchdog()
         for name in self._extra_aggs:
@@ -336,6 +379,23 @@ class JobRun:
                 "stalls": self.stalls, "watchdog": self.watchdog,
                 "redelivered": max(0, self._redelivered() - redelivered0),
                 "notes": self.notes, "consumed": self.consumed}
+
+    def _hang_fired(self, rec: dict[str, Any], version: int, now: float) -> None:
+        """A user_hang is timed from the moment a shard task reaches the armed point, not from the arming."""
+        import redis
+
+        try:
+            if self.client.redis.exists(keys.fault_fired(HANG_POINT, self.job_id)):
+                rec.update(_t=now, version=version, fired_after_s=round(now - rec["_armed"], 2))
+        except redis.RedisError:
+            pass
+
+    def _may_fire(self) -> bool:
+        """One fault at a time (the previous one has been followed by a version), on a fleet that is up: two
+        ready shard workers and an aggregator, as a supervised fleet would be after its restarts."""
+        if any("progress_s" not in r and "skipped" not in r for r in self.injected) or self._timers:
+            return False
+        return len(self.cluster.ready("shard")) >= 2 and len(self.cluster.ready("aggregate")) >= 1
 
     # ------------------------------------------------------------ state
 
@@ -429,7 +489,7 @@ class JobRun:
 
     def _inject(self, f: Fault, version: int) -> None:
         c, now = self.cluster, time.monotonic()
-        rec: dict[str, Any] = {"kind": f.kind, "version": version, "t_s": round(now - self._t0, 2)}
+        rec: dict[str, Any] = {"kind": f.kind, "version": version, "t_s": round(now - self._t0, 2), "_t": now}
         shards = [n for n in c.live("shard") if n not in c.stopped]
         if f.kind == "shard_kill" and shards:
             victim = shards[f.pick % len(shards)]
@@ -458,8 +518,14 @@ class JobRun:
             finally:
                 for a in aggs:
                     c.signal(a, signal.SIGCONT)
-            self._resume()
-            rec.update(resumed_at=self.client.jobs.get(self.job_id).version)
+            # No resume from here: the workers' liveness monitor notices that Redis lost its state and rebuilds
+            # the job from the store by itself (the stall backstop above resumes only if it does not).
+        elif f.kind == "user_hang":
+            from workers import faults
+
+            faults.arm(self.client.redis, HANG_POINT, self.job_id)  # the next shard task to get there never returns
+            rec.update(point=HANG_POINT, _armed=now)
+            del rec["_t"]  # timed from when it fires (_hang_fired)
         elif f.kind == "two_aggregators":
             from workers.app import app_for
 
@@ -575,9 +641,46 @@ def kinds_table(rows: list[dict[str, Any]]) -> str:
 # ---------------------------------------------------------------- the run
 
 
+def percentile(xs: list[float], q: float) -> float:
+    """The q-quantile by nearest rank (p99 of fewer than 100 samples is their maximum)."""
+    ys = sorted(xs)
+    return ys[min(len(ys) - 1, max(0, math.ceil(len(ys) * q) - 1))] if ys else float("nan")
+
+
+def progress_table(rows: list[dict[str, Any]]) -> tuple[str, dict[str, dict[str, float]]]:
+    """Per fault kind: how many, and the time from the fault to the job's next committed version."""
+    by: dict[str, list[float]] = {}
+    missing: Counter[str] = Counter()
+    for r in rows:
+        for f in r["injected"]:
+            if "skipped" in f:
+                continue
+            if "progress_s" in f:
+                by.setdefault(f["kind"], []).append(float(f["progress_s"]))
+            else:
+                missing[f["kind"]] += 1
+    stats: dict[str, dict[str, float]] = {}
+    out = ["| fault | injected | p50 s | p99 s | max s | no progress after it |", "|---|---|---|---|---|---|"]
+    for k in KINDS + ("all",):
+        xs = [x for v in by.values() for x in v] if k == "all" else by.get(k, [])
+        n_missing = sum(missing.values()) if k == "all" else missing[k]
+        if not xs and not n_missing:
+            continue
+        stats[k] = {"n": len(xs) + n_missing, "p50": percentile(xs, 0.5), "p99": percentile(xs, 0.99),
+                    "max": max(xs, default=float("nan"))}
+        name = "**all**" if k == "all" else k
+        out.append(f"| {name} | {len(xs) + n_missing} | {stats[k]['p50']:.1f} | {stats[k]['p99']:.1f} "
+                   f"| {stats[k]['max']:.1f} | {n_missing} |")
+    return "\n".join(out), stats
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ops/chaos/run", description=__doc__.splitlines()[0])
-    p.add_argument("--faults", type=int, default=None, help="faults to inject in all (default 54; --quick 8)")
+    p.add_argument("--broker", choices=("redis", "rabbitmq"), default="redis",
+                   help="the Celery broker (rabbitmq: AAS_CHAOS_RABBITMQ, default the aas-chaos vhost on localhost)")
+    p.add_argument("--faults", type=int, default=None, help="faults to inject in all (default 200; --quick 8)")
+    p.add_argument("--minutes", type=float, default=None, help="start no new job after this many minutes")
+    p.add_argument("--per-job", type=int, default=None, help="faults per job (default 40; --quick 4)")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="short outages, 1-epoch jobs, a few faults")
@@ -587,20 +690,28 @@ def main(argv: list[str] | None = None) -> int:
     import tempfile
 
     quick = args.quick
-    target = args.faults if args.faults is not None else (8 if quick else 54)
-    per_job = 4 if quick else 6
-    spec = {"shards": 2, "epochs": 1 if quick else 2, "batch_size": 64, "seed": 7, "publish_every_versions": 0}
-    pause_s, vt = ((3.0, 6.0), 4) if quick else ((10.0, 30.0), 6)
-    watchdog_s = 10.0 if quick else 20.0
+    target = args.faults if args.faults is not None else (8 if quick else 200)
+    per_job = args.per_job or (4 if quick else 40)
+    epochs = 1 if quick else max(2, -(-(per_job + 2) // 12))  # 12 rounds an epoch: one fault per version at most
+    spec = {"shards": 2, "epochs": epochs, "batch_size": 64, "seed": 7, "publish_every_versions": 0}
+    pause_s, vt = (3.0, 6.0), 4 if quick else 6
     hang_s = (vt + 2.0, vt + 3.0) if quick else (vt + 3.0, vt + 6.0)
+    broker_url = None
+    if args.broker == "rabbitmq":
+        broker_url = RABBITMQ_URL
+        subprocess.run([str(REPO / "ops" / "ensure-rabbitmq")], env={**os.environ, "AAS_TEST_RABBITMQ": broker_url},
+                       check=True)
+        _delete_queues(broker_url)
     rng = random.Random(args.seed)
     workdir = Path(tempfile.mkdtemp(prefix="aas-chaos-"))
-    cluster = Cluster(workdir, visibility_timeout_s=vt, watchdog_stall_s=watchdog_s)
+    cluster = Cluster(workdir, visibility_timeout_s=vt, task_time_limit_s=10, broker_url=broker_url)
     rows: list[dict[str, Any]] = []
     t0 = time.monotonic()
+    reference: dict[str, Any] = {}
     try:
-        print(f"[chaos] starting redis-server, moto behind a proxy, 2 shard workers, 1 aggregator in {workdir}")
-        cluster.start().wait_ready()
+        print(f"[chaos] broker {args.broker}; starting redis-server, moto behind a proxy, 3 shard workers, "
+              f"2 aggregators in {workdir}")
+        cluster.start(shard_workers=3, aggregators=2).wait_ready()
         client = cluster.client()
         reference = check_job(JobRun(cluster, client, spec, []).run(), client, spec["shards"], None)
         rounds = int(reference["total_rounds"])
@@ -608,37 +719,60 @@ def main(argv: list[str] | None = None) -> int:
               f"accuracy {reference['accuracy']:.4f} in {reference['wall_s']} s")
         injected, index = 0, 0
         while injected < target:
+            if args.minutes is not None and time.monotonic() - t0 > 60 * args.minutes:
+                print(f"[chaos] {args.minutes} minutes are up: no new job")
+                break
             kinds = job_kinds(rng, index, min(per_job, target - injected), KINDS)
             faults = plan(rng, kinds, rounds, pause_s=pause_s, hang_s=hang_s)
-            run = JobRun(cluster, client, spec, faults).run()
+            run = JobRun(cluster, client, spec, faults, timeout_s=max(300.0, 40.0 * len(faults))).run()
             row = check_job(run, client, spec["shards"], reference)
             rows.append(row)
             injected += sum(row["faults"].values())
             index += 1
             print(f"[chaos] job {index} {row['job_id']}: {row['status']} v{row['version']} faults {row['faults']} "
-                  f"dup {row['duplicates']} lost {row['lost']} Δw {row['max_abs_diff']:.1e} ({row['wall_s']} s)")
+                  f"dup {row['duplicates']} lost {row['lost']} stalls {row['stalls']} Δw {row['max_abs_diff']:.1e} "
+                  f"({row['wall_s']} s)", flush=True)
             if index > 3 * target:  # never loop forever when faults keep being skipped
                 break
     finally:
         cluster.close()
     ok = bool(rows) and all(r["status"] == "succeeded" and r["duplicates"] == 0 and r["lost"] == 0
-                            and r["max_abs_diff"] <= 1e-6 for r in rows)
-    report = (f"{table(rows)}\n\n{kinds_table(rows)}\n\nfault-free reference: accuracy "
+                            and r["stalls"] == 0 and r["max_abs_diff"] <= 1e-6 for r in rows)
+    ptable, stats = progress_table(rows)
+    report = (f"{table(rows)}\n\n{ptable}\n\nfault-free reference: accuracy "
               f"{reference['accuracy']:.4f}, {reference['version']} versions, {reference['wall_s']} s; "
-              f"chaos run {time.monotonic() - t0:.0f} s, seed {args.seed}: {'PASS' if ok else 'FAIL'}")
+              f"broker {args.broker}; chaos run {time.monotonic() - t0:.0f} s, seed {args.seed}: "
+              f"{'PASS' if ok else 'FAIL'}")
     print(report)
     if args.json is not None:
         clean = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+        for r in clean:
+            r["injected"] = [{k: v for k, v in f.items() if not k.startswith("_")} for f in r["injected"]]
         ref = {k: v for k, v in reference.items() if not k.startswith("_")}
-        args.json.write_text(json.dumps({"seed": args.seed, "quick": quick, "spec": spec, "visibility_timeout_s": vt,
-                                         "watchdog_stall_s": watchdog_s,
-                                         "reference": ref, "jobs": clean, "pass": ok,
+        args.json.write_text(json.dumps({"seed": args.seed, "quick": quick, "broker": args.broker, "spec": spec,
+                                         "visibility_timeout_s": vt, "task_time_limit_s": cluster.task_time_limit_s,
+                                         "reference": ref, "jobs": clean, "progress": stats, "pass": ok,
                                          "wall_s": round(time.monotonic() - t0, 1)}, indent=2, default=str))
     if args.keep or not ok:
         print(f"[chaos] worker logs kept in {workdir / 'logs'}")
     else:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1
+
+
+def _delete_queues(url: str) -> None:
+    """Start the RabbitMQ vhost empty (a previous run's messages would land in this run's jobs)."""
+    from kombu import Connection
+
+    from workers.app import QUEUES
+
+    with Connection(url, connect_timeout=5) as conn:
+        for q in QUEUES:
+            ch = conn.channel()
+            try:
+                ch.queue_delete(q)
+            finally:
+                ch.close()
 
 
 if __name__ == "__main__":

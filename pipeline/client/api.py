@@ -22,6 +22,7 @@ from pipeline.settings import Settings, get_settings
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL, JobNotFound
+from storage.leases import LeaseBook
 from storage.objectstore import ObjectStore, StoreError
 from storage.services import ServiceUnavailable, build_services
 from workers.context import Context
@@ -76,12 +77,30 @@ class Client:
     def status(self, job_id: str) -> dict[str, Any]:
         state = self.jobs.get(job_id)
         out = state.to_dict()
+        out["liveness"] = self._liveness(state.job_id, state.status, state.fields)
         out["metrics"] = self.jobs.metrics(job_id)
         out["spec"] = state.spec
         return out
 
     def list(self, limit: int = 20) -> list[dict[str, Any]]:
-        return [self.jobs.get(j).to_dict() for j in self.jobs.list(limit)]
+        out = []
+        for j in self.jobs.list(limit):
+            state = self.jobs.get(j)
+            out.append({**state.to_dict(), "liveness": self._liveness(j, state.status, state.fields)})
+        return out
+
+    def _liveness(self, job_id: str, status: str, fields: dict[str, str]) -> dict[str, Any]:
+        """Seconds since the job's last progress, its relaunches, and which tasks run where (running jobs)."""
+        summary = LeaseBook(self.redis, self.settings.lease_ttl_s).summary(job_id, fields)
+        if status != "running":
+            return {"relaunches": summary["relaunches"]}
+        return summary
+
+    def events(self, job_id: str, count: int = 100) -> list[dict[str, str]]:
+        """The job's newest `count` events, oldest first: status changes, versions, retries, rejections,
+        lost leases, relaunches, hung tasks, resumes."""
+        self.jobs.get(job_id)
+        return self.jobs.events(job_id, count=count)
 
     def wait(self, job_id: str, timeout: float | None = None, *, poll_s: float = 0.2,
              on_progress: Callable[[dict[str, Any], list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:

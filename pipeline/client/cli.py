@@ -1,4 +1,4 @@
-"""The `aas` command: demo, submit, status, wait, cancel, resume (and `models`, `schedule`, `top`, ...).
+"""The `aas` command: demo, submit, status, events, wait, cancel, resume (and `models`, `schedule` where present).
 
 Output: readable lines by default, strict JSON with ``--json`` (NaN as null, ISO 8601 times). Errors:
 one line, ``aas: ...``, no traceback; exit codes in pipeline/client/output.py (README, "Exit codes").
@@ -77,6 +77,18 @@ def _spec_from(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def _liveness_line(live: dict[str, Any]) -> str:
+    parts = []
+    if live.get("since_progress_s") is not None:
+        parts.append(f"progress {live['since_progress_s']:.0f}s ago")
+    if live.get("tasks"):
+        lost = sum(not t["alive"] for t in live["tasks"])
+        parts.append(f"{len(live['tasks'])} tasks" + (f" ({lost} lease lost)" if lost else ""))
+    if live.get("relaunches"):
+        parts.append(f"relaunched {live['relaunches']}")
+    return ("  " + ", ".join(parts)) if parts else ""
+
+
 def _json_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print strict JSON (for scripts) instead of text")
 
@@ -112,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--timeout", type=float, metavar="SECONDS", help="give up after this long (exit 124)")
     w.add_argument("--quiet", "-q", action="store_true", help="no progress lines")
     _json_flag(w)
+
+    ev = sub.add_parser("events", help="a job's event stream: retries, rejections, relaunches, failures")
+    ev.add_argument("job", help="job id")
+    ev.add_argument("--count", type=int, default=100, help="newest N events (default 100)")
+    ev.add_argument("--json", action="store_true", help="one strict JSON object per line")
 
     c = sub.add_parser("cancel", help="cancel a job")
     c.add_argument("job", help="job id")
@@ -178,8 +195,15 @@ def _ended(st: dict[str, Any]) -> int:
 def _print_status(st: dict[str, Any]) -> None:
     metrics = st.pop("metrics", [])
     st.pop("spec", None)
+    live = st.pop("liveness", None) or {}
     for k, v in st.items():
         print(f"{k:>16}: {fmt(iso_time(v)) if k.endswith('_at') else fmt(v)}")
+    if live.get("since_progress_s") is not None:
+        print(f"{'progress':>16}: {live['since_progress_s']:.0f} s ago")
+    print(f"{'relaunches':>16}: {live.get('relaunches', 0)}")
+    for t in live.get("tasks", []):
+        print(f"{'task':>16}: {t['slot']} {t['what']} on {t['worker']} "
+              f"(since {iso_time(t['started'])}, {t['state'] if t['alive'] else 'lease LOST'})")
     if metrics:
         last = metrics[-1]
         print(f"{'last version':>16}: v{last.get('version')}  loss {fmt(last.get('loss'))}  "
@@ -231,7 +255,8 @@ def _dispatch(args: argparse.Namespace) -> int:
                 print("no jobs (aas submit, or aas demo)")
             for row in rows:
                 print(f"{row['job_id']}  {row['status']:<10} v{row['version']}/{row['total_rounds']:<6} "
-                      f"created {iso_time(row.get('created_at'))}  acc {fmt(row.get('test_accuracy'))}")
+                      f"created {iso_time(row.get('created_at'))}  acc {fmt(row.get('test_accuracy'))}"
+                      + _liveness_line(row.get("liveness") or {}))
             return EXIT_OK
         st = client.status(args.job)
         if args.json:
@@ -242,12 +267,20 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "wait":
         progress = None if args.quiet else progress_printer()
         final = client.wait(args.job, timeout=args.timeout, on_progress=progress)
-        final = {k: v for k, v in final.items() if k not in ("metrics", "spec")}
+        final = {k: v for k, v in final.items() if k not in ("metrics", "spec", "liveness")}
         if args.json:
             print_json(final)
         else:
             print(_final_line(final))
         return _ended(final)
+    if args.command == "events":
+        for e in client.events(args.job, count=args.count):
+            if args.json:
+                print_json(e)
+                continue
+            rest = "  ".join(f"{k}={v}" for k, v in e.items() if k not in ("id", "t", "kind"))
+            print(f"{iso_time(float(e.get('t', 0)))}  {e['kind']:<10} {rest}")
+        return EXIT_OK
     if args.command == "cancel":
         moved = client.cancel(args.job)
         if args.json:

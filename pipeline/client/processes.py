@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,8 +76,44 @@ class ProcessGroup:
     cwd: Path
     logdir: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    restarts: dict[str, int] = field(default_factory=dict)  # supervised processes restarted after they exited
 
-    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def __post_init__(self) -> None:
+        self._launch: dict[str, tuple[list[str], dict[str, str] | None]] = {}
+        self._supervised: set[str] = set()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor: threading.Thread | None = None
+
+    def start(self, name: str, argv: list[str], extra_env: dict[str, str] | None = None, *,
+              supervise: bool = False) -> subprocess.Popen[bytes]:
+        """Start `name`; with `supervise`, start it again whenever it exits, until close() or kill()
+        (what compose's ``restart: unless-stopped`` or systemd's ``Restart=always`` do for a fleet)."""
+        with self._lock:
+            p = self._spawn(name, argv, extra_env)
+            if supervise:
+                self._supervised.add(name)
+                self._supervise()
+        return p
+
+    def _supervise(self) -> None:
+        if self._supervisor is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(0.2):
+                with self._lock:
+                    for name in sorted(self._supervised):
+                        p = self.procs.get(name)
+                        if p is not None and p.poll() is not None and not self._stop.is_set():
+                            self.restarts[name] = self.restarts.get(name, 0) + 1
+                            self._spawn(name, *self._launch[name])
+
+        self._supervisor = threading.Thread(target=loop, name="aas-supervisor", daemon=True)
+        self._supervisor.start()
+
+    def _spawn(self, name: str, argv: list[str], extra_env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+        self._launch[name] = (argv, extra_env)
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
         env = {**self.env, **(extra_env or {})}
@@ -86,10 +123,15 @@ class ProcessGroup:
         self.procs[name] = p
         return p
 
-    def start_worker(self, name: str, queue: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        return self.start(name, worker_argv(name, queue), extra_env)
+    def start_worker(self, name: str, queue: str, extra_env: dict[str, str] | None = None, *,
+                     supervise: bool = False) -> subprocess.Popen[bytes]:
+        return self.start(name, worker_argv(name, queue), extra_env, supervise=supervise)
 
     def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        """Signal `name`'s process group (a supervised process killed here is not restarted)."""
+        if sig in (signal.SIGKILL, signal.SIGTERM):
+            with self._lock:
+                self._supervised.discard(name)
         p = self.procs[name]
         try:
             os.killpg(p.pid, sig)
@@ -103,6 +145,11 @@ class ProcessGroup:
                 p.wait(timeout=5)
 
     def close(self, grace_s: float = 10.0) -> None:
+        self._stop.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=5)
+            self._supervisor = None
+        self._supervised.clear()
         for p in self.procs.values():
             if p.poll() is None:
                 try:
@@ -123,6 +170,7 @@ class ProcessGroup:
             if p.poll() is None:
                 p.wait(timeout=5)
         self.procs.clear()
+        self._stop = threading.Event()  # the group can start processes again
 
 
 def worker_argv(name: str, queue: str) -> list[str]:

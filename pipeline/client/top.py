@@ -1,20 +1,23 @@
 """``aas top``: a live terminal view of jobs, workers and queue depths (``--once`` prints one frame).
 
-``collect`` reads a snapshot (job state from Redis, workers through Celery's control ``ping`` and
-``active``, queue depths as LLEN of the broker's lists); ``render`` turns it into text. Both are plain
-functions so a test can drive them without a terminal.
+``collect`` reads a snapshot (job state from Redis with each running job's liveness: time since its last
+progress, relaunches, and the tasks holding leases and where; workers through Celery's control ``ping`` and
+``active``; queue depths as LLEN of the Redis broker's lists or RabbitMQ's ready counts); ``render`` turns it
+into text. Both are plain functions so a test can drive them without a terminal.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis
 
 from storage.jobstate import JobStore
+from storage.leases import LeaseBook
 
 QUEUES = ("shards", "aggregate", "predict", "beat")
 # kombu's Redis transport keeps a queue's prioritised messages in sibling lists named queue + SEP + step.
@@ -54,17 +57,31 @@ def worker_tasks(app: Any, timeout_s: float = 1.0) -> dict[str, list[dict[str, A
     return {name: list(active.get(name, [])) for name in sorted(alive)}
 
 
-def collect(r: redis.Redis, app: Any | None, *, limit: int = 15, timeout_s: float = 1.0) -> Snapshot:
-    """Read one snapshot; a part that cannot be read is named in `problems`, the rest is still shown."""
+def collect(r: redis.Redis, app: Any | None, *, limit: int = 15, timeout_s: float = 1.0,
+            depths: Callable[[], dict[str, int]] | None = None) -> Snapshot:
+    """Read one snapshot; a part that cannot be read is named in `problems`, the rest is still shown.
+    `depths` reads the broker's queue depths (default: the Redis lists on `r`)."""
     snap = Snapshot(taken_at=time.time())
     jobs = JobStore(r)
+    book = LeaseBook(r, ttl_s=1.0)  # read-only here: the TTL is the workers'
     try:
         for job_id in jobs.list(limit):
             st = jobs.get(job_id)
-            snap.jobs.append({**st.to_dict(), "model": st.spec.get("model", "?"), "mode": st.spec.get("mode", "")})
-        snap.queues = queue_depths(r)
+            row = {**st.to_dict(), "model": st.spec.get("model", "?"), "mode": st.spec.get("mode", "")}
+            if st.status == "running":
+                row["liveness"] = book.summary(job_id, st.fields, snap.taken_at)
+            else:
+                row["liveness"] = {"relaunches": int(st.fields.get("relaunches") or 0)}
+            snap.jobs.append(row)
+        if depths is None:
+            snap.queues = queue_depths(r)
     except redis.RedisError as e:
         snap.problems.append(f"redis: {e}")
+    if depths is not None:
+        try:
+            snap.queues = depths()
+        except Exception as e:  # noqa: BLE001 - the broker may be down; say so in the frame
+            snap.problems.append(f"broker: {type(e).__name__}: {e}")
     if app is not None:
         try:
             snap.workers = worker_tasks(app, timeout_s)
@@ -105,18 +122,37 @@ def render(snap: Snapshot, *, width: int = 110) -> str:
             out.append(f"    {_task_line(t)}")
     out.append("")
     out.append(f"JOBS ({len(snap.jobs)} most recent)")
-    out.append(f"  {'id':<12} {'status':<10} {'model':<14} {'mode':<5} {'version':>9} {'':<12} {'acc':>7}")
+    out.append(f"  {'id':<12} {'status':<10} {'model':<14} {'mode':<5} {'version':>9} {'':<12} {'acc':>7} "
+               f"{'progress':>9} {'relaunch':>8}")
     for j in snap.jobs:
         acc = j.get("test_accuracy")
         version = f"{j['version']}/{j['total_rounds']}"
+        live = j.get("liveness") or {}
+        since = live.get("since_progress_s")
         out.append(f"  {j['job_id']:<12} {j['status']:<10} {str(j['model'])[:14]:<14} {str(j['mode'])[:5]:<5} "
                    f"{version:>9} {_bar(j['version'], j['total_rounds'])} "
-                   + (f"{acc:7.4f}" if isinstance(acc, float) else f"{'-':>7}"))
+                   + (f"{acc:7.4f}" if isinstance(acc, float) else f"{'-':>7}")
+                   + f" {(f'{since:.0f}s ago' if since is not None else '-'):>9} {live.get('relaunches', 0):>8}")
+        for t in live.get("tasks", []):
+            age = snap.taken_at - float(t["started"])
+            state = t["state"] if t["alive"] else "LOST"
+            out.append(f"    {t['slot']:<10} {t['what'][:48]:<48} on {t['worker'][:30]:<30} {age:5.0f}s {state}")
         if j.get("error"):
             out.append(f"    error: {j['error']}")
     for p in snap.problems:
         out.append(f"! {p}")
     return "\n".join(line[:width] for line in out)
+
+
+def _broker_depths(settings: Any, r: redis.Redis) -> Callable[[], dict[str, int]]:
+    """Queue depths on the configured broker: Redis lists (on the state Redis or another), or RabbitMQ's counts."""
+    if settings.broker_kind() == "rabbitmq":
+        from workers.liveness import RabbitProbe
+
+        return RabbitProbe(settings.broker(), QUEUES).depths
+    broker = r if settings.broker() == settings.redis_url else redis.Redis.from_url(settings.broker(),
+                                                                                     socket_connect_timeout=3)
+    return lambda: queue_depths(broker)
 
 
 def run_top(*, once: bool = False, interval_s: float = 2.0, limit: int = 15, stream: Any = None) -> int:
@@ -128,6 +164,7 @@ def run_top(*, once: bool = False, interval_s: float = 2.0, limit: int = 15, str
     settings = get_settings()
     r = redis.Redis.from_url(settings.redis_url, socket_connect_timeout=3, socket_timeout=5)
     app = app_for(settings)
+    depths = _broker_depths(settings, r)
     try:
         r.ping()
     except redis.RedisError as e:
@@ -135,7 +172,7 @@ def run_top(*, once: bool = False, interval_s: float = 2.0, limit: int = 15, str
         return 2
     try:
         while True:
-            frame = render(collect(r, app, limit=limit, timeout_s=min(1.0, interval_s)))
+            frame = render(collect(r, app, limit=limit, timeout_s=min(1.0, interval_s), depths=depths))
             stream.write(frame + "\n" if once else CLEAR + frame + "\n")
             stream.flush()
             if once:

@@ -275,3 +275,18 @@ def test_no_secret_has_a_working_default_so_compose_stops_until_each_is_set() ->
     example = dict(line.split("=", 1) for line in (REPO / ".env.example").read_text().splitlines()
                    if line and not line.startswith("#"))
     assert all(example.get(name, "") == "" for name in SECRETS), ".env.example must not ship a usable secret"
+def test_the_rabbitmq_profile_runs_a_broker_whose_consumer_timeout_exceeds_the_task_limit(
+        services: dict[str, dict[str, Any]]) -> None:
+    from pipeline.settings import Settings
+
+    rabbit = services["rabbitmq"]
+    assert rabbit["profiles"] == ["rabbitmq"]
+    assert rabbit["healthcheck"]["test"]
+    [conf] = [v.split(":")[0] for v in rabbit["volumes"] if v.startswith("./ops/")]
+    settings = dict(line.split(" = ", 1) for line in (REPO / conf).read_text().splitlines()
+                    if line and not line.startswith("#"))
+    limits = Settings(_env_file=None)
+    assert int(settings["consumer_timeout"]) > 1000 * (limits.task_time_limit_s + limits.hard_exit_grace_s)
+    assert "AAS_BROKER_URL" in services["shard-worker"]["environment"]
+    for name in ("shard-worker", "aggregator"):  # a worker that ends itself (hung task) is started again
+        assert services[name]["restart"] == "unless-stopped"
