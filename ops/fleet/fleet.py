@@ -3,7 +3,7 @@
     ops/fleet/run up     [--workers N] [--bandwidth 100mbit] [--link shard1=10mbit]   # until Ctrl-C
     ops/fleet/run job    [--workers N] [--bandwidth 20mbit] [--spec JSON] [--out FILE] [--weights FILE]
     ops/fleet/run faults [--bandwidth 20mbit] [--json FILE]       # a link down mid-round; a 10× slower link
-    ops/fleet/run bench  [--bandwidths 100mbit,1gbit,20mbit] [--cap-s 150] [--json FILE] [--quick]
+    ops/fleet/run bench  [--bandwidths 100mbit,1gbit,20mbit] [--cap-s 400] [--json FILE] [--quick]
 
 --bandwidth limits each shard worker's link (both directions; tc tbf); --link HOST=RATE sets one link.
 Redis, S3, the aggregator and the client sit on unlimited links (a data centre's services). Needs root.
@@ -124,11 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="DDP vs the pipeline's modes at several bandwidths")
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--bandwidths", default="100mbit,1gbit,20mbit")
-    b.add_argument("--cap-s", type=float, default=150.0, help="stop a row after this long (s)")
-    b.add_argument("--ddp-cap-s", type=float, default=60.0, help="stop a DDP row after this long (s)")
+    b.add_argument("--cap-s", type=float, default=400.0, help="stop a pipeline row after this long (s)")
+    b.add_argument("--ddp-cap-s", type=float, default=45.0, help="stop a DDP row after this long (s)")
+    b.add_argument("--reference-ppl", type=float, default=None,
+                   help="DDP's perplexity from an earlier run's reference (skips the one-process run)")
     b.add_argument("--rows", nargs="*", default=[], help="only rows whose label starts with one of these")
     b.add_argument("--json", default=None)
-    b.add_argument("--quick", action="store_true", help="a tiny model and 16 steps: checks the wiring only")
+    b.add_argument("--quick", action="store_true", help="a tiny model and 32 steps: checks the wiring only")
     b.add_argument("--workdir", default=None)
     args = ap.parse_args(argv)
 
