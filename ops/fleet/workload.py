@@ -91,8 +91,11 @@ def perplexity(model: torch.nn.Module, ds: Any) -> float:
     return float(evaluate(model, ds.x_test, ds.y_test, "lm")["perplexity"])
 
 
-def reference_adamw(w: Workload, threads: int = 2) -> dict[str, Any]:
-    """One process, AdamW on the union of every worker's step-k batch: DDP's math, without a network."""
+def reference_adamw(w: Workload, threads: int = 1) -> dict[str, Any]:
+    """One process, AdamW on the union of every worker's step-k batch: DDP's math, without a network.
+
+    One torch thread by default: on a machine with more runnable processes than cores, OpenMP's
+    spin-waiting threads made the two-thread loop many times slower than one thread."""
     from pipeline.training import loss_fn
 
     torch.set_num_threads(threads)
