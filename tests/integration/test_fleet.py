@@ -11,12 +11,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import IN_CI, REPO
-
+REPO = Path(__file__).resolve().parents[2]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 SPEC = {"model": "digits-cnn", "dataset": "digits", "shards": 2, "batch_size": 128, "epochs": 1, "lr": 0.05,
