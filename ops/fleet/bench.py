@@ -225,7 +225,9 @@ def main(args: Any) -> int:
         for bw in bandwidths:
             cluster.set_bandwidth(bw)
             for row in only:
-                cap = args.cap_s if row.kind == "pipeline" or args.ddp_cap_s is None else args.ddp_cap_s
+                # DDP and sync rounds move the whole model every step: at these rates they are bound by the link,
+                # and a short run gives their steady rate (their perplexity is DDP's math either way).
+                cap = args.ddp_cap_s if row.local_steps == 1 else args.cap_s
                 t0 = time.perf_counter()
                 print(f"[fleet-bench] {human_rate(bw)} {row.label} ...", file=sys.stderr, flush=True)
                 entry: dict[str, Any] = {"bandwidth": bw, "label": row.label, "kind": row.kind,

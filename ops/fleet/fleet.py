@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--workers", type=int, default=2)
     b.add_argument("--bandwidths", default="100mbit,1gbit,20mbit")
     b.add_argument("--cap-s", type=float, default=400.0, help="stop a pipeline row after this long (s)")
-    b.add_argument("--ddp-cap-s", type=float, default=45.0, help="stop a DDP row after this long (s)")
+    b.add_argument("--ddp-cap-s", type=float, default=45.0, help="stop a DDP or sync row after this long (s)")
     b.add_argument("--reference-ppl", type=float, default=None,
                    help="DDP's perplexity from an earlier run's reference (skips the one-process run)")
     b.add_argument("--rows", nargs="*", default=[], help="only rows whose label starts with one of these")
