@@ -226,7 +226,7 @@ def main(args: Any) -> int:
             cluster.set_bandwidth(bw)
             for row in only:
                 # DDP and sync rounds move the whole model every step: at these rates they are bound by the link,
-                # and a short run gives their steady rate (their perplexity is DDP's math either way).
+                # and a short run gives their steady rate.
                 cap = args.ddp_cap_s if row.local_steps == 1 else args.cap_s
                 t0 = time.perf_counter()
                 print(f"[fleet-bench] {human_rate(bw)} {row.label} ...", file=sys.stderr, flush=True)
