@@ -16,7 +16,8 @@ step's batches, ``reference_adamw``), measured once: it does not depend on the l
     samples/s      samples committed (pipeline) or stepped (DDP) / wall time from submit (from the first step for DDP)
     compute %      time spent in forward/backward/optimizer steps / (wall × workers): shard tasks' own
                    compute_s (pipeline), or steps × a calibrated no-all-reduce step time (DDP)
-    bytes/sample   bytes on the wire through the worker links (both directions, tbf'd veths) / samples
+    bytes/sample   bytes on the wire through the worker links / samples, each byte counted once: both
+                   directions for the pipeline (worker ↔ Redis/S3), what the ranks sent for DDP (rank ↔ rank)
 
     ops/fleet/run bench [--bandwidths 100mbit,1gbit,20mbit] [--cap-s 400] [--ddp-cap-s 45] [--json FILE] [--quick]
 """
@@ -128,7 +129,7 @@ def run_ddp(cluster: FleetCluster, w: Workload, cap_s: float, workdir: Path) -> 
     _ddp_runs += 1
     out = workdir / f"ddp{_ddp_runs}.json"
     master = f"{cluster.fleet.addr('shard0')}:{29500 + _ddp_runs}"
-    b0 = cluster.worker_link_bytes()
+    b0 = cluster.worker_link_bytes(sent_only=True)
     procs = [cluster.start_in(h, f"ddp{_ddp_runs}-r{r}", [
         sys.executable, "-m", "ops.fleet.ddp_rank", "--rank", str(r), "--master", master,
         "--workload", json.dumps(w.to_dict()), "--cap-s", str(cap_s), "--out", str(out)])
@@ -139,7 +140,7 @@ def run_ddp(cluster: FleetCluster, w: Workload, cap_s: float, workdir: Path) -> 
         if rc != 0:
             raise RuntimeError(f"DDP rank exited {rc}: see {cluster.workdir / 'logs'}")
     res = json.loads(out.read_text())
-    return {**res, "bytes": cluster.worker_link_bytes() - b0}
+    return {**res, "bytes": cluster.worker_link_bytes(sent_only=True) - b0}
 
 
 def run_row(cluster: FleetCluster, w: Workload, row: Row, cap_s: float, workdir: Path) -> dict[str, Any]:

@@ -129,8 +129,11 @@ class FleetCluster:
         """Start any command on a host of the fleet (e.g. a DDP rank); the group stops it at close."""
         return self.group.start(name, self.fleet.argv(host, argv), extra_env)
 
-    def worker_link_bytes(self) -> int:
-        return sum(self.fleet.link_bytes(h) for h in self.shard_hosts)
+    def worker_link_bytes(self, *, sent_only: bool = False) -> int:
+        """Bytes through the shard workers' links. Worker↔service traffic crosses one worker link: count
+        both directions. Worker↔worker traffic (DDP) crosses two: count what was sent (`sent_only`)."""
+        pairs = [self.fleet.link_bytes(h) for h in self.shard_hosts]
+        return sum(tx if sent_only else tx + rx for tx, rx in pairs)
 
     def set_bandwidth(self, rate: int | None) -> None:
         self.bandwidth = rate

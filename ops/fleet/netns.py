@@ -213,11 +213,11 @@ class Fleet:
         """Take the host's link down (its packets are dropped; TCP retransmits) or bring it back."""
         run_cmd(["ip", "-n", self.switch, "link", "set", self.hosts[host].switch_port, "up" if up else "down"])
 
-    def link_bytes(self, host: str) -> int:
-        """Bytes sent plus received on the host's eth0 since it was made."""
+    def link_bytes(self, host: str) -> tuple[int, int]:
+        """(bytes sent, bytes received) on the host's eth0 since it was made."""
         out = run_cmd(["ip", "-n", self.ns(host), "-j", "-s", "link", "show", "dev", "eth0"]).stdout
         stats: dict[str, Any] = json.loads(out)[0]["stats64"]
-        return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+        return int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"])
 
     def argv(self, host: str, argv: list[str]) -> list[str]:
         """A command line that runs `argv` inside the host's namespace."""
