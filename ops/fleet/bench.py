@@ -173,7 +173,7 @@ def markdown(results: list[dict[str, Any]], ddp_ppl: float) -> str:
             lines.append(
                 f"| {human_rate(bw)} | {r['label']} | {rate:.1f} | {fmt(rate / ddp_rate if ddp_rate else None, '.2f')}"
                 f" | {100 * r['compute']:.0f} | {r['bytes'] / max(1, r['samples']) / 1e3:,.1f} kB | {fmt(ppl, '.2f')}"
-                f" | {fmt(delta, '+.1f')}% | {r.get('steps', '—')} | {note} |")
+                f" | {fmt(delta, '+.1f') + ('%' if delta is not None else '')} | {r.get('steps', '—')} | {note} |")
     return "\n".join(lines)
 
 
