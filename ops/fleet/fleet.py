@@ -82,9 +82,13 @@ def cmd_up(args: argparse.Namespace, workdir: Path) -> int:
         for name, h in c.fleet.hosts.items():
             limit = netns.human_rate(h.rate_bits) if h.rate_bits else "unlimited"
             print(f"  {name:<8} {h.addr:<12} {c.fleet.ns(name):<22} {limit}")
-        print(f"client settings: AAS_REDIS_URL={c.settings.redis_url} AAS_S3_ENDPOINT={c.settings.s3_endpoint}\n"
-              f"run a client with: ip netns exec {c.fleet.ns('ctl')} <command>  (Ctrl-C tears it all down)",
-              flush=True)
+        env_file = workdir / "client.env"  # the run's generated S3 key: in a file only root reads, never printed
+        env_file.touch(mode=0o600)
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in c.env.items() if k.startswith("AAS_")))
+        print(f"client settings: {env_file} (AAS_REDIS_URL={c.settings.redis_url}, "
+              f"AAS_S3_ENDPOINT={c.settings.s3_endpoint})\n"
+              f"run a client with: ip netns exec {c.fleet.ns('ctl')} bash -c '. {env_file}; ops/aas ...'"
+              "  (Ctrl-C tears it all down)", flush=True)
         while True:
             time.sleep(3600)
 
