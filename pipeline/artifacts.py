@@ -5,8 +5,10 @@ was packed. The packing chain (``ArtifactChain``) is, in order:
 
 1. magnitude pruning of weight tensors (ndim ≥ 2): w · I(|w| > τ), or the smallest-|w| fraction of each
    layer set to zero;
-2. quantisation of weight tensors: fp16, or int8 symmetric per output channel (dim 0, one fp32 scale per
-   channel); biases and other 1-D tensors stay fp32;
+2. quantisation of weight tensors: fp16, int8 symmetric per output channel (dim 0, one fp32 scale per
+   channel), or int4 symmetric per group of G consecutive elements of the flattened tensor (codes in
+   [-7, 7], two per byte, one fp16 scale per group; "int4:G", G = 64 by default); biases and other 1-D
+   tensors stay fp32;
 3. sparse storage: a tensor with zeros is stored as a bitmask + nonzero values, or as int32 indices +
    values, whichever is smallest (dense otherwise), so pruned zeros cost ≤ 1 bit;
 4. zstd over the whole safetensors payload.
@@ -33,8 +35,12 @@ KIND = "artifact"
 PACKING = "packed/1"
 LEGACY_PACKING = "fp32"  # artifacts written before the chain existed: fp32 tensors under their own names
 FP16_MAX = 65504.0
-QUANTIZE = ("none", "fp16", "int8")
-_STEPS = "none, fp32, fp16, int8, prune:<fraction of zeros>, threshold:<tau>, sparse, dense, zstd"
+QUANTIZE = ("none", "fp16", "int8", "int4")
+INT4_MAX = 7  # symmetric range [-7, 7]; the nibble 0b1000 (-8) is never written and refused on read
+INT4_GROUP = 64  # default elements per fp16 scale: 0.25 bit of scale per weight
+INT4_GROUPS = (8, 4096)  # the group sizes a chain may ask for (inclusive)
+_STEPS = ("none, fp32, fp16, int8, int4[:group], prune:<fraction of zeros>, threshold:<tau>, sparse, dense, "
+          "zstd")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
 
 
@@ -47,15 +53,17 @@ class ArtifactChain:
     """How a serving artifact is derived from training weights. Default: fp32, zstd.
 
     prune_threshold: zero weights with |w| ≤ τ; prune_sparsity: zero that fraction of each weight tensor
-    (smallest |w| first); at most one of the two. quantize: weight tensors (ndim ≥ 2) to fp16 or per-channel
-    int8. sparse: store tensors with zeros as bitmask/indices + values when that is smaller.
+    (smallest |w| first); at most one of the two. quantize: weight tensors (ndim ≥ 2) to fp16, per-channel
+    int8 or per-group int4 (group: elements per fp16 scale, int4 only).
+    sparse: store tensors with zeros as bitmask/indices + values when that is smaller.
     """
 
     prune_threshold: float | None = None
     prune_sparsity: float | None = None
-    quantize: Literal["none", "fp16", "int8"] = "none"
+    quantize: Literal["none", "fp16", "int8", "int4"] = "none"
     sparse: bool = True
     zstd: bool = True
+    group: int = INT4_GROUP
 
     def __post_init__(self) -> None:
         if self.prune_threshold is not None and self.prune_sparsity is not None:
@@ -66,6 +74,11 @@ class ArtifactChain:
             raise ChainError(f"prune_sparsity must be in [0, 1), got {self.prune_sparsity!r}")
         if self.quantize not in QUANTIZE:
             raise ChainError(f"unknown quantize {self.quantize!r} (known: {', '.join(QUANTIZE)})")
+        lo, hi = INT4_GROUPS
+        if isinstance(self.group, bool) or not isinstance(self.group, int) or not lo <= self.group <= hi:
+            raise ChainError(f"int4 group size must be an integer in [{lo}, {hi}], got {self.group!r}")
+        if self.group != INT4_GROUP and self.quantize != "int4":
+            raise ChainError(f"a group size ({self.group}) applies to int4 only, not to quantize {self.quantize!r}")
 
     @classmethod
     def parse(cls, text: str) -> ArtifactChain:
@@ -78,15 +91,20 @@ class ArtifactChain:
         seen: set[str] = set()
         for step in steps:
             head, _, arg = step.partition(":")
-            group = {"fp32": "quantize", "fp16": "quantize", "int8": "quantize", "prune": "prune",
-                     "threshold": "prune", "sparse": "sparse", "dense": "sparse", "zstd": "zstd"}.get(head)
-            if group is None or bool(arg) != (head in ("prune", "threshold")):
+            group = {"fp32": "quantize", "fp16": "quantize", "int8": "quantize", "int4": "quantize",
+                     "prune": "prune", "threshold": "prune", "sparse": "sparse", "dense": "sparse",
+                     "zstd": "zstd"}.get(head)
+            if group is None or (bool(arg) != (head in ("prune", "threshold")) and not (head == "int4")):
                 raise ChainError(f"unknown step {step!r} in artifact chain {text!r} (known: {_STEPS})")
             if group in seen:
                 raise ChainError(f"artifact chain {text!r} sets {group} twice")
             seen.add(group)
             if group == "quantize":
                 kw["quantize"] = "none" if head == "fp32" else head
+                if arg:
+                    if not arg.isdigit():
+                        raise ChainError(f"step {step!r} in artifact chain {text!r}: group {arg!r} is not an integer")
+                    kw["group"] = int(arg)
             elif group == "prune":
                 try:
                     value = float(arg)
@@ -104,7 +122,9 @@ class ArtifactChain:
             steps.append(f"prune:{self.prune_sparsity:g}")
         if self.prune_threshold is not None:
             steps.append(f"threshold:{self.prune_threshold:g}")
-        if self.quantize != "none":
+        if self.quantize == "int4" and self.group != INT4_GROUP:
+            steps.append(f"int4:{self.group}")
+        elif self.quantize != "none":
             steps.append(self.quantize)
         if not self.sparse:
             steps.append("dense")
@@ -147,6 +167,43 @@ def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.view(w.shape), scales
 
 
+def quantize_int4_groups(w: Tensor, group: int) -> tuple[Tensor, Tensor]:
+    """Symmetric int4 per group of ``group`` consecutive elements of the flattened tensor:
+    w (any shape, n elements) → (codes (n,) int8 in [-7, 7], scales (ceil(n/group),) fp16), w ≈ code · scale.
+    The codes are rounded against the fp16 scale that is stored, so dequantising reproduces the served weight."""
+    flat = w.flatten().to(torch.float32)
+    n = flat.numel()
+    groups = -(-n // group)
+    padded = torch.zeros(groups * group, dtype=torch.float32)
+    padded[:n] = flat
+    blocks = padded.view(groups, group)  # (groups, group)
+    absmax = blocks.abs().amax(dim=1)  # (groups,)
+    if groups and float(absmax.max()) / INT4_MAX > FP16_MAX:
+        raise ChainError(f"weights exceed the int4 fp16-scale range (|w| ≤ {FP16_MAX * INT4_MAX:g})")
+    scales = (absmax / INT4_MAX).to(torch.float16)  # (groups,)
+    safe = torch.where(scales > 0, scales, torch.ones_like(scales)).to(torch.float32)
+    codes = torch.round(blocks / safe[:, None]).clamp_(-INT4_MAX, INT4_MAX).to(torch.int8)
+    return codes.flatten()[:n], scales
+
+
+def pack_nibbles(codes: Tensor) -> Tensor:
+    """int8 codes in [-8, 7] (n,) → uint8 (ceil(n/2),): element 2j in the low nibble of byte j, 2j+1 in the high
+    one, two's complement; an odd count pads the last high nibble with 0."""
+    n = codes.numel()
+    padded = torch.zeros(-(-n // 2) * 2, dtype=torch.uint8)
+    padded[:n] = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    pairs = padded.view(-1, 2)  # (ceil(n/2), 2)
+    return pairs[:, 0] | (pairs[:, 1] << 4)
+
+
+def unpack_nibbles(packed: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """uint8 (ceil(n/2),) → (codes (n,) int8, nibbles (ceil(n/2)·2,) uint8); the caller checks the nibbles."""
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).flatten()  # (2·len,)
+    codes = nibbles[:n].to(torch.int8)
+    codes = torch.where(codes >= 8, codes - 16, codes).to(torch.int8)
+    return codes, nibbles
+
+
 def pack_bits(mask: Tensor) -> Tensor:
     """Bool (n,) → uint8 (ceil(n/8),), bit i of byte j is element 8j + i."""
     n = mask.numel()
@@ -170,29 +227,35 @@ def _pack_tensor(name: str, w: Tensor, chain: ArtifactChain, out: dict[str, Tens
         out[f"{name}.values"] = w.contiguous()
         return entry, 0
     w = w.to(torch.float32)
+    nibbles = False
     if w.dim() >= 2:
         w = prune(w, chain)
-        if chain.quantize == "int8":
+        if chain.quantize == "int4":
+            w, out[f"{name}.scales"] = quantize_int4_groups(w, chain.group)
+            entry["group"] = chain.group
+            nibbles = True
+        elif chain.quantize == "int8":
             w, out[f"{name}.scales"] = quantize_per_channel(w)
         elif chain.quantize == "fp16":
             if w.numel() and float(w.abs().max()) > FP16_MAX:
                 raise ChainError(f"weight {name!r} exceeds the fp16 range (±{FP16_MAX:g}); use int8")
             w = w.to(torch.float16)
-    entry["dtype"] = str(w.dtype).removeprefix("torch.")
+    entry["dtype"] = "int4" if nibbles else str(w.dtype).removeprefix("torch.")
     flat = w.flatten()
     nz = flat != 0
     nnz = int(nz.sum())
-    es = flat.element_size()
+    es = 0.5 if nibbles else flat.element_size()
     # Bytes each layout stores (before zstd); ties keep dense. coo's int32 indices cap it below 2^31 elements.
     size = {"dense": flat.numel() * es, "bitmask": -(-flat.numel() // 8) + nnz * es, "coo": nnz * (es + 4)}
     options = ("dense", "bitmask", "coo") if flat.numel() < 2**31 else ("dense", "bitmask")
     layout = min(options, key=lambda k: size[k]) if chain.sparse else "dense"
     entry["layout"] = layout
+    store = pack_nibbles if nibbles else (lambda t: t)
     if layout == "dense":
-        out[f"{name}.values"] = flat
+        out[f"{name}.values"] = store(flat)
     else:
         entry["nnz"] = nnz
-        out[f"{name}.values"] = flat[nz]
+        out[f"{name}.values"] = store(flat[nz])
         if layout == "bitmask":
             out[f"{name}.mask"] = pack_bits(nz)
         else:
@@ -251,19 +314,29 @@ def _unpack_tensor(blob: blobs.Blob, name: str, e: dict[str, Any], ref: Tensor, 
         if torch.is_floating_point(ref) or e.get("dtype") != str(ref.dtype).removeprefix("torch."):
             raise blobs.BlobError(where, f"tensor {name!r}: raw {e.get('dtype')!r} where the model has {ref.dtype}")
         return _part(blob, name, "values", ref.dtype, numel, where).reshape(shape), {f"{name}.values"}
-    dtype = _DTYPES.get(str(e.get("dtype")))
+    int4 = e.get("dtype") == "int4"
+    dtype = torch.int8 if int4 else _DTYPES.get(str(e.get("dtype")))
     quantised = dtype in (torch.int8, torch.float16)
     if dtype is None or not torch.is_floating_point(ref) or (quantised and ref.dim() < 2):
         raise blobs.BlobError(where, f"tensor {name!r}: stored dtype {e.get('dtype')!r} cannot serve a "
                                      f"{ref.dim()}-D {ref.dtype} tensor")
     layout, used = e.get("layout"), {f"{name}.values"}
+
+    def values(n: int) -> Tensor:
+        if not int4:
+            return _part(blob, name, "values", dtype, n, where)
+        codes, nibbles = unpack_nibbles(_part(blob, name, "values", torch.uint8, -(-n // 2), where), n)
+        if bool((nibbles == 8).any()) or bool(nibbles[n:].any()):
+            raise blobs.BlobError(where, f"tensor {name!r}: int4 codes outside [-7, 7] or padding nibble set")
+        return codes
+
     if layout == "dense":
-        flat = _part(blob, name, "values", dtype, numel, where)
+        flat = values(numel)
     elif layout in ("bitmask", "coo"):
         nnz = e.get("nnz")
         if not (isinstance(nnz, int) and not isinstance(nnz, bool) and 0 <= nnz <= numel):
             raise blobs.BlobError(where, f"tensor {name!r}: nnz {nnz!r} outside [0, {numel}]")
-        vals = _part(blob, name, "values", dtype, nnz, where)
+        vals = values(nnz)
         if layout == "bitmask":
             bits = unpack_bits(_part(blob, name, "mask", torch.uint8, -(-numel // 8), where), numel)
             if bool(bits[numel:].any()) or int(bits.sum()) != nnz:
@@ -280,7 +353,17 @@ def _unpack_tensor(blob: blobs.Blob, name: str, e: dict[str, Any], ref: Tensor, 
         flat[idx] = vals
     else:
         raise blobs.BlobError(where, f"tensor {name!r}: unknown layout {layout!r} (known: dense, bitmask, coo)")
-    if dtype == torch.int8:
+    if int4:
+        group = e.get("group")
+        lo, hi = INT4_GROUPS
+        if not (isinstance(group, int) and not isinstance(group, bool) and lo <= group <= hi):
+            raise blobs.BlobError(where, f"tensor {name!r}: int4 group {group!r} outside [{lo}, {hi}]")
+        scales = _part(blob, name, "scales", torch.float16, -(-numel // group), where).to(torch.float32)
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise blobs.BlobError(where, f"tensor {name!r}: group scales must be finite and ≥ 0")
+        used.add(f"{name}.scales")
+        dense = flat.to(torch.float32) * scales.repeat_interleave(group)[:numel]
+    elif dtype == torch.int8:
         scales = _part(blob, name, "scales", torch.float32, shape[0], where)
         if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
             raise blobs.BlobError(where, f"tensor {name!r}: channel scales must be finite and ≥ 0")

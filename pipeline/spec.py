@@ -51,6 +51,15 @@ class JobSpec(BaseModel):
     publish_every: int = Field(default=1, ge=1, le=100_000)  # async: publish a version every K applied updates
     codec: str = "none"
     codec_density: float = Field(default=0.01, gt=0, le=1)  # topk: fraction kept
+    # topk, Deep Gradient Compression (Lin et al. 2018): worker-side momentum with momentum-factor masking
+    # (the aggregator then runs plain SGD: momentum defaults to 0 and must be 0), and a density warm-up from
+    # 25% to codec_density over this many epochs (exponential; 0: none).
+    codec_momentum: float = Field(default=0.0, ge=0, lt=1)
+    codec_warmup_epochs: float = Field(default=0.0, ge=0, le=1000)
+    # topk: where a shard's error-feedback state lives between steps. "store": in the object store, keyed by
+    # (job, shard, step), so a shard that moves to another worker (or a redelivered task) continues exactly;
+    # "process": only in the worker process's memory (no extra bytes; lost when the shard moves).
+    codec_state: Literal["store", "process"] = "store"
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     target_accuracy: float | None = Field(default=None, gt=0, le=1)  # stop rule: stop once reached
     register_as: str | None = None  # registry model name; defaults to the job's model name
@@ -166,12 +175,19 @@ class JobSpec(BaseModel):
         # accuracy, momentum 0.5/η 0.1 → 84%. Explicit values always win.
         if isinstance(data, dict) and data.get("mode") == "async":
             data = {"momentum": 0.5, "lr": 0.1, **data}
+        if isinstance(data, dict) and data.get("codec_momentum"):  # DGC: the momentum moves to the workers
+            data = {"momentum": 0.0, **data}
         return data
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
+        if self.codec_momentum and self.codec not in ("topk", "topk+int8"):
+            raise ValueError(f"codec_momentum: momentum correction needs codec topk or topk+int8, not {self.codec!r}")
+        if self.codec_momentum and self.momentum:
+            raise ValueError("codec_momentum: momentum correction moves the momentum to the workers; "
+                             f"set momentum to 0 (it is {self.momentum})")
         # Every field passed, the allowlist included: only now may a user module be imported.
         try:
             get_factory(self.model)

@@ -60,6 +60,7 @@ class JobState:
             "error": self.error,
             "bytes_up": int(self.num("bytes_up")),
             "bytes_down": int(self.num("bytes_down")),
+            "bytes_state": int(self.num("bytes_state")),
         }
         for k in ("created_at", "started_at", "finished_at", "test_accuracy", "test_loss", "perplexity"):
             if k in self.fields:
@@ -230,8 +231,12 @@ class JobStore:
     def consumed(self, job_id: str, version: int) -> set[str]:
         return {m.decode() for m in self.r.smembers(keys.job_consumed(job_id, version))}
 
-    def add_bytes(self, job_id: str, *, up: int = 0, down: int = 0) -> None:
+    def add_bytes(self, job_id: str, *, up: int = 0, down: int = 0, state: int = 0) -> None:
+        """Count bytes moved: gradient blobs up, checkpoints down, and codec state written to and read from the
+        store (top-k error feedback kept with the shard; not part of the gradient traffic)."""
         pipe = self.r.pipeline()
+        if state:
+            pipe.hincrby(keys.job(job_id), "bytes_state", state)
         if up:
             pipe.hincrby(keys.job(job_id), "bytes_up", up)
         if down:

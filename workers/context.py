@@ -55,7 +55,8 @@ class Context(Services):
     models: LRU = field(default_factory=lambda: LRU(1))
     data: LRU = field(default_factory=lambda: LRU(64))
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
-    residuals: dict[tuple[str, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
+    residuals: dict[tuple[str, int], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dispatch is None:

@@ -17,7 +17,7 @@ from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
 from storage.jobstate import TERMINAL
-from workers import faults
+from workers import codec_state, faults
 from workers.context import Context
 from workers.metrics import observe_shard_task
 
@@ -75,13 +75,14 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         return {"shard": shard, "version": version, "step": step, "attempt": attempt, "rejected": reason,
                 "samples": 0, "loss": float("nan"), "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
 
-    # Error feedback lives with the worker process, keyed by (job, shard): it costs no upload. If the
-    # shard moves to another worker, the residual stays behind (that worker starts from zero).
-    cfg = codecs.CodecConfig(name=spec.codec, density=spec.codec_density)
-    rkey = (job_id, shard)
-    enc = codecs.encode(result.update, cfg, ctx.residuals.get(rkey))
-    if enc.residual is not None:
-        ctx.residuals[rkey] = enc.residual
+    # Top-k error feedback: the state the shard's previous task (step − H) left, from this process or the store
+    # (workers/codec_state.py); the density warms up over the first codec_warmup_epochs (DGC).
+    cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, density=codecs.warmup_density(
+        spec.codec_density, step, round(spec.codec_warmup_epochs * bpe)))
+    prev_step = step - spec.local_steps if cfg.name in codecs.ERROR_FEEDBACK else -1
+    state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)
+    enc = codecs.encode(result.update, cfg, state.residual, state.velocity)
+    codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state)
     meta = {
         "kind": "gradient",
         "job": job_id,

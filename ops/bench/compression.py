@@ -10,7 +10,11 @@ On digits, same seed and epoch budget in every row, 2 shard workers + 1 aggregat
 * knowledge distillation of ``digits-cnn-small`` from the fp32 run's registered model;
 * codec speed (encode + decode MB/s on ~10M parameters) from ``ops/bench/codecs.py``.
 
-    ops/bench/run compression [--quick] [--json FILE]
+    ops/bench/run compression [--quick] [--json FILE] [--seeds 0,1] [--codecs none,topk,topk-dgc] [--local-steps 1]
+                              [--no-distill] [--no-speed]
+
+Codec rows are a codec name or a variant in ``VARIANTS`` (the DGC top-k rows: momentum correction with
+momentum-factor masking, a 1-epoch density warm-up, the server's momentum moved to the workers).
 """
 
 from __future__ import annotations
@@ -29,7 +33,16 @@ from training import Budget, Cluster  # noqa: E402  (sibling bench module)
 
 CODECS = ["none", "fp16", "bf16", "int8", "topk", "topk+int8"]
 QUICK_CODECS = ["none", "int8", "topk", "topk+int8"]
-CHAINS = ["zstd", "fp16,zstd", "int8,zstd", "prune:0.5,int8,zstd", "prune:0.7,int8,zstd", "prune:0.9,int8,zstd"]
+CHAINS = ["zstd", "fp16,zstd", "int8,zstd", "prune:0.5,int8,zstd", "prune:0.7,int8,zstd", "prune:0.9,int8,zstd",
+          "int4,zstd", "int4:32,zstd", "prune:0.5,int4,zstd", "prune:0.5,int4:32,zstd", "prune:0.6,int4,zstd",
+          "prune:0.7,int4,zstd"]
+_DGC = {"codec_momentum": 0.9, "momentum": 0.0, "codec_warmup_epochs": 1}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "topk-dgc": {"codec": "topk", **_DGC},
+    "topk+int8-dgc": {"codec": "topk+int8", **_DGC},
+    "topk+int8-dgc-0.5%": {"codec": "topk+int8", "codec_density": 0.005, **_DGC},
+    "topk-process": {"codec": "topk", "codec_state": "process"},
+}
 
 
 def last_job(cluster: Cluster) -> dict[str, Any]:
@@ -39,15 +52,18 @@ def last_job(cluster: Cluster) -> dict[str, Any]:
     return Client(cluster.settings).list(1)[0]
 
 
-def codec_rows(cluster: Cluster, b: Budget, codecs: list[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
+               hs: tuple[int, ...] = (1, 8)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     fp32_job: dict[str, Any] = {}
-    for h in (1, 8):
+    for h in hs:
         for codec in codecs:
             label = f"{codec} H={h}"
             spec = b.spec(codec=codec, local_steps=h, inner_lr=b.lr, publish_every_versions=0,
                           promote="production" if (codec == "none" and h == 1) else None,
                           register_as="digits-cnn" if (codec == "none" and h == 1) else None)
+            if codec in VARIANTS:
+                spec = {**spec, **VARIANTS[codec]}
             try:
                 r = cluster.run(spec, b.row_timeout_s)
             except Exception as e:  # noqa: BLE001 - a failing row is reported, not fatal
@@ -55,14 +71,17 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str]) -> tuple[list[dic
                 continue
             job = last_job(cluster)
             up = int(job["bytes_up"])
+            state = int(job.get("bytes_state", 0))
             rows.append({"row": label, "codec": codec, "H": h, "bytes_up": up, "samples": r["samples"],
                          "bytes_per_sample": up / max(1, r["samples"]), "accuracy": r["accuracy"],
+                         "state_bytes_per_sample": state / max(1, r["samples"]), "seed": b.seed,
                          "wall_s": r["wall_s"]})
             if codec == "none" and h == 1:
                 fp32_job = job
     base = next((r for r in rows if r.get("codec") == "none" and r.get("H") == 1), None)
     for r in rows:
         if base and "bytes_per_sample" in r:
+            r["samples_vs_fp32"] = r["samples"] / max(1, base["samples"])
             r["ratio_vs_fp32_step"] = base["bytes_per_sample"] / r["bytes_per_sample"]
             r["accuracy_delta_pts"] = 100 * (r["accuracy"] - base["accuracy"])
     return rows, fp32_job
@@ -110,20 +129,23 @@ def distill_row(cluster: Cluster, b: Budget, teacher_acc: float) -> dict[str, An
 
 def markdown(result: dict[str, Any]) -> str:
     out = ["### Gradient codecs (digits, 2 shards)", "",
-           "| codec | H | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts | wall s |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+           "| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
+           "| state bytes / sample (store) | wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["codecs"]:
         if "error" in r:
-            out.append(f"| {r['row']} | | error: {r['error']} | | | | |")
+            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | |")
             continue
-        out.append(f"| {r['codec']} | {r['H']} | {r['bytes_per_sample']:.1f} | {r.get('ratio_vs_fp32_step', 0):.1f} "
-                   f"| {r['accuracy']:.4f} | {r.get('accuracy_delta_pts', 0):+.2f} | {r['wall_s']:.1f} |")
+        out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
+                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['accuracy']:.4f} "
+                   f"| {r.get('accuracy_delta_pts', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
+                   f"| {r['wall_s']:.1f} |")
     out += ["", "### Serving artifacts (from the fp32 run's final checkpoint)", "",
-            "| chain | stored bytes | × smaller than fp32 safetensors | test accuracy | drop pts |",
-            "|---|---:|---:|---:|---:|"]
+            "| chain | seed | stored bytes | × smaller than fp32 safetensors | test accuracy | drop pts |",
+            "|---|---:|---:|---:|---:|---:|"]
     for r in result.get("artifacts", []):
-        out.append(f"| {r['chain']} | {r['stored_bytes']:,} | {r['ratio']:.1f} | {r['accuracy']:.4f} "
-                   f"| {r['accuracy_drop_pts']:+.2f} |")
+        out.append(f"| {r['chain']} | {r.get('seed', 0)} | {r['stored_bytes']:,} | {r['ratio']:.1f} "
+                   f"| {r['accuracy']:.4f} | {r['accuracy_drop_pts']:+.2f} |")
     d = result.get("distill")
     if d and "error" not in d:
         out += ["", "### Distillation", "",
@@ -136,20 +158,27 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-def run(quick: bool) -> dict[str, Any]:
-    b = Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=2 if quick else 5, lr=0.05,
-               row_timeout_s=300 if quick else 900)
-    result: dict[str, Any] = {"budget": {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size}}
-    with tempfile.TemporaryDirectory(prefix="aas-bench-compression-") as tmp, Cluster(Path(tmp), b.shards) as c:
-        result["codecs"], fp32_job = codec_rows(c, b, QUICK_CODECS if quick else CODECS)
-        if fp32_job:
-            result["artifacts"] = artifact_rows(c, fp32_job)
-            try:
-                teacher_acc = next(r["accuracy"] for r in result["codecs"] if r.get("codec") == "none")
-                result["distill"] = distill_row(c, b, teacher_acc)
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                result["distill"] = {"error": f"{type(e).__name__}: {e}"}
+def run(quick: bool, seeds: tuple[int, ...] = (0,), codecs: list[str] | None = None, hs: tuple[int, ...] = (1, 8),
+        distill: bool = True, speed: bool = True) -> dict[str, Any]:
+    result: dict[str, Any] = {"codecs": [], "artifacts": []}
+    for seed in seeds:
+        b = Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=2 if quick else 5, lr=0.05,
+                   seed=seed, row_timeout_s=300 if quick else 900)
+        result["budget"] = {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size, "seeds": list(seeds)}
+        with tempfile.TemporaryDirectory(prefix="aas-bench-compression-") as tmp, Cluster(Path(tmp), b.shards) as c:
+            rows, fp32_job = codec_rows(c, b, codecs or (QUICK_CODECS if quick else CODECS), hs)
+            result["codecs"] += rows
+            if fp32_job:
+                result["artifacts"] += [{**a, "seed": seed} for a in artifact_rows(c, fp32_job)]
+                if distill and seed == seeds[0]:
+                    try:
+                        teacher_acc = next(r["accuracy"] for r in rows if r.get("codec") == "none")
+                        result["distill"] = distill_row(c, b, teacher_acc)
+                    except Exception as e:  # noqa: BLE001
+                        traceback.print_exc()
+                        result["distill"] = {"error": f"{type(e).__name__}: {e}"}
+    if not speed:
+        return result
     try:
         import importlib.util
 
@@ -166,8 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every row runs once per seed")
+    p.add_argument("--codecs", help=f"comma-separated codecs or variants ({', '.join([*CODECS, *VARIANTS])})")
+    p.add_argument("--local-steps", default="1,8", help="comma-separated H values")
+    p.add_argument("--no-distill", action="store_true")
+    p.add_argument("--no-speed", action="store_true")
     args = p.parse_args(argv)
-    result = run(args.quick)
+    codecs = args.codecs.split(",") if args.codecs else None
+    unknown = [c for c in codecs or [] if c not in CODECS and c not in VARIANTS]
+    if unknown:
+        p.error(f"unknown codec rows {unknown} (known: {', '.join([*CODECS, *VARIANTS])})")
+    result = run(args.quick, tuple(int(x) for x in args.seeds.split(",")), codecs,
+                 tuple(int(x) for x in args.local_steps.split(",")), not args.no_distill, not args.no_speed)
     print(markdown(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

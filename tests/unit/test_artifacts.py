@@ -51,6 +51,8 @@ def reference_logits(w: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tenso
     ("prune:0.5,int8,zstd", ArtifactChain(prune_sparsity=0.5, quantize="int8")),
     (" Threshold:0.01 , FP16 , dense ", ArtifactChain(prune_threshold=0.01, quantize="fp16", sparse=False, zstd=False)),
     ("fp32+zstd", ArtifactChain()),
+    ("prune:0.5,int4,zstd", ArtifactChain(prune_sparsity=0.5, quantize="int4")),
+    ("int4:128", ArtifactChain(quantize="int4", group=128, zstd=False)),
 ])
 def test_chain_strings_parse_to_the_chain_they_name(text: str, chain: ArtifactChain) -> None:
     assert ArtifactChain.parse(text) == chain
@@ -67,6 +69,10 @@ def test_chain_strings_parse_to_the_chain_they_name(text: str, chain: ArtifactCh
     ("fp16,int8", "quantize twice"),
     ("prune:0.5,threshold:0.1", "prune twice"),
     ("int8,,zstd", "unknown step ''"),
+    ("int8:64", "unknown step 'int8:64'"),
+    ("int4:x", "not an integer"),
+    ("int4:4", r"\[8, 4096\]"),
+    ("int4:8192", r"\[8, 4096\]"),
 ])
 def test_bad_chain_strings_are_refused_with_the_reason(text: str, match: str) -> None:
     with pytest.raises(ChainError, match=match):
@@ -102,6 +108,23 @@ def test_int8_with_70_percent_pruning_and_zstd_is_at_least_eight_times_smaller()
     assert stats["ratio"] >= 8.0
 
 
+def test_int4_with_half_the_weights_pruned_and_zstd_is_over_eight_times_smaller() -> None:
+    # ≈1 bit of mask + 4 bits per kept code + 16/64 bits of fp16 scale per weight ≈ 3.25 bits: ≈9.8× at best.
+    data, stats = pack("prune:0.5,int4,zstd")
+    assert stats["ratio"] >= 8.0
+    assert stats["stored_bytes"] == len(data)
+
+
+def test_int4_codes_are_stored_two_per_byte() -> None:
+    data, _ = pack("int4,dense")
+    blob = blobs.decode(data)
+    w = weights(0)["fc1.weight"]
+    assert blob.tensors["fc1.weight.values"].dtype == torch.uint8
+    assert blob.tensors["fc1.weight.values"].numel() == w.numel() // 2
+    assert blob.tensors["fc1.weight.scales"].dtype == torch.float16
+    assert blob.tensors["fc1.weight.scales"].numel() == w.numel() // 64
+
+
 def test_sparse_storage_makes_pruned_zeros_nearly_free_without_zstd() -> None:
     _, dense = pack("prune:0.9,int8,dense")
     _, sparse = pack("prune:0.9,int8,sparse")
@@ -120,7 +143,8 @@ def test_every_sparse_layout_is_chosen_where_it_is_smallest() -> None:
 
 
 CHAINS = ["zstd", "none", "fp16", "int8,zstd", "prune:0.5,int8,zstd", "prune:0.5,int8,dense",
-          "threshold:0.03,fp16", "prune:0.98,int8,sparse", "threshold:0.02"]
+          "threshold:0.03,fp16", "prune:0.98,int8,sparse", "threshold:0.02", "int4,zstd", "prune:0.5,int4,zstd",
+          "int4:32,dense", "prune:0.98,int4:128"]
 
 
 @pytest.mark.parametrize("chain", CHAINS)
@@ -163,7 +187,7 @@ def test_threshold_pruning_serves_w_times_the_indicator_of_abs_w_above_tau() -> 
 
 
 @settings(max_examples=20, deadline=None)
-@given(seed=st.integers(0, 1000), quantize=st.sampled_from(["none", "fp16", "int8"]),
+@given(seed=st.integers(0, 1000), quantize=st.sampled_from(["none", "fp16", "int8", "int4"]),
        sparsity=st.one_of(st.none(), st.floats(0.0, 0.95)), sparse=st.booleans(), zstd=st.booleans())
 def test_served_weights_stay_within_each_quantisations_error_of_the_pruned_weights(
     seed: int, quantize: str, sparsity: float | None, sparse: bool, zstd: bool
@@ -180,6 +204,11 @@ def test_served_weights_stay_within_each_quantisations_error_of_the_pruned_weigh
             assert torch.equal(deq[name][kept], w[kept])
         elif quantize == "fp16":
             assert bool((err[kept] <= w[kept].abs() * 2**-11 + 2**-25).all())
+        elif quantize == "int4":  # half a step of the group's fp16 scale absmax/7, plus the scale's rounding × 7
+            flat = w.flatten()
+            absmax = F.pad(flat, (0, -flat.numel() % 64)).view(-1, 64).abs().amax(dim=1)  # (groups,)
+            bound = (absmax / 14 + absmax * 2**-10 + 2**-24).repeat_interleave(64)[: flat.numel()]
+            assert bool((err.flatten()[kept.flatten()] <= bound[kept.flatten()]).all())
         else:  # int8: half a step of the output channel's scale absmax/127, plus a few fp32 ulps of absmax
             absmax = w.flatten(1).abs().amax(dim=1)  # (C,)
             bound = absmax / 254 + absmax * 2**-20
@@ -237,6 +266,16 @@ CORRUPTIONS: dict[str, tuple[str, Callable[[dict[str, torch.Tensor], dict[str, A
         t, "fc1.weight.indices", t["fc1.weight.indices"][:-1])),
     "nnz beyond the tensor": ("prune:0.5,int8", lambda t, m: _set(m["tensors"]["fc2.weight"], "nnz", 10**9)),
     "bitmask with a bit too many": ("prune:0.5,int8", lambda t, m: set_lowest_clear_bit(t["conv1.weight.mask"])),
+    "int4 code -8": ("int4", lambda t, m: t["fc1.weight.values"].__setitem__(0, 0x88)),
+    "int4 values stored unpacked": ("int4", lambda t, m: _set(t, "fc1.weight.values",
+                                                             t["fc1.weight.values"].repeat_interleave(2))),
+    "int4 group scale infinite": ("int4", lambda t, m: t["fc1.weight.scales"].__setitem__(2, float("inf"))),
+    "int4 group scale negative": ("int4", lambda t, m: t["fc1.weight.scales"].__setitem__(2, -1.0)),
+    "int4 scales as fp32": ("int4", lambda t, m: _set(t, "fc1.weight.scales", t["fc1.weight.scales"].float())),
+    "int4 group that does not match the scales": ("int4", lambda t, m: _set(m["tensors"]["fc1.weight"], "group", 32)),
+    "int4 group missing": ("int4", lambda t, m: m["tensors"]["fc1.weight"].pop("group")),
+    "int4 bias": ("int4", lambda t, m: _set(m["tensors"]["fc2.bias"], "dtype", "int4")),
+    "int4 bitmask with a bit too many": ("prune:0.5,int4", lambda t, m: set_lowest_clear_bit(t["conv1.weight.mask"])),
     "bitmask padding bits set": ("prune:0.5,int8", lambda t, m: t["conv1.weight.mask"].__setitem__(
         -1, int(t["conv1.weight.mask"][-1]) | 0x80)),
 }

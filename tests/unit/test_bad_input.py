@@ -65,7 +65,11 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "publish_every_versions": st.integers(max_value=-1) | st.integers(min_value=100_001),
     "model": _not(*BUILTIN_MODELS) | st.sampled_from(["no_such_module_xyz:factory", "math:pi", "os:nope", "os:system"]),
     "dataset": _not("digits") | st.sampled_from(["no_such_module_xyz:load", "math:pi"]),
-    "artifact_chain": st.sampled_from(["int9", "prune", "prune:x", "zstd,zstd", "fp16,int8", "gzip"]),
+    "artifact_chain": st.sampled_from(["int9", "prune", "prune:x", "zstd,zstd", "fp16,int8", "gzip", "int4:3",
+                                       "int8:64"]),
+    "codec_momentum": st.floats(max_value=-0.01) | st.floats(min_value=1.0) | st.just(math.nan),
+    "codec_warmup_epochs": st.floats(max_value=-0.01) | st.floats(min_value=1001),
+    "codec_state": st.sampled_from(["disk", "", "redis"]),
     "promote": st.sampled_from(["a b", "latest", "123", "../prod", "", "x" * 200]),
     "model_args": st.sampled_from([{"hidden": -1}, {"no_such_arg": 1}, {"channels": [1]}, []]),
     "dataset_args": st.sampled_from([{"no_such_arg": 1}, "digits", {"test_fraction": 0}, {"test_fraction": 1.0},
@@ -109,6 +113,7 @@ def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: 
     ("seed", 2**80), ("seed", -1), ("batch_size", 10**6), ("register_as", "a b"), ("register_as", "../prod"),
     ("dataset_args", {"test_fraction": 0}), ("model", "os:system"), ("dataset", "os:getcwd"), ("lr", 1e9),
     ("init_from", "a b@7"), ("model_args", {"pad": "x" * 20_000}),
+    ("codec_momentum", 0.9),  # BASE's codec is not topk: momentum correction has nothing to correct
 ])
 def test_fields_that_were_unchecked_are_refused_at_submit_naming_the_field(
         tmp_path: Path, field: str, value: Any) -> None:

@@ -287,3 +287,54 @@ def test_arbitrary_indices_either_decode_to_a_valid_gradient_or_are_refused(indi
         return
     assert indices == sorted(set(indices)) and all(0 <= i < 18 for i in indices)
     assert int((out["w"] != 0).sum()) <= 4
+
+
+# ---------------------------------------------------------------- DGC: momentum correction, masking, warm-up
+
+
+def test_momentum_correction_accumulates_velocity_and_masks_it_where_values_were_sent() -> None:
+    cfg = CodecConfig("topk", density=0.5, momentum=0.9)
+    g1 = {"w": torch.tensor([4.0, 1.0, -0.5, 0.1])}
+    first = encode(g1, cfg)  # u = g; v = u; sends 4.0 and 1.0
+    assert first.velocity is not None and first.residual is not None
+    assert torch.equal(first.velocity["w"], torch.tensor([0.0, 0.0, -0.5, 0.1]))  # masked where sent
+    assert torch.equal(first.residual["w"], torch.tensor([0.0, 0.0, -0.5, 0.1]))
+    g2 = {"w": torch.tensor([0.2, 0.0, -1.0, 0.0])}
+    second = encode(g2, cfg, first.residual, first.velocity)
+    u = 0.9 * torch.tensor([0.0, 0.0, -0.5, 0.1]) + g2["w"]
+    v = torch.tensor([0.0, 0.0, -0.5, 0.1]) + u  # [0.2, 0, -1.95, 0.19]
+    sent = decode(second.tensors, second.meta)["w"]
+    assert torch.allclose(sent, torch.tensor([0.2, 0.0, float(v[2]), 0.0]))
+    assert torch.allclose(second.residual["w"], v - sent)
+    assert torch.allclose(second.velocity["w"], torch.tensor([0.0, 0.0, 0.0, float(u[3])]))
+
+
+def test_without_momentum_correction_no_velocity_is_kept() -> None:
+    assert encode({"w": torch.randn(8)}, CodecConfig("topk")).velocity is None
+
+
+def test_momentum_correction_needs_a_topk_codec_and_a_momentum_below_one() -> None:
+    with pytest.raises(CodecError, match="topk"):
+        CodecConfig("int8", momentum=0.9)
+    with pytest.raises(CodecError, match=r"\[0, 1\)"):
+        CodecConfig("topk", momentum=1.0)
+    with pytest.raises(CodecError, match="velocity"):
+        encode({"w": torch.randn(3)}, CodecConfig("topk", momentum=0.9), velocity={"w": torch.ones(4)})
+
+
+def test_density_warms_up_exponentially_from_a_quarter_to_the_target() -> None:
+    from pipeline.codecs import warmup_density
+
+    assert warmup_density(0.01, 0, 100) == pytest.approx(0.25)
+    assert warmup_density(0.01, 50, 100) == pytest.approx(0.05)  # geometric mean of 0.25 and 0.01
+    assert warmup_density(0.01, 100, 100) == 0.01
+    assert warmup_density(0.01, 10**6, 100) == 0.01
+    assert warmup_density(0.01, 5, 0) == 0.01
+    assert warmup_density(0.5, 0, 100) == 0.5  # a target above the start needs no warm-up
+
+
+def test_indices_use_the_narrowest_integer_that_holds_them() -> None:
+    for numel, dtype in ((2**15, torch.int16), (2**15 + 1, torch.int32)):
+        enc = encode({"w": torch.randn(numel)}, CodecConfig("topk", density=0.001))
+        assert enc.tensors["w.indices"].dtype == dtype
+        assert decode(enc.tensors, enc.meta)["w"].shape == (numel,)

@@ -140,12 +140,37 @@ def test_nan_gradient_is_rejected_with_a_reason_never_applied_and_the_round_goes
 
 
 def test_topk_error_feedback_residual_is_kept_per_job_and_shard_and_used_on_the_next_step(unit_ctx) -> None:
-    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01)
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_state="process")
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
-    residual = unit_ctx.residuals[(job_id, 0)]
+    residual = unit_ctx.residuals[(job_id, 0)].residual
     assert sum(float(t.abs().sum()) for t in residual.values()) > 0
     with_feedback = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
-    unit_ctx.residuals.clear()  # as on a worker that never saw this shard
+    unit_ctx.residuals.clear()  # as on a worker that never saw this shard: in "process" mode the state is gone
     without = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
     assert with_feedback["sha256"] != without["sha256"]
     assert with_feedback["bytes"] < 0.1 * 4 * 38282  # 1% of the values (plus indices and header)
+    assert not list(unit_ctx.store.list(f"jobs/{job_id}/codec-state/"))
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_a_shard_that_moves_to_a_fresh_worker_continues_from_its_stored_error_feedback(unit_ctx, momentum) -> None:
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=momentum)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    assert unit_ctx.store.exists(keys.codec_state(job_id, 0, 0))
+    warm = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    unit_ctx.residuals.clear()  # another worker process: the state comes from the store
+    moved = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    assert moved["sha256"] == warm["sha256"]
+    assert int(unit_ctx.jobs.get(job_id).fields["bytes_state"]) > 0  # written twice and read once, counted
+
+
+def test_a_redelivered_topk_task_reads_the_state_of_its_own_step_and_writes_the_same_bytes(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=0.9)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    first = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    state_1 = unit_ctx.store.get(keys.codec_state(job_id, 0, 1))
+    shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)  # the shard has moved on to step 2
+    again = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)  # step 1 redelivered
+    assert again["sha256"] == first["sha256"]
+    assert unit_ctx.store.get(keys.codec_state(job_id, 0, 1)) == state_1
+    assert unit_ctx.residuals[(job_id, 0)].step == 2  # the redelivery did not roll the process's state back

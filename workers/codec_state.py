@@ -1,0 +1,80 @@
+"""A shard's top-k error-feedback state (residual, and the velocity under momentum correction) between steps.
+
+The state after the task at data step s is what the shard's next task (at step s + H) starts from. It is kept
+in the worker process (``Context.residuals``) and, with ``codec_state="store"``, written beside the gradient
+blob under ``keys.codec_state(job, shard, s)`` — so a shard that moves to another worker process continues
+from the same state, and the run's weights do not depend on which worker ran which task.
+
+Exactness: the task at step s reads the state its shard wrote at s − H (never "the latest"), so a redelivered
+task reads the same state and writes the same bytes. The process cache is used only when it holds exactly
+step s − H. A missing state (step 0, or the shard's previous update was rejected) starts from zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from pipeline import blobs
+from pipeline.codecs import Encoded
+from storage import keys
+from storage.objectstore import ObjectNotFound
+from workers.context import Context
+
+KIND = "codec-state"
+
+
+@dataclass(frozen=True)
+class CodecState:
+    step: int
+    residual: dict[str, Tensor] | None
+    velocity: dict[str, Tensor] | None
+
+
+def load(ctx: Context, job_id: str, shard: int, prev_step: int, mode: str) -> CodecState:
+    """The state the shard's task at step ``prev_step`` left (empty when there is none)."""
+    empty = CodecState(prev_step, None, None)
+    if prev_step < 0:
+        return empty
+    hit = ctx.residuals.get((job_id, shard))
+    if isinstance(hit, CodecState) and hit.step == prev_step:
+        return hit
+    if mode != "store":
+        return empty
+    key = keys.codec_state(job_id, shard, prev_step)
+    try:
+        data = ctx.store.get(key)
+    except ObjectNotFound:
+        return empty
+    ctx.jobs.add_bytes(job_id, state=len(data))
+    blob = blobs.decode(data, key, signing_key=ctx.signing_key)
+    m = blob.meta
+    if (m.get("kind"), m.get("job"), m.get("shard"), m.get("step")) != (KIND, job_id, shard, prev_step):
+        raise blobs.BlobError(key, f"not the codec state of job {job_id} shard {shard} step {prev_step} "
+                                   f"(kind {m.get('kind')!r}, job {m.get('job')!r}, shard {m.get('shard')!r}, "
+                                   f"step {m.get('step')!r})")
+    residual = {k[2:]: t for k, t in blob.tensors.items() if k.startswith("r.")}
+    velocity = {k[2:]: t for k, t in blob.tensors.items() if k.startswith("u.")}
+    if len(residual) + len(velocity) != len(blob.tensors):
+        raise blobs.BlobError(key, "codec state holds tensors that are neither residual (r.) nor velocity (u.)")
+    return CodecState(prev_step, residual or None, velocity or None)
+
+
+def save(ctx: Context, job_id: str, shard: int, step: int, enc: Encoded, mode: str) -> None:
+    """Keep the state ``enc`` leaves after the task at ``step``; write it to the store in "store" mode.
+    Deterministic bytes: a redelivered task overwrites the object with what it already held."""
+    if enc.residual is None:
+        return
+    state = CodecState(step, enc.residual, enc.velocity)
+    hit = ctx.residuals.get((job_id, shard))
+    if not isinstance(hit, CodecState) or hit.step <= step:  # a redelivered older task leaves the newer one
+        ctx.residuals[(job_id, shard)] = state
+    if mode != "store":
+        return
+    tensors = {f"r.{k}": t.detach().cpu().contiguous() for k, t in enc.residual.items()}
+    tensors |= {f"u.{k}": t.detach().cpu().contiguous() for k, t in (enc.velocity or {}).items()}
+    meta = {"kind": KIND, "job": job_id, "shard": shard, "step": step}
+    data = blobs.encode(tensors, meta, compress=True, signing_key=ctx.signing_key)
+    ctx.store.put(keys.codec_state(job_id, shard, step), data)
+    ctx.jobs.add_bytes(job_id, state=len(data))
