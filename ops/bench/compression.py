@@ -36,11 +36,12 @@ QUICK_CODECS = ["none", "int8", "topk", "topk+int8"]
 CHAINS = ["zstd", "fp16,zstd", "int8,zstd", "prune:0.5,int8,zstd", "prune:0.7,int8,zstd", "prune:0.9,int8,zstd",
           "int4,zstd", "int4:32,zstd", "prune:0.5,int4,zstd", "prune:0.5,int4:32,zstd", "prune:0.6,int4,zstd",
           "prune:0.7,int4,zstd"]
-_DGC = {"codec_momentum": 0.9, "momentum": 0.0, "codec_warmup_epochs": 1}
+_DGC = {"codec_momentum": 0.9, "momentum": 0.0, "codec_warmup_epochs": 1, "codec_state": "store"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "topk-dgc": {"codec": "topk", **_DGC},
     "topk+int8-dgc": {"codec": "topk+int8", **_DGC},
     "topk+int8-dgc-0.5%": {"codec": "topk+int8", "codec_density": 0.005, **_DGC},
+    "topk-store": {"codec": "topk", "codec_state": "store"},  # the error-feedback state kept in the object store
     "topk-process": {"codec": "topk", "codec_state": "process"},
 }
 

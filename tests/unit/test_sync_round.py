@@ -154,7 +154,8 @@ def test_topk_error_feedback_residual_is_kept_per_job_and_shard_and_used_on_the_
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_a_shard_that_moves_to_a_fresh_worker_continues_from_its_stored_error_feedback(unit_ctx, momentum) -> None:
-    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=momentum)
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=momentum,
+                   codec_state="store")
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
     assert unit_ctx.store.exists(keys.codec_state(job_id, 0, 0))
     warm = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
@@ -165,7 +166,7 @@ def test_a_shard_that_moves_to_a_fresh_worker_continues_from_its_stored_error_fe
 
 
 def test_a_redelivered_topk_task_reads_the_state_of_its_own_step_and_writes_the_same_bytes(unit_ctx) -> None:
-    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=0.9)
+    job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=0.9, codec_state="store")
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
     first = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
     state_1 = unit_ctx.store.get(keys.codec_state(job_id, 0, 1))
