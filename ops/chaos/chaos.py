@@ -180,7 +180,7 @@ class Cluster:
         return Settings(_env_file=None, redis_url=str(self.redis_url), s3_endpoint=self.moto.endpoint,
                         s3_access_key=ACCESS, s3_secret_key=SECRET, s3_bucket=BUCKET,
                         visibility_timeout_s=self.visibility_timeout_s, broker_url=self.broker_url,
-                        task_time_limit_s=self.task_time_limit_s)
+                        task_time_limit_s=self.task_time_limit_s, insecure_dev=True)  # as the workers run
 
     def client(self) -> Any:
         from pipeline.client import Client

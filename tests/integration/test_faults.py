@@ -111,7 +111,7 @@ def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers
     start("shard0b")
     start("aggregator2", "aggregate")
     state = client.resume(job_id)
-    assert state["version"] == last
+    assert state["version"] >= last  # the liveness monitor may have rebuilt and resumed it already
     final = client.wait(job_id, timeout=120)
     assert final["status"] == "succeeded", final.get("error")
     assert final["version"] == final["total_rounds"]
