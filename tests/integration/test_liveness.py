@@ -84,13 +84,18 @@ def test_shard_messages_the_broker_lost_are_relaunched_in_seconds_with_the_defau
     assert not any(e["kind"] == "watchdog" for e in events)  # the 15-minute last resort was not needed
 
 
-def test_a_user_factory_that_hangs_fails_its_job_naming_the_task_and_a_second_job_succeeds(workers) -> None:
+def test_a_user_factory_that_hangs_fails_its_job_naming_the_task_and_a_second_job_succeeds(
+        workers, monkeypatch) -> None:
     from pipeline.client import Client
+    from pipeline.settings import get_settings
 
+    allow = {"AAS_ALLOWED_IMPORTS": "tests.assets"}  # the hanging factory is user code: allowlisted explicitly
+    monkeypatch.setenv("AAS_ALLOWED_IMPORTS", "tests.assets")
+    get_settings.cache_clear()
     hang = {"AAS_TEST_HANG": "1", "AAS_TASK_TIME_LIMIT_S": "3", "AAS_HARD_EXIT_GRACE_S": "1",
-            "AAS_MAX_DELIVERIES": "2"}
+            "AAS_MAX_DELIVERIES": "2", **allow}
     start = workers
-    start("aggregator", "aggregate", extra_env={"AAS_MAX_DELIVERIES": "2"})
+    start("aggregator", "aggregate", extra_env={"AAS_MAX_DELIVERIES": "2", **allow})
     start("shard-a", extra_env=hang, supervise=True)  # solo pool: Celery's own time limit does not apply
     start("shard-b", extra_env=hang, supervise=True)
     client = Client()
