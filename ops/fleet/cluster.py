@@ -78,6 +78,8 @@ class FleetCluster:
         base = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy") and not k.startswith("AAS_")}
         self.env = {**base, "AAS_REDIS_URL": redis_url, "AAS_S3_ENDPOINT": s3, "AAS_S3_ACCESS_KEY": key,
                     "AAS_S3_SECRET_KEY": key, "AAS_S3_BUCKET": "aas-fleet", "AAS_TORCH_THREADS": "1",
+                    # Signed blobs over the links and registry rights, with keys fresh for each run.
+                    "AAS_SIGNING_KEY": secrets.token_hex(32), "AAS_REGISTRY_TOKEN": secrets.token_hex(16),
                     "GLOO_SOCKET_IFNAME": "eth0",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                     **self.extra_env}

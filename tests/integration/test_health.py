@@ -38,7 +38,7 @@ def test_the_healthcheck_passes_while_a_solo_worker_runs_a_30_s_task(redis_url: 
     from workers.app import app_for
 
     health = tmp_path / "worker.health"
-    env = {**os.environ, "AAS_REDIS_URL": redis_url, "AAS_HEALTH_FILE": str(health),
+    env = {**os.environ, "AAS_REDIS_URL": redis_url, "AAS_HEALTH_FILE": str(health), "AAS_INSECURE_DEV": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'tests' / 'integration'}"}
     argv = worker_argv("busy", "sleepy")
     argv[argv.index("workers.app")] = "slow_task_app"
