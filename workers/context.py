@@ -135,6 +135,8 @@ class Context(Services):
                 self.jobs.add_bytes(job_id, down=len(data))
                 ckpt = decode_checkpoint(data, key, signing_key=self.signing_key)
                 del data
+                spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+                check_model(ckpt, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
                 hit = ckpt.build(device, copy=False)
             self.models.put(mkey, hit)
         return hit
