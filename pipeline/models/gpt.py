@@ -11,15 +11,12 @@ Parameters ≈ n_layer · 12 · n_embd² (attention 4d², MLP 8d²) + (vocab + b
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
 from torch import nn
-from torch.nn import functional as F
 
-from pipeline.models.char_lm import VOCAB_SIZE, Block, CharLMConfig
+from pipeline.models.char_lm import VOCAB_SIZE, CharLM, CharLMConfig
 
 
 @dataclass(frozen=True)
@@ -68,44 +65,16 @@ def config_for(size: str | None = DEFAULT_SIZE, **overrides: Any) -> GPTConfig:
     return cfg
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer: token ids (B, T) → next-token logits (B, T, vocab_size)."""
+class GPT(CharLM):
+    """Decoder-only transformer: token ids (B, T) → next-token logits (B, T, vocab_size).
+
+    The same architecture as ``char-lm`` (its blocks, init and tied output layer), sized by GPTConfig.
+    Built under torch.device("meta") (Checkpoint.build), its init is free."""
 
     def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        blocks = CharLMConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                              n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout)
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(blocks) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd)
-        # Output layer tied to wte through F.linear (one state-dict entry per tensor: safetensors refuses
-        # shared storage). Built under torch.device("meta") (Checkpoint.build), the init below is free.
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: scale residual projections by depth
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:  # idx: (B, T) int64 → logits (B, T, V)
-        _, t = idx.shape
-        if t > self.cfg.block_size:
-            raise ValueError(f"gpt: sequence length {t} exceeds block_size {self.cfg.block_size}")
-        pos = torch.arange(t, device=idx.device)  # (T,)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
-        return F.linear(self.ln_f(x), self.wte.weight)  # (B, T, C) @ (C, V) → (B, T, V)
+        super().__init__(CharLMConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                                      n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout))
+        self.cfg = cfg  # type: ignore[assignment]  # GPTConfig: the same block_size the forward pass reads
 
 
 def gpt(size: str | None = DEFAULT_SIZE, **overrides: Any) -> nn.Module:
