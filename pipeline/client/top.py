@@ -18,11 +18,9 @@ import redis
 
 from storage.jobstate import JobStore
 from storage.leases import LeaseBook
+from workers.app import QUEUES
+from workers.metrics import queue_depths as redis_queue_depths
 
-QUEUES = ("shards", "aggregate", "predict", "beat")
-# kombu's Redis transport keeps a queue's prioritised messages in sibling lists named queue + SEP + step.
-PRIORITY_SEP = "\x06\x16"
-PRIORITY_STEPS = (3, 6, 9)
 CLEAR = "\x1b[H\x1b[2J"
 
 
@@ -38,15 +36,8 @@ class Snapshot:
 
 
 def queue_depths(r: redis.Redis, queues: tuple[str, ...] = QUEUES) -> dict[str, int]:
-    """Messages waiting in each queue (all priority levels together)."""
-    pipe = r.pipeline()
-    for q in queues:
-        pipe.llen(q)
-        for step in PRIORITY_STEPS:
-            pipe.llen(f"{q}{PRIORITY_SEP}{step}")
-    counts = pipe.execute()
-    per = 1 + len(PRIORITY_STEPS)
-    return {q: int(sum(counts[i * per:(i + 1) * per])) for i, q in enumerate(queues)}
+    """Messages waiting in each queue of a Redis broker (all priority levels together)."""
+    return redis_queue_depths(r, queues)
 
 
 def worker_tasks(app: Any, timeout_s: float = 1.0) -> dict[str, list[dict[str, Any]]]:

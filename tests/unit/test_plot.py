@@ -86,7 +86,8 @@ class FakeApp:
 
 
 def test_top_once_shows_jobs_workers_and_queue_depths(fake_redis: Any) -> None:
-    from pipeline.client.top import PRIORITY_SEP, collect, render
+    from pipeline.client.top import collect, render
+    from workers.metrics import PRIORITY_SEP
 
     _job_with_versions(fake_redis, 3)
     fake_redis.rpush("shards", b"m1", b"m2")
