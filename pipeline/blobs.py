@@ -2,12 +2,14 @@
 
 Layout (all integers little-endian)::
 
-    b"AAST" | u8 format version (1) | u32 header length | header JSON (utf-8) | payload
+    b"AAST" | u8 format version (2) | u32 header length | header JSON (utf-8, space-padded) | payload
 
 The header holds ``compression`` ("none" | "zstd"), ``payload_bytes`` (uncompressed size),
-``digest`` = sha256(meta JSON ‖ payload as stored), optional ``sig`` = HMAC-SHA256 over the same
-bytes, and ``meta``: a JSON object for whatever the writer needs to describe (codec, shapes, base
-version, ...). The payload is a safetensors file. Nothing here unpickles anything.
+``digest`` = sha256(meta JSON ‖ payload as stored), optional ``sig`` = HMAC-SHA256 of that digest
+(format 1, still read: HMAC over the bytes themselves), and ``meta``: a JSON object for whatever the
+writer needs to describe (codec, shapes, base version, ...). The payload is a safetensors file whose
+data starts 64-byte aligned, so tensors are read as views of the blob (``pipeline/tensorfile.py``).
+A reader makes one pass over the bytes (the digest); nothing here unpickles anything.
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
+from pipeline import tensorfile
 from pipeline.reasons import Refusal
 
 MAGIC = b"AAST"
-FORMAT = 1
+FORMAT = 2  # 1: the signature covered the whole blob; 2: it covers the digest (one pass). Both are read.
+FORMATS = (1, 2)
 _PRELUDE = struct.Struct("<4sBI")  # magic, format, header length
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -56,12 +58,64 @@ def _canonical(meta: dict[str, Any]) -> bytes:
     return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
 
-def _mac(key: bytes, meta_bytes: bytes, payload: bytes) -> str:
+def _mac(key: bytes, meta_bytes: bytes, payload: bytes | memoryview) -> str:
+    """Format 1's signature: HMAC over the whole blob (a second pass over its bytes)."""
     h = hmac.new(key, digestmod=hashlib.sha256)
     h.update(len(meta_bytes).to_bytes(8, "little"))
     h.update(meta_bytes)
     h.update(payload)
     return h.hexdigest()
+
+
+def _mac_digest(key: bytes, digest: str) -> str:
+    """Format 2's signature: HMAC over the sha256 digest the reader computes anyway (hash-then-MAC), so a
+    signed blob is read in one pass over its bytes, not two."""
+    return hmac.new(key, b"aas-blob-v2:" + digest.encode(), hashlib.sha256).hexdigest()
+
+
+def _digest(meta_bytes: bytes, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> str:
+    h = hashlib.sha256(meta_bytes)
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
+
+def encode_parts(
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any] | None = None,
+    *,
+    compress: bool = False,
+    level: int = 3,
+    signing_key: bytes | None = None,
+) -> list[bytes | memoryview]:
+    """The blob as a list of buffers (envelope, then each tensor's own memory): write them as they are.
+
+    Concatenated they are the bytes ``encode`` returns. Uncompressed, no tensor is copied: a 4 GB model
+    costs no extra 4 GB (or 8: safetensors' ``save`` and the concatenation each made one).
+    """
+    meta = dict(meta or {})
+    st_head, views = tensorfile.dump(tensors)
+    payload: list[bytes | memoryview] = [st_head, *views]
+    raw_len = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in payload)
+    if compress:
+        import zstandard
+
+        payload = [zstandard.ZstdCompressor(level=level).compress(b"".join(payload))]
+    meta_bytes = _canonical(meta)
+    digest = _digest(meta_bytes, payload)
+    header: dict[str, Any] = {
+        "compression": "zstd" if compress else "none",
+        "payload_bytes": raw_len,
+        "digest": digest,
+        "meta": meta,
+    }
+    if signing_key:
+        header["sig"] = _mac_digest(signing_key, digest)
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    # Pad with JSON whitespace so that the payload starts 64-byte aligned: tensors read back as views
+    # of the blob are then aligned for their dtype.
+    head += b" " * (-(_PRELUDE.size + len(head)) % 64)
+    return [_PRELUDE.pack(MAGIC, FORMAT, len(head)) + head, *payload]
 
 
 def encode(
@@ -73,74 +127,79 @@ def encode(
     signing_key: bytes | None = None,
 ) -> bytes:
     """Serialize tensors (safetensors) with a header; zstd-compress the payload when asked."""
-    meta = dict(meta or {})
-    raw = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
-    if compress:
-        import zstandard
-
-        payload = zstandard.ZstdCompressor(level=level).compress(raw)
-    else:
-        payload = raw
-    meta_bytes = _canonical(meta)
-    header: dict[str, Any] = {
-        "compression": "zstd" if compress else "none",
-        "payload_bytes": len(raw),
-        "digest": hashlib.sha256(meta_bytes + payload).hexdigest(),
-        "meta": meta,
-    }
-    if signing_key:
-        header["sig"] = _mac(signing_key, meta_bytes, payload)
-    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    return _PRELUDE.pack(MAGIC, FORMAT, len(head)) + head + payload
+    return b"".join(encode_parts(tensors, meta, compress=compress, level=level, signing_key=signing_key))
 
 
-def read_header(data: bytes, where: str = "<bytes>") -> tuple[dict[str, Any], memoryview]:
-    """Parse and verify the envelope; return the header and the (still encoded) payload."""
+def size_of(parts: list[bytes | memoryview]) -> int:
+    return sum(len(p) if isinstance(p, bytes) else p.nbytes for p in parts)
+
+
+def read_header(data: bytes | bytearray | memoryview, where: str = "<bytes>") -> tuple[dict[str, Any], memoryview]:
+    """Parse the envelope (not yet verified); return the header and the (still encoded) payload."""
     if len(data) < _PRELUDE.size:
         raise BlobError(where, f"truncated: {len(data)} bytes is shorter than the {_PRELUDE.size}-byte prelude")
     magic, fmt, hlen = _PRELUDE.unpack_from(data, 0)
     if magic != MAGIC:
         raise BlobError(where, f"not an AaS blob (magic {magic!r}, expected {MAGIC!r})")
-    if fmt != FORMAT:
-        raise BlobError(where, f"unsupported format version {fmt} (known: {FORMAT})")
+    if fmt not in FORMATS:
+        raise BlobError(where, f"unsupported format version {fmt} (known: {', '.join(map(str, FORMATS))})")
     if hlen > MAX_HEADER_BYTES or _PRELUDE.size + hlen > len(data):
         raise BlobError(where, f"truncated or corrupt header (length {hlen}, blob {len(data)} bytes)")
     try:
-        header = json.loads(bytes(data[_PRELUDE.size : _PRELUDE.size + hlen]))
+        header = json.loads(bytes(memoryview(data)[_PRELUDE.size : _PRELUDE.size + hlen]))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BlobError(where, f"header is not JSON: {e}") from None
     if not isinstance(header, dict) or not isinstance(header.get("meta"), dict):
         raise BlobError(where, "header lacks a 'meta' object")
+    header["format"] = fmt
     payload = memoryview(data)[_PRELUDE.size + hlen :]
     return header, payload
 
 
-def decode(
-    data: bytes,
-    where: str = "<bytes>",
-    *,
-    signing_key: bytes | None = None,
-    max_payload_bytes: int | None = None,
-) -> Blob:
-    """Verify digest (and signature when a key is given) and return tensors and meta.
+def digest_of(data: bytes | bytearray | memoryview) -> str:
+    """The digest a blob's header declares (what a shard reports for its upload; checked on read)."""
+    header, _ = read_header(data)
+    return str(header.get("digest", ""))
 
-    Raises BlobError for any defect; never returns a partially read blob.
-    """
+
+def verify(data: bytes | bytearray | memoryview, where: str = "<bytes>", *, signing_key: bytes | None = None,
+           expect_digest: str | None = None) -> tuple[dict[str, Any], memoryview]:
+    """Check the digest (one sha256 pass) and the signature; return the header and the payload."""
     header, payload = read_header(data, where)
-    meta = header["meta"]
+    declared = str(header.get("digest", ""))
+    if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
+        raise BlobError(where, "sha256 digest differs from what the writer reported")
     try:
-        meta_bytes = _canonical(meta)
+        meta_bytes = _canonical(header["meta"])
     except ValueError as e:
         raise BlobError(where, f"meta is not canonical JSON: {e}") from None
-    digest = hashlib.sha256(meta_bytes + payload).hexdigest()
-    if not hmac.compare_digest(str(header.get("digest", "")), digest):
+    if not hmac.compare_digest(declared, _digest(meta_bytes, (payload,))):
         raise BlobError(where, "sha256 mismatch: the blob is corrupt or was modified")
     if signing_key:
         sig = header.get("sig")
         if not sig:
             raise BlobError(where, "unsigned, but a signing key is configured", code="signature")
-        if not hmac.compare_digest(str(sig), _mac(signing_key, meta_bytes, bytes(payload))):
+        want = _mac_digest(signing_key, declared) if header["format"] >= 2 else _mac(signing_key, meta_bytes, payload)
+        if not hmac.compare_digest(str(sig), want):
             raise BlobError(where, "bad signature (HMAC-SHA256 does not match the configured key)", code="signature")
+    return header, payload
+
+
+def decode(
+    data: bytes | bytearray | memoryview,
+    where: str = "<bytes>",
+    *,
+    signing_key: bytes | None = None,
+    max_payload_bytes: int | None = None,
+    expect_digest: str | None = None,
+) -> Blob:
+    """Verify digest (and signature when a key is given) and return tensors and meta.
+
+    Tensors are views of `data` when it is writable (a ``bytearray``, as the stores return) and the
+    payload is stored uncompressed: no copy. Raises BlobError for any defect; never returns a partially
+    read blob.
+    """
+    header, payload = verify(data, where, signing_key=signing_key, expect_digest=expect_digest)
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or expected < 0:
         raise BlobError(where, "header has no valid payload_bytes")
@@ -152,17 +211,19 @@ def decode(
         import zstandard
 
         try:
-            raw = zstandard.ZstdDecompressor().decompress(bytes(payload), max_output_size=expected)
+            raw = memoryview(bytearray(zstandard.ZstdDecompressor().decompress(bytes(payload),
+                                                                             max_output_size=expected)))
         except zstandard.ZstdError as e:
             raise BlobError(where, f"zstd payload does not decompress: {e}") from None
     elif comp == "none":
-        raw = bytes(payload)
+        raw = payload
     else:
         raise BlobError(where, f"unknown compression {comp!r} (known: none, zstd)")
     if len(raw) != expected:
         raise BlobError(where, f"payload is {len(raw)} bytes, header says {expected}")
     try:
-        tensors = st_load(raw)
-    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        misaligned = comp == "none" and (len(data) - len(payload)) % 8 != 0  # a format-1 blob: no padding
+        tensors = tensorfile.load(raw, copy=misaligned)
+    except tensorfile.TensorFileError as e:
         raise BlobError(where, f"payload is not a valid safetensors file: {e}") from None
-    return Blob(tensors=tensors, meta=meta)
+    return Blob(tensors=tensors, meta=header["meta"])

@@ -52,6 +52,13 @@ class Checkpoint:
         return model.to(device)
 
 
+def param_names(ckpt: Checkpoint) -> list[str]:
+    """Names of the model's trainable parameters, in module order (tied weights once), without
+    allocating any weight (the module is built on the meta device when it can be)."""
+    model = _build_on_meta(ckpt.model, ckpt.model_args) or build_model(ckpt.model, ckpt.model_args)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
 def _build_on_meta(name: str, args: dict[str, Any]) -> nn.Module | None:
     try:
         with torch.device("meta"):
@@ -62,6 +69,12 @@ def _build_on_meta(name: str, args: dict[str, Any]) -> nn.Module | None:
 
 def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None, with_opt: bool = True) -> bytes:
     """The checkpoint as one blob; with_opt=False leaves the optimizer state out (see encode_optimizer)."""
+    return b"".join(checkpoint_parts(ckpt, signing_key=signing_key, with_opt=with_opt))
+
+
+def checkpoint_parts(ckpt: Checkpoint, *, signing_key: bytes | None = None, with_opt: bool = True
+                     ) -> list[bytes | memoryview]:
+    """``encode_checkpoint`` as buffers to write one after the other: the weights are not copied."""
     tensors = {f"model.{k}": v for k, v in ckpt.state.items()}
     if with_opt:
         for slot, named in ckpt.opt.items():
@@ -74,16 +87,17 @@ def encode_checkpoint(ckpt: Checkpoint, *, signing_key: bytes | None = None, wit
         "opt_slots": sorted(ckpt.opt) if with_opt else [],
         **ckpt.meta,
     }
-    return blobs.encode(tensors, meta, signing_key=signing_key)
+    return blobs.encode_parts(tensors, meta, signing_key=signing_key)
 
 
-def encode_optimizer(ckpt: Checkpoint, *, signing_key: bytes | None = None) -> bytes | None:
-    """The optimizer state alone (None when there is none): stored apart so weight readers skip it."""
+def encode_optimizer(ckpt: Checkpoint, *, signing_key: bytes | None = None) -> list[bytes | memoryview] | None:
+    """The optimizer state alone, as buffers to write (None when there is none): stored apart so weight
+    readers skip it."""
     if not ckpt.opt:
         return None
     tensors = {f"opt.{slot}.{k}": v for slot, named in ckpt.opt.items() for k, v in named.items()}
     meta = {"kind": OPT_KIND, "version": ckpt.version, "opt_slots": sorted(ckpt.opt)}
-    return blobs.encode(tensors, meta, signing_key=signing_key)
+    return blobs.encode_parts(tensors, meta, signing_key=signing_key)
 
 
 def _read_opt(tensors: dict[str, torch.Tensor], slots: list[str], where: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -97,9 +111,10 @@ def _read_opt(tensors: dict[str, torch.Tensor], slots: list[str], where: str) ->
     return opt
 
 
-def decode_checkpoint(data: bytes, where: str, *, signing_key: bytes | None = None,
-                      opt_data: bytes | None = None) -> Checkpoint:
-    """Decode weights (and, given `opt_data`, the optimizer state stored beside them)."""
+def decode_checkpoint(data: bytes | bytearray, where: str, *, signing_key: bytes | None = None,
+                      opt_data: bytes | bytearray | None = None) -> Checkpoint:
+    """Decode weights (and, given `opt_data`, the optimizer state stored beside them): views of the bytes
+    when they are a ``bytearray`` (as the stores return), so the checkpoint owns them from then on."""
     blob = blobs.decode(data, where, signing_key=signing_key)
     meta = dict(blob.meta)
     if meta.get("kind") != KIND:

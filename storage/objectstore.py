@@ -5,9 +5,46 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
+
+
+Data = bytes | bytearray | memoryview
+Parts = Data | Sequence[Data]  # one buffer, or several written one after the other (no concatenation)
+
+
+def as_parts(data: Parts) -> list[Data]:
+    return [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+
+
+def parts_size(parts: list[Data]) -> int:
+    return sum(memoryview(p).nbytes for p in parts)
+
+
+class _PartsReader(io.RawIOBase):
+    """A read-only stream over several buffers, for the S3 client: no joined copy of a large object."""
+
+    def __init__(self, parts: list[Data]) -> None:
+        self._parts = [memoryview(p).cast("B") for p in parts]
+        self._i = 0
+        self._at = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        out = memoryview(b).cast("B")
+        n = 0
+        while n < len(out) and self._i < len(self._parts):
+            part = self._parts[self._i]
+            k = min(len(out) - n, len(part) - self._at)
+            out[n : n + k] = part[self._at : self._at + k]
+            n += k
+            self._at += k
+            if self._at == len(part):
+                self._i, self._at = self._i + 1, 0
+        return n
 
 
 class StoreError(Exception):
@@ -26,11 +63,14 @@ class StoreUnavailable(StoreError):
 
 @runtime_checkable
 class ObjectStore(Protocol):
-    """Flat key → bytes storage. Writes are atomic: a reader sees the whole object or none of it."""
+    """Flat key → bytes storage. Writes are atomic: a reader sees the whole object or none of it.
 
-    def put(self, key: str, data: bytes) -> None: ...
+    ``put`` takes one buffer or a sequence of them (written in order, never joined in memory); ``get``
+    returns a ``bytearray`` read straight into one allocation, so a blob's tensors can be views of it."""
 
-    def get(self, key: str) -> bytes: ...
+    def put(self, key: str, data: Parts) -> None: ...
+
+    def get(self, key: str) -> bytearray: ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -61,13 +101,14 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Parts) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                for part in as_parts(data):
+                    f.write(part)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -75,9 +116,18 @@ class LocalStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str) -> bytearray:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                buf = bytearray(size)
+                view, n = memoryview(buf), 0
+                while n < size:
+                    got = f.readinto(view[n:])
+                    if not got:
+                        raise StoreError(f"object {key!r} shrank while being read from {self.describe()}")
+                    n += got
+                return buf
         except FileNotFoundError:
             raise ObjectNotFound(key, self.describe()) from None
 
@@ -157,22 +207,23 @@ class S3Store:
             raise self._wrap(e) from None
         self._bucket_ok = True
 
-    def put(self, key: str, data: bytes) -> None:
+    def put(self, key: str, data: Parts) -> None:
         self.ensure_bucket()
+        parts = as_parts(data)
         try:
-            self._client.put_object(self.bucket, _check_key(key), io.BytesIO(data), len(data))
+            self._client.put_object(self.bucket, _check_key(key), _PartsReader(parts), parts_size(parts))
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001
             raise self._wrap(e) from None
 
-    def get(self, key: str) -> bytes:
+    def get(self, key: str) -> bytearray:
         from minio.error import S3Error
 
         resp = None
         try:
             resp = self._client.get_object(self.bucket, _check_key(key))
-            return resp.read()
+            return _read_all(resp, key)
         except S3Error as e:
             if e.code in ("NoSuchKey", "NoSuchBucket"):
                 raise ObjectNotFound(key, self.describe()) from None
@@ -220,6 +271,21 @@ class S3Store:
 
     def describe(self) -> str:
         return f"S3 endpoint {self.endpoint} bucket {self.bucket}"
+
+
+def _read_all(resp: Any, key: str) -> bytearray:
+    """The body, read into one bytearray of the announced length (no list of chunks joined afterwards)."""
+    length = resp.headers.get("Content-Length")
+    if length is None:
+        return bytearray(resp.read())
+    buf = bytearray(int(length))
+    view, n = memoryview(buf), 0
+    while n < len(buf):
+        got = resp.readinto(view[n:])
+        if not got:
+            raise StoreError(f"object {key!r}: the body ended after {n} of {len(buf)} bytes")
+        n += got
+    return buf
 
 
 def open_store(settings: object | None = None) -> ObjectStore:

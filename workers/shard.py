@@ -96,22 +96,24 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     }
     # Compressed codecs' payloads (sorted indices, int8 codes, half floats) still shrink under zstd;
     # fp32 gradients barely do (~1.1x), so they skip it.
-    data = blobs.encode(enc.tensors, meta, compress=spec.codec != "none", signing_key=ctx.signing_key)
+    # Written as the tensors' own buffers, never joined into one copy of the whole update.
+    parts = blobs.encode_parts(enc.tensors, meta, compress=spec.codec != "none", signing_key=ctx.signing_key)
+    size = blobs.size_of(parts)
     key = keys.gradient(job_id, version, shard, attempt)
     faults.point("shard.before_upload", ctx.redis, job_id)
     t2 = time.perf_counter()
-    ctx.store.put(key, data)
-    ctx.jobs.add_bytes(job_id, up=len(data))
+    ctx.store.put(key, parts)
+    ctx.jobs.add_bytes(job_id, up=size)
     t_io += time.perf_counter() - t2
-    observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=len(data))
+    observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=size)
     return {
         "shard": shard,
         "version": version,
         "step": step,
         "attempt": attempt,
         "key": key,
-        "sha256": blobs.sha256_hex(data),
-        "bytes": len(data),
+        "sha256": blobs.digest_of(parts[0]),  # the envelope's digest: the reader checks it in its one pass
+        "bytes": size,
         "samples": result.samples,
         "loss": result.loss,
         "compute_s": round(t_compute, 4),

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.checkpoint import encode_checkpoint, initial_checkpoint
+from pipeline.checkpoint import checkpoint_parts, initial_checkpoint
 from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
 from pipeline.models import ModelError, build_model
 from pipeline.names import registry_name
@@ -62,7 +62,7 @@ def stage_job(svc: Services, spec: JobSpec | dict[str, Any]) -> str:
         manifest = write_dataset(svc.store, ds, spec.shards, spec.seed)
         job_id = uuid.uuid4().hex[:12]
         ckpt = init[1] if init else initial_checkpoint(spec.model, spec.model_args, spec.seed)
-        svc.store.put(keys.checkpoint(job_id, 0), encode_checkpoint(ckpt, signing_key=svc.signing_key))
+        svc.store.put(keys.checkpoint(job_id, 0), checkpoint_parts(ckpt, signing_key=svc.signing_key))
     except StoreError as e:
         raise ServiceUnavailable(f"object store unavailable: {e}") from None
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)

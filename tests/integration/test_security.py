@@ -56,7 +56,7 @@ def test_the_aggregator_refuses_an_unsigned_or_wrongly_signed_gradient_and_the_r
     genuine = blobs.decode(ctx.store.get(results[1]["key"]), "genuine", signing_key=KEY)
     forged = blobs.encode(genuine.tensors, genuine.meta, signing_key=forger_key)  # same numbers, not our key
     ctx.store.put(results[1]["key"], forged)
-    bad = {**results[1], "sha256": blobs.sha256_hex(forged)}
+    bad = {**results[1], "sha256": blobs.digest_of(forged)}
     with pytest.raises(aggregator.RoundIncomplete, match=reason) as err:
         aggregator.aggregate_round(ctx, job_id, 0, [results[0], bad])
     assert err.value.recompute == [1] and ctx.jobs.get(job_id).version == 0

@@ -152,12 +152,16 @@ def rewrite(ctx, result: dict[str, Any], edit: Callable[[dict[str, torch.Tensor]
     edit(tensors, meta)
     data = blobs.encode(tensors, meta, signing_key=ctx.signing_key)
     ctx.store.put(result["key"], data)
-    return {**result, "sha256": blobs.sha256_hex(data)}
+    return {**result, "sha256": blobs.digest_of(data)}
 
 
 def put_bytes(ctx, result: dict[str, Any], data: bytes) -> dict[str, Any]:
+    """Store `data` where the shard's blob was; the result reports the digest its header declares (if any)."""
     ctx.store.put(result["key"], data)
-    return {**result, "sha256": blobs.sha256_hex(data)}
+    try:
+        return {**result, "sha256": blobs.digest_of(data)}
+    except blobs.BlobError:
+        return {**result, "sha256": blobs.sha256_hex(data)}
 
 
 def _reshape_bias(t: dict[str, torch.Tensor], m: dict[str, Any]) -> None:
