@@ -30,31 +30,94 @@ class Update:
     loss: float
 
 
-def check_update(update: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor], where: str) -> None:
-    """Reject an update whose names or shapes differ from the model's, or that holds NaN/Inf."""
-    missing = sorted(set(params) - set(update))
-    extra = sorted(set(update) - set(params))
+def check_update(update: Mapping[str, torch.Tensor], model: Mapping[str, tuple[int, ...] | torch.Tensor], where: str,
+                 *, finite: bool = True) -> None:
+    """Reject an update whose names or shapes differ from the model's (its shapes, or its tensors), or (with
+    `finite`) that holds NaN/Inf."""
+    shapes = {n: tuple(s.shape) if isinstance(s, torch.Tensor) else tuple(s) for n, s in model.items()}
+    missing = sorted(set(shapes) - set(update))
+    extra = sorted(set(update) - set(shapes))
     if missing or extra:
         raise UpdateRejected(f"{where}: tensor names differ from the model (missing {missing[:3]}, extra {extra[:3]})",
                              code="shape")
     for name, t in update.items():
-        if tuple(t.shape) != tuple(params[name].shape):
-            raise UpdateRejected(
-                f"{where}: {name} has shape {tuple(t.shape)}, the model has {tuple(params[name].shape)}", code="shape"
-            )
-        if not torch.isfinite(t).all():
+        if tuple(t.shape) != tuple(shapes[name]):
+            raise UpdateRejected(f"{where}: {name} has shape {tuple(t.shape)}, the model has {tuple(shapes[name])}",
+                                 code="shape")
+        if finite and not torch.isfinite(t).all():
             raise UpdateRejected(f"{where}: {name} contains NaN or Inf", code="nonfinite")
+
+
+class Accumulator:
+    """The sample-weighted mean of a round's updates, folded in one at a time: Σ n_i·g_i in fp32.
+
+    Memory is one model's worth of fp32 whatever the number of shards; the caller drops each update
+    once added. Folding in shard order makes the sum independent of the order results arrived in.
+    Finiteness is checked once, on the sum (``nonfinite``): a NaN or Inf in any update reaches it.
+    """
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.sum: Tensors = {n: torch.zeros(s, dtype=torch.float32) for n, s in shapes.items()}
+        self.samples = 0
+        self.loss_sum = 0.0
+        self.folded: list[Update] = []  # identities and counts only: tensors are dropped (see add)
+
+    def add(self, u: Update) -> None:
+        for name, t in u.tensors.items():
+            self.sum[name].add_(t, alpha=float(u.samples))
+        self.samples += u.samples
+        self.loss_sum += u.loss * u.samples
+        self.folded.append(Update(u.identity, u.shard, {}, u.samples, u.loss))
+
+    def nonfinite(self) -> list[str]:
+        return [n for n, t in self.sum.items() if not bool(torch.isfinite(t).all())]
+
+    def mean(self) -> tuple[Tensors, int, float]:
+        """(mean, total samples, weighted mean loss); the sum is divided in place (no second copy)."""
+        if self.samples <= 0:
+            raise UpdateRejected("no samples in this round's updates")
+        for t in self.sum.values():
+            t.div_(self.samples)
+        return self.sum, self.samples, self.loss_sum / self.samples
 
 
 def weighted_mean(updates: Sequence[Update]) -> tuple[Tensors, int, float]:
     """Sample-weighted mean of the updates; returns (mean, total samples, weighted mean loss)."""
-    total = sum(u.samples for u in updates)
-    if total <= 0:
+    if not updates:
         raise UpdateRejected("no samples in this round's updates")
-    names = updates[0].tensors.keys()
-    mean = {n: sum(u.tensors[n].double() * (u.samples / total) for u in updates).float() for n in names}
-    loss = sum(u.loss * u.samples for u in updates) / total
-    return mean, total, loss
+    acc = Accumulator({n: tuple(t.shape) for n, t in updates[0].tensors.items()})
+    for u in updates:
+        acc.add(u)
+    return acc.mean()
+
+
+def sgd_step_(
+    params: Tensors,
+    grads: Tensors,
+    momentum_buffers: Tensors,
+    *,
+    lr: float,
+    momentum: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> None:
+    """One step of SGD in place, exactly as torch.optim.SGD computes it (same operations, same order).
+
+    Updates `params` and `momentum_buffers` (a buffer is created on the first step) and uses `grads`
+    as scratch space: no temporary the size of the model is allocated.
+    """
+    for name, p in params.items():
+        g = grads[name]
+        if weight_decay:
+            g.add_(p, alpha=weight_decay)
+        if momentum:
+            buf = momentum_buffers.get(name)
+            if buf is None:
+                buf = momentum_buffers[name] = g.clone()
+            else:
+                buf.mul_(momentum).add_(g)
+            g = g.add_(buf, alpha=momentum) if nesterov else buf
+        p.add_(g, alpha=-lr)
 
 
 def sgd_step(
@@ -67,19 +130,11 @@ def sgd_step(
     nesterov: bool = False,
     weight_decay: float = 0.0,
 ) -> tuple[Tensors, Tensors]:
-    """One step of SGD exactly as torch.optim.SGD computes it. Returns (new params, new buffers)."""
-    new_params: Tensors = {}
-    new_bufs: Tensors = {}
-    for name, p in params.items():
-        g = grads[name]
-        if weight_decay:
-            g = g + weight_decay * p
-        if momentum:
-            buf = momentum_buffers.get(name)
-            buf = g.clone() if buf is None else buf * momentum + g
-            new_bufs[name] = buf
-            g = g + momentum * buf if nesterov else buf
-        new_params[name] = p - lr * g
+    """``sgd_step_`` on copies: returns (new params, new buffers) and changes none of its arguments."""
+    new_params = {n: p.clone() for n, p in params.items()}
+    new_bufs = {n: b.clone() for n, b in momentum_buffers.items()}
+    sgd_step_(new_params, {n: g.clone() for n, g in grads.items()}, new_bufs, lr=lr, momentum=momentum,
+              nesterov=nesterov, weight_decay=weight_decay)
     return new_params, new_bufs
 
 

@@ -269,9 +269,12 @@ def _scales(tensors: dict[str, Tensor], key: str, n: int, chunk: int, where: str
 
 
 def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob>",
-           expected_shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
+           expected_shapes: dict[str, tuple[int, ...]] | None = None, *, check_finite: bool = True
+           ) -> dict[str, Tensor]:
     """Dense fp32 gradients from payload tensors and header. Raises CodecError naming ``where`` for any
-    disagreement between header, payload and (when given) the model's shapes; never returns a partial result."""
+    disagreement between header, payload and (when given) the model's shapes; never returns a partial result.
+    An fp32 payload is returned as views of `tensors` (no copy). Without `check_finite` the caller checks
+    finiteness itself (the sync aggregator does, once, on the sum of a round's updates)."""
     name, layout, chunk = _header(meta, where)
     if expected_shapes is not None:
         if set(layout) != set(expected_shapes):
@@ -305,7 +308,7 @@ def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob
             dense = torch.zeros(numel, dtype=torch.float32)
             dense[idx] = vals
             vals = dense
-        if not bool(torch.isfinite(vals).all()):
+        if check_finite and not bool(torch.isfinite(vals).all()):
             raise CodecError(f"tensor {key!r} in blob {where}: decoded values contain NaN or Inf", code="nonfinite")
         out[key] = vals.reshape(shape)
     return out

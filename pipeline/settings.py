@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # Workers.
     device: str = "auto"  # "auto" picks cuda when available; "cpu", "cuda", "cuda:1" force one
     torch_threads: int = Field(default=1, ge=1)  # per CPU worker process
+    # A worker consuming the aggregate queue also evaluates and publishes committed versions (queue "publish").
+    aggregator_publishes: bool = True
     slow_factor: float = Field(default=1.0, ge=1.0)  # tests/benchmarks only: stretch each task's compute time
 
     # Celery reliability. The visibility timeout must exceed the longest task, or Redis redelivers

@@ -184,6 +184,24 @@ class JobStore:
 
         return self._check_and_write(key, at_base, write)
 
+    def record_evaluation(self, job_id: str, version: int, metrics: dict[str, Any]) -> bool:
+        """Add a committed version's test metrics to its metrics entry; the job's test_* fields (what the
+        stop rule and ``aas status`` read) follow the newest evaluated version. Returns whether it was the
+        newest (an evaluation of an older version, finishing late, only fills in its own entry)."""
+        key = keys.job(job_id)
+        entry = self.metrics_at(job_id, version)
+        if entry is not None:
+            self.r.lset(keys.job_metrics(job_id), version - 1, json.dumps({**entry, **metrics}))
+        fields = {"evaluated_version": str(version)}
+        for k in ("accuracy", "loss", "perplexity"):
+            if k in metrics:
+                fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
+
+        def newest(pipe: Any) -> bool:
+            return int(pipe.hget(key, "evaluated_version") or 0) < version
+
+        return self._check_and_write(key, newest, lambda pipe: pipe.hset(key, mapping=fields))
+
     def _check_and_write(self, key: str, check: Callable[[Any], bool], write: Callable[[Any], None]) -> bool:
         """WATCH `key`; when check(pipe) holds, run write(pipe) in one MULTI/EXEC. Retries on a concurrent
         change of `key`; returns False (writing nothing) when the check fails."""

@@ -41,6 +41,16 @@ def job_consumed_pattern(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:consumed:v*"
 
 
+def job_publish_requested(job_id: str, version: int) -> str:
+    """String: set once the evaluation and publication of `version` has been enqueued (once per version)."""
+    return f"{PREFIX}:job:{job_id}:publish:v{version}"
+
+
+def job_publish_pattern(job_id: str) -> str:
+    """SCAN pattern over every ``job_publish_requested`` marker of a job."""
+    return f"{PREFIX}:job:{job_id}:publish:v*"
+
+
 def job_launched_pattern(job_id: str) -> str:
     """SCAN pattern over every ``job_launched`` marker of a job."""
     return f"{PREFIX}:job:{job_id}:launched:v*"
@@ -133,6 +143,11 @@ def slot_aggregate(version: int) -> str:
     return f"v{version}:agg"
 
 
+def slot_publish(version: int) -> str:
+    """Both modes: the evaluation and publication of committed `version`."""
+    return f"v{version}:pub"
+
+
 def slot_step(shard: int, step: int) -> str:
     """Async: shard `shard`'s data step `step` (its shard task and the application of its result)."""
     return f"s{shard}:t{step}"
@@ -140,22 +155,26 @@ def slot_step(shard: int, step: int) -> str:
 
 @dataclass(frozen=True)
 class Slot:
-    kind: str  # "shard" | "aggregate" | "step"
+    kind: str  # "shard" | "aggregate" | "publish" | "step"
     version: int = -1  # sync kinds
     shard: int = -1  # shard, step
     step: int = -1  # step
 
 
-_SLOT = re.compile(r"^(?:v(?P<v>\d+):(?:s(?P<s>\d+)|(?P<agg>agg))|s(?P<as>\d+):t(?P<t>\d+))$")
+_SLOT = re.compile(r"^(?:v(?P<v>\d+):(?:s(?P<s>\d+)|(?P<agg>agg)|(?P<pub>pub))|s(?P<as>\d+):t(?P<t>\d+))$")
 
 
 def parse_slot(slot: str) -> Slot:
-    """Inverse of ``slot_shard``, ``slot_aggregate`` and ``slot_step``; ValueError for anything else."""
+    """Inverse of ``slot_shard``, ``slot_aggregate``, ``slot_publish`` and ``slot_step``; ValueError for
+    anything else."""
     m = _SLOT.match(slot)
     if not m:
-        raise ValueError(f"not a slot: {slot!r} (expected v<version>:s<shard>, v<version>:agg or s<shard>:t<step>)")
+        raise ValueError(f"not a slot: {slot!r} (expected v<version>:s<shard>, v<version>:agg, v<version>:pub "
+                         "or s<shard>:t<step>)")
     if m["agg"]:
         return Slot("aggregate", version=int(m["v"]))
+    if m["pub"]:
+        return Slot("publish", version=int(m["v"]))
     if m["v"] is not None:
         return Slot("shard", version=int(m["v"]), shard=int(m["s"]))
     return Slot("step", shard=int(m["as"]), step=int(m["t"]))

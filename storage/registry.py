@@ -181,8 +181,13 @@ class Registry:
         owner: str | None = None,
         authorized: bool = True,
         eval_set: dict[str, Any] | None = None,
+        decoded_by_caller: bool = False,
     ) -> VersionRecord:
         """Upload, verify, then commit a new version (and its event) atomically. Idempotent per key.
+
+        The artifact is decoded once before upload (a malformed one is refused) unless `decoded_by_caller`:
+        the pipeline's own publisher, which built it from weights it holds. Either way the stored bytes are
+        read back and checked against the digest before the version becomes visible.
 
         Rights: a new model records `owner` and `eval_set` at creation. Into an existing model, a caller
         that is not `authorized` (a token holder) may register, and auto-promote, only as its owner.
@@ -198,7 +203,8 @@ class Registry:
                 return self._replay(model, idempotency_key, int(done))
         if not authorized:
             self._check_owner(self.redis, model, owner)
-        self._check_decodes(model, artifact)
+        if not decoded_by_caller:
+            self._check_decodes(model, artifact)
 
         version = int(self.redis.incr(keys.registry_version_counter(model)))
         key = keys.artifact(model, version)

@@ -56,6 +56,29 @@ def unit_ctx(fake_redis, local_store):
 # ---------------------------------------------------------------- real services
 
 
+@pytest.fixture
+def run_published() -> Callable[..., list[dict]]:
+    """``run_published(ctx)``: see ``_run_published``."""
+    return _run_published
+
+
+def _run_published(ctx) -> list[dict]:
+    """Run the evaluation/publication tasks a StubDispatcher recorded and not yet run (as the ``publish``
+    queue's worker would: evaluate, register, then advance the job), until none is left."""
+    from workers.lifecycle import advance
+    from workers.publish import evaluate_and_publish
+
+    out: list[dict] = []
+    done = getattr(ctx.dispatch, "_published", set())
+    ctx.dispatch._published = done
+    while todo := [(i, m) for i, (k, m) in enumerate(ctx.dispatch.sent) if k == "publish" and i not in done]:
+        for i, m in todo:
+            done.add(i)
+            out.append(evaluate_and_publish(ctx, m["job_id"], m["version"]))
+            advance(ctx, m["job_id"])
+    return out
+
+
 def _db_for_worker() -> int:
     # AAS_TEST_REDIS_DB pins one (two suites side by side); pytest-xdist workers get their own; else 14.
     if os.environ.get("AAS_TEST_REDIS_DB"):

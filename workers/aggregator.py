@@ -12,10 +12,8 @@ import logging
 import time
 from typing import Any
 
-import torch
-
 from pipeline import blobs, codecs
-from pipeline.aggregate import Update, UpdateRejected, check_update, select_round, sgd_step, weighted_mean
+from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update, select_round, sgd_step_
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
@@ -58,28 +56,29 @@ def check_gradient_key(job_id: str, key: str) -> None:
         raise KeyRefused(key, f"outside job {job_id}'s gradient prefix {prefix}: refused unread")
 
 
-def load_update(ctx: Context, job_id: str, key: str, sha256: str | None, params: dict[str, torch.Tensor],
-                expect: dict[str, int]) -> Update:
-    """Fetch, verify (key, sha256, signature, identity, codec, shapes, finiteness) and decode one blob."""
+Shapes = dict[str, tuple[int, ...]]
+
+
+def load_update(ctx: Context, job_id: str, key: str, digest: str | None, shapes: Shapes,
+                expect: dict[str, int], *, finite: bool = True) -> Update:
+    """Fetch, verify (key, digest, signature, identity, codec, shapes and, with `finite`, finiteness) and
+    decode one blob. The bytes are hashed once; fp32 tensors are views of the bytes read (no copy)."""
     check_gradient_key(job_id, key)
     data = ctx.store.get(key)
     ctx.jobs.add_bytes(job_id, down=len(data))
     if len(data) > ctx.settings.max_blob_bytes:
         raise blobs.BlobError(key, f"{len(data)} bytes exceeds the limit of {ctx.settings.max_blob_bytes}",
                               code="too_large")
-    if sha256 is not None and blobs.sha256_hex(data) != sha256:
-        raise blobs.BlobError(key, "sha256 differs from what the shard task reported")
-    blob = blobs.decode(data, key, signing_key=ctx.signing_key)
+    blob = blobs.decode(data, key, signing_key=ctx.signing_key, expect_digest=digest)
     m = blob.meta
     for field, want in expect.items():
         if m.get(field) != want:
             raise blobs.BlobError(key, f"header {field}={m.get(field)!r}, expected {want!r}")
-    shapes = {n: tuple(p.shape) for n, p in params.items()}
     try:
-        tensors = codecs.decode(blob.tensors, m.get("codec") or {}, key, expected_shapes=shapes)
+        tensors = codecs.decode(blob.tensors, m.get("codec") or {}, key, expected_shapes=shapes, check_finite=finite)
     except codecs.CodecError as e:
         raise blobs.BlobError(key, str(e), code=e.code) from None
-    check_update(tensors, params, key)
+    check_update(tensors, shapes, key, finite=finite)
     ident = keys.gradient_identity(job_id, int(m["shard"]), int(m["base_version"]), int(m["attempt"]))
     return Update(ident, int(m["shard"]), tensors, int(m["samples"]), float(m["loss"]))
 
@@ -90,51 +89,81 @@ def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | Non
     return max(found, default=(0, None))[1]  # the newest attempt, by number ("a10" sorts before "a2" as text)
 
 
-def collect_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any],
-                  params: dict[str, torch.Tensor]) -> list[Update]:
-    """One verified update per shard, by shard identity (never by count)."""
+class _Problems:
+    """What kept shards out of a round: a reason per shard, and the shards to compute again."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.recompute: list[int] = []
+
+    def raise_if_any(self) -> None:
+        if self.reasons:
+            raise RoundIncomplete(self.reasons, self.recompute)
+
+
+def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes: Shapes, problems: _Problems,
+                *, finite: bool) -> tuple[str, Update] | None:
+    """Shard `s`'s verified update for round `version` (from its result, or found in the store), or None
+    with the reason recorded. A bad blob is deleted (never applied) and its shard marked for recompute."""
+    key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
+    digest = str(r["sha256"]) if r is not None and "sha256" in r else None
+    if key is None:
+        problems.reasons.append(f"shard {s}: no result and no blob under version {version}")
+        return None
+    expect = {"job": job_id, "shard": s, "base_version": version}
+    try:
+        try:
+            return key, load_update(ctx, job_id, key, digest, shapes, expect, finite=finite)
+        except ObjectNotFound:
+            # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
+            # gets the same chord results, which still name the deleted attempt.
+            newer = _find_blob(ctx, job_id, version, s)
+            if newer is None or newer == key:
+                raise
+            key = newer
+            return key, load_update(ctx, job_id, key, None, shapes, expect, finite=finite)
+    except ObjectNotFound as e:
+        problems.reasons.append(f"shard {s}: {e}")
+        problems.recompute.append(s)
+    except (blobs.BlobError, UpdateRejected) as e:
+        problems.reasons.append(f"shard {s}: {e}")
+        ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
+        observe_rejected(reason_code(e))
+        if not isinstance(e, KeyRefused):
+            ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
+        problems.recompute.append(s)
+    return None
+
+
+def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], shapes: Shapes
+               ) -> Accumulator:
+    """Every shard's verified update folded into one fp32 sum, by shard identity (never by count), one blob
+    in memory at a time. Finiteness is checked once, on the sum; when it fails, the round's blobs are read
+    again to name the shard(s) at fault (the rare path)."""
     shards = list(range(spec.shards))
-    by_shard, missing = select_round(results, shards)
-    reasons: list[str] = []
-    recompute: list[int] = []
-    updates: list[Update] = []
+    by_shard, _missing = select_round(results, shards)
+    problems = _Problems()
+    acc = Accumulator(shapes)
+    used: dict[int, str] = {}
     for s in shards:
         r = by_shard.get(s)
         if r is not None and "rejected" in r:
             continue  # the shard worker refused its own update (NaN/Inf): weight 0 this round
-        key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
-        sha = str(r["sha256"]) if r is not None and "sha256" in r else None
-        if key is None:
-            reasons.append(f"shard {s}: no result and no blob under version {version}")
-            continue
-        expect = {"job": job_id, "shard": s, "base_version": version}
-        try:
-            try:
-                updates.append(load_update(ctx, job_id, key, sha, params, expect))
-            except ObjectNotFound:
-                # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
-                # gets the same chord results, which still name the deleted attempt.
-                newer = _find_blob(ctx, job_id, version, s)
-                if newer is None or newer == key:
-                    raise
-                key = newer
-                updates.append(load_update(ctx, job_id, key, None, params, expect))
-        except ObjectNotFound as e:
-            reasons.append(f"shard {s}: {e}")
-            recompute.append(s)
-        except (blobs.BlobError, UpdateRejected) as e:
-            reasons.append(f"shard {s}: {e}")
-            ctx.jobs.event(job_id, "rejected", shard=s, version=version, reason=str(e))
-            observe_rejected(reason_code(e))
-            if not isinstance(e, KeyRefused):
-                ctx.store.delete(key)  # a corrupt blob is never applied; the shard is recomputed
-            recompute.append(s)
-    if reasons:
-        raise RoundIncomplete(reasons, recompute)
-    del missing
-    if not updates:
+        got = _read_shard(ctx, job_id, version, s, r, shapes, problems, finite=False)
+        if got is not None:
+            used[s] = got[0]
+            acc.add(got[1])
+        del got  # the update's tensors are views of its blob: dropping them frees the blob
+    problems.raise_if_any()
+    if not acc.folded:
         raise UpdateRejected(f"every shard's update of round v{version} was rejected (NaN/Inf): diverged")
-    return sorted(updates, key=lambda u: u.shard)
+    if acc.nonfinite():
+        for s, key in used.items():
+            _read_shard(ctx, job_id, version, s, {"key": key}, shapes, problems, finite=True)
+        problems.raise_if_any()
+        raise UpdateRejected(f"the sum of round v{version}'s updates overflows to Inf although each is finite",
+                             code="nonfinite")
+    return acc
 
 
 def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any]) -> Commit:
@@ -144,18 +173,22 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     if job.version > version or job.status in TERMINAL:
         # A duplicate (redelivered or early-fired) aggregation: this round is already committed.
         return Commit(False, job.version, {})
-    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
-    model = ckpt.build("cpu")
-    params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    updates = collect_round(ctx, job_id, spec, version, results, params)
+    ckey = keys.checkpoint(job_id, version)
+    ckpt = ctx.checkpoint(ckey, job_id, with_opt=True)
+    names = ctx.param_names(ckpt)
+    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(ckpt.state[n].shape) for n in names})
     faults.point("aggregator.after_read", ctx.redis, job_id)
 
-    mean, samples, train_loss = weighted_mean(updates)
-    new_params, bufs = sgd_step(params, mean, ckpt.opt.get("momentum", {}), **opt_hparams(spec))
-    state = {**ckpt.state, **new_params}
+    # Version N's tensors become version N+1's, in place: the checkpoint leaves the cache first, so a failure
+    # from here on leaves no half-stepped version behind (a retry reads N again from the store).
+    ctx.forget_checkpoint(ckey)
+    mean, samples, train_loss = acc.mean()
+    identities = [u.identity for u in acc.folded]  # in shard order
+    momentum = dict(ckpt.opt.get("momentum", {}))
+    sgd_step_({n: ckpt.state[n] for n in names}, mean, momentum, **opt_hparams(spec))
+    del mean, acc
     manifest = ctx.manifest(job.fields["manifest"])
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
-    return commit_next_version(ctx, job, ckpt, state, bufs, [u.identity for u in updates], mode="sync", started=t0,
-                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch},
-                               model=model)
+    return commit_next_version(ctx, job, ckpt, ckpt.state, momentum, identities, mode="sync", started=t0,
+                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch})

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_init, worker_process_init
+from celery.signals import celeryd_after_setup, worker_init, worker_process_init
 from kombu import Exchange, Queue
 
 from pipeline.settings import Settings, get_settings
@@ -29,11 +29,15 @@ QUEUE_SHARDS = "shards"
 QUEUE_AGGREGATE = "aggregate"
 QUEUE_PREDICT = "predict"
 QUEUE_BEAT = "beat"  # scheduled retraining; a light worker (or the aggregator) consumes it
-QUEUES = (QUEUE_SHARDS, QUEUE_AGGREGATE, QUEUE_PREDICT, QUEUE_BEAT)
+# Evaluation and registration of committed versions, off the commit path. Aggregators consume it too unless
+# AAS_AGGREGATOR_PUBLISHES=false (then run `-Q publish` workers of their own).
+QUEUE_PUBLISH = "publish"
+QUEUES = (QUEUE_SHARDS, QUEUE_AGGREGATE, QUEUE_PUBLISH, QUEUE_PREDICT, QUEUE_BEAT)
 
 TASK_TRAIN_SHARD = "aas.train_shard"
 TASK_AGGREGATE = "aas.aggregate"
 TASK_APPLY_UPDATE = "aas.apply_update"
+TASK_PUBLISH = "aas.publish"
 TASK_PREDICT = "aas.predict"
 TASK_RETRAIN = "aas.retrain"
 TASK_WATCHDOG = "aas.watchdog"
@@ -87,6 +91,7 @@ def make_app(settings: Settings | None = None) -> Celery:
             TASK_TRAIN_SHARD: {"queue": QUEUE_SHARDS},
             TASK_AGGREGATE: {"queue": QUEUE_AGGREGATE},
             TASK_APPLY_UPDATE: {"queue": QUEUE_AGGREGATE},
+            TASK_PUBLISH: {"queue": QUEUE_PUBLISH},
             TASK_PREDICT: {"queue": QUEUE_PREDICT},
             TASK_RETRAIN: {"queue": QUEUE_BEAT},
             TASK_WATCHDOG: {"queue": QUEUE_AGGREGATE},
@@ -150,6 +155,18 @@ def _declare_rabbitmq_queues(sender: Any = None, **_: object) -> None:
     with capp.connection_for_write() as conn:
         for q in capp.conf.task_queues or ():
             q.bind(conn.default_channel).declare()
+
+
+@celeryd_after_setup.connect
+def _aggregators_publish(sender: Any = None, instance: Any = None, **_: object) -> None:
+    """A worker consuming ``aggregate`` also consumes ``publish`` (unless AAS_AGGREGATOR_PUBLISHES=false): the
+    evaluation of version N then runs on the aggregator while the shards compute round N."""
+    queues = getattr(getattr(getattr(instance, "app", None), "amqp", None), "queues", None)
+    if queues is None or not get_settings().aggregator_publishes:
+        return
+    consumed = set(queues.consume_from or queues)
+    if QUEUE_AGGREGATE in consumed and QUEUE_PUBLISH not in consumed:
+        queues.select_add(QUEUE_PUBLISH)
 
 
 @worker_process_init.connect

@@ -13,15 +13,14 @@ accepted updates. A crash anywhere re-derives the same state from the last check
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import redis
+import torch
 
 from pipeline import blobs
 from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
-from pipeline.checkpoint import Checkpoint
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
@@ -91,9 +90,9 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         _bump_generation(ctx, job_id, shard)
         return {"shard": shard, "step": step, "outcome": "stale", "staleness": staleness}
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, job.version), job_id)
-    params = {n: t for n, t in ckpt.state.items() if n in _param_names(ctx, ckpt)}
+    params = {n: t for n, t in ckpt.state.items() if n in ctx.param_names(ckpt)}
     try:
-        upd = load_update(ctx, job_id, key, str(result.get("sha256")), params,
+        upd = load_update(ctx, job_id, key, str(result.get("sha256")), _shapes(params),
                           {"job": job_id, "shard": shard, "base_version": base, "step": step})
     except (blobs.BlobError, UpdateRejected) as e:
         ctx.jobs.event(job_id, "rejected", shard=shard, step=step, reason=str(e))
@@ -113,12 +112,8 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
     return {"shard": shard, "step": step, "outcome": "applied" if accepted else "duplicate", "staleness": staleness}
 
 
-def _param_names(ctx: Context, ckpt: Checkpoint) -> set[str]:
-    names = ctx.data.get(f"params:{ckpt.model}:{json.dumps(ckpt.model_args, sort_keys=True)}")
-    if names is None:
-        names = {n for n, p in ckpt.build("cpu").named_parameters() if p.requires_grad}
-        ctx.data.put(f"params:{ckpt.model}:{json.dumps(ckpt.model_args, sort_keys=True)}", names)
-    return names  # type: ignore[no-any-return]
+def _shapes(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {n: tuple(t.shape) for n, t in params.items()}
 
 
 def _bump_generation(ctx: Context, job_id: str, shard: int) -> None:
@@ -138,14 +133,14 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     t0 = time.perf_counter()
     version = job.version
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
-    names = _param_names(ctx, ckpt)
+    names = ctx.param_names(ckpt)
     params = {n: t for n, t in ckpt.state.items() if n in names}
     bufs = dict(ckpt.opt.get("momentum", {}))
     hp = opt_hparams(spec)
     for e in pending:
         upd = ctx.update_cache.get(e["identity"])
         if upd is None:  # a restarted aggregator: re-read (and re-verify) the recorded blob
-            upd = load_update(ctx, job_id, e["key"], e.get("sha256"), params,
+            upd = load_update(ctx, job_id, e["key"], e.get("sha256"), _shapes(params),
                               {"job": job_id, "shard": e["shard"], "base_version": e["base_version"]})
         params, bufs = sgd_step(params, upd.tensors, bufs, **{**hp, "lr": hp["lr"] * float(e["scale"])})
     staleness = [int(e["staleness"]) for e in pending]

@@ -1,5 +1,5 @@
-"""The commit path, shared by sync rounds and async publishing: checkpoint version N+1, evaluate it,
-and commit it atomically with the identities of the updates it consumed.
+"""The commit path, shared by sync rounds and async publishing: checkpoint version N+1 and commit it
+atomically with the identities of the updates it consumed.
 
 Everything before ``commit_version`` is deterministic and idempotent (the checkpoint for N+1 is the
 same bytes however often it is written), so a crash anywhere followed by redelivery commits once.
@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.training import evaluate
 from storage import keys
 from storage.jobstate import JobState
 from workers import faults
@@ -32,10 +31,11 @@ class Commit:
 def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: dict[str, torch.Tensor],
                         momentum: dict[str, torch.Tensor], identities: list[str], *, mode: str, started: float,
                         extra_metrics: dict[str, Any], pending_consumed: int = 0,
-                        staleness: list[int] | None = None, model: torch.nn.Module | None = None) -> Commit:
-    """Write, evaluate and commit version ``job.version + 1`` with these weights and momentum buffers.
+                        staleness: list[int] | None = None) -> Commit:
+    """Write and commit version ``job.version + 1`` with these weights and momentum buffers.
 
-    `model`, when given, is a module of the right architecture to evaluate in (its weights are replaced).
+    Nothing else sits on this path: the evaluation and the registry run afterwards, on the ``publish``
+    queue (``workers/publish.py``), while the next round computes.
     """
     job_id, version = job.job_id, job.version
     new = Checkpoint(base.model, base.model_args, version + 1, state, {"momentum": momentum} if momentum else {},
@@ -43,16 +43,9 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     ckey = keys.checkpoint(job_id, version + 1)
     ctx.write_checkpoint(ckey, new)
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
-
-    if model is None:
-        model = new.build("cpu")
-    else:
-        model.load_state_dict(state)
-    manifest = ctx.manifest(job.fields["manifest"])
-    xt, yt = ctx.split(manifest.test, job_id)
     moved = ctx.jobs.get(job_id)
     metrics: dict[str, Any] = {
-        **evaluate(model, xt, yt, str(manifest.meta.get("task", "classify"))), **extra_metrics,
+        **extra_metrics,
         "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down")),
         "t": time.time(), "round_s": round(time.perf_counter() - started, 4),
     }
@@ -61,6 +54,6 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     observe_round(duration_s=time.perf_counter() - started, applied=len(identities) if committed else 0, mode=mode,
                   published=committed, staleness=staleness or ())
     if committed:
-        ctx.jobs.event(job_id, "version", version=version + 1, loss=metrics["loss"], accuracy=metrics.get("accuracy"))
+        ctx.jobs.event(job_id, "version", version=version + 1, train_loss=metrics.get("train_loss"))
         faults.point("aggregator.after_commit", ctx.redis, job_id)
     return Commit(committed, version + 1, metrics)

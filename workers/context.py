@@ -6,6 +6,7 @@ process (keyed by object key, verified once) saves a GET per task.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import Checkpoint, check_model, decode_checkpoint, encode_checkpoint, encode_optimizer
+from pipeline.checkpoint import Checkpoint, check_model, checkpoint_parts, decode_checkpoint, encode_optimizer, param_names
 from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -38,6 +39,9 @@ class LRU:
         self._d.move_to_end(key)
         while len(self._d) > self.size:
             self._d.popitem(last=False)
+
+    def pop(self, key: str) -> Any | None:
+        return self._d.pop(key, None)
 
     def clear(self) -> None:
         self._d.clear()
@@ -146,8 +150,22 @@ class Context(Services):
         opt = encode_optimizer(ckpt, signing_key=self.signing_key)
         if opt is not None:
             self.store.put(keys.optimizer_state(key), opt)
-        self.store.put(key, encode_checkpoint(ckpt, signing_key=self.signing_key, with_opt=False))
+        self.store.put(key, checkpoint_parts(ckpt, signing_key=self.signing_key, with_opt=False))
         self.checkpoints.put(key + "#opt", ckpt)  # the next round starts from it: no download of our own write
+
+    def forget_checkpoint(self, key: str) -> None:
+        """Drop a cached checkpoint (both forms): its caller is about to change its tensors in place."""
+        self.checkpoints.pop(key + "#opt")
+        self.checkpoints.pop(key)
+
+    def param_names(self, ckpt: Checkpoint) -> list[str]:
+        """The trainable parameters' names of the checkpoint's model (built on the meta device, once)."""
+        ckey = f"params:{ckpt.model}:{json.dumps(ckpt.model_args, sort_keys=True)}"
+        names = self.data.get(ckey)
+        if names is None:
+            names = param_names(ckpt)
+            self.data.put(ckey, names)
+        return list(names)
 
 
 @lru_cache(maxsize=1)

@@ -23,6 +23,9 @@ class Dispatcher(Protocol):
     def aggregate(self, job_id: str, version: int) -> None:
         """Sync: the aggregation of round `version` on its own (it finds the shards' blobs in the store)."""
 
+    def publish(self, job_id: str, version: int) -> None:
+        """Evaluate committed `version` and register it (off the commit path, on the ``publish`` queue)."""
+
 
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
@@ -54,6 +57,11 @@ class CeleryDispatcher:
 
         self._app().signature(TASK_AGGREGATE, args=([],), kwargs={"job_id": job_id, "version": version}).apply_async()
 
+    def publish(self, job_id: str, version: int) -> None:
+        from workers.app import TASK_PUBLISH
+
+        self._app().signature(TASK_PUBLISH, kwargs={"job_id": job_id, "version": version}).apply_async()
+
 
 @dataclass
 class StubDispatcher:
@@ -70,6 +78,9 @@ class StubDispatcher:
 
     def aggregate(self, job_id: str, version: int) -> None:
         self.sent.append(("aggregate", {"job_id": job_id, "version": version}))
+
+    def publish(self, job_id: str, version: int) -> None:
+        self.sent.append(("publish", {"job_id": job_id, "version": version}))
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [m for k, m in self.sent if k == kind]

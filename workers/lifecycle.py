@@ -16,7 +16,6 @@ from pipeline.stop_rule import Progress, is_finished
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
 from workers.context import Context
-from workers.publish import publish_version
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +33,39 @@ def progress_of(ctx: Context, job: JobState, spec: JobSpec) -> Progress:
 
 
 def advance(ctx: Context, job_id: str) -> str:
-    """Move a job forward from its committed state: finish it, or make sure its next work is queued."""
+    """Move a job forward from its committed state: make sure its next work is queued, then the evaluation
+    and publication of its newest version (on the ``publish`` queue, so the next round does not wait for
+    them). A job ends once its last version has been evaluated (and registered)."""
     job = ctx.jobs.get(job_id)
     if job.status in TERMINAL:
         return job.status
-    publish_version(ctx, job)
     spec = JobSpec.model_validate(job.spec)
+    evaluated = int(job.fields.get("evaluated_version", 0))
     if is_finished(progress_of(ctx, job, spec)):
-        ctx.jobs.set_status(job_id, "succeeded")
-        return "succeeded"
+        if job.version == 0 or evaluated >= job.version:
+            ctx.jobs.set_status(job_id, "succeeded")
+            return "succeeded"
+        request_publish(ctx, job_id, job.version)
+        return "running"
     if job.status == "queued":
         ctx.jobs.set_status(job_id, "running")
     if spec.mode == "async":
         issue_async_steps(ctx, job_id, spec)
     else:
         launch_round(ctx, job_id, spec, job.version)
+    if evaluated < job.version:
+        request_publish(ctx, job_id, job.version)
     return "running"
+
+
+def request_publish(ctx: Context, job_id: str, version: int, *, force: bool = False) -> bool:
+    """Enqueue the evaluation and publication of committed `version`, once (unless forced)."""
+    if version <= 0:
+        return False
+    if not ctx.redis.set(keys.job_publish_requested(job_id, version), 1, nx=not force, ex=LAUNCH_MARKER_TTL_S):
+        return False
+    ctx.dispatch.publish(job_id, version)
+    return True
 
 
 def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, force: bool = False) -> bool:
@@ -89,6 +105,7 @@ def relaunch(ctx: Context, job_id: str) -> str:
         ctx.redis.delete(keys.job_issued(job_id))  # reissue every shard's current step
     else:
         ctx.redis.delete(keys.job_launched(job_id, job.version))  # launch the current round again
+    ctx.redis.delete(keys.job_publish_requested(job_id, job.version))  # and its evaluation, if still due
     return advance(ctx, job_id)
 
 

@@ -37,20 +37,23 @@ from typing import Any
 import redis
 
 from pipeline.spec import JobSpec
+from pipeline.stop_rule import is_finished
 from storage import keys
 from storage.jobstate import JobNotFound, JobState
 from storage.leases import LeaseBook
 from storage.objectstore import ObjectNotFound, StoreError
 from workers.app import (
     QUEUE_AGGREGATE,
+    QUEUE_PUBLISH,
     QUEUE_SHARDS,
     QUEUES,
     TASK_AGGREGATE,
     TASK_APPLY_UPDATE,
+    TASK_PUBLISH,
     TASK_TRAIN_SHARD,
 )
 from workers.context import Context
-from workers.lifecycle import NEWEST, relaunch
+from workers.lifecycle import NEWEST, progress_of, relaunch
 from workers.staging import rebuild_job
 
 log = logging.getLogger(__name__)
@@ -204,6 +207,10 @@ def slot_of_message(task: str, args: list[Any], kwargs: dict[str, Any]) -> tuple
             if "job_id" in kwargs:
                 return str(kwargs["job_id"]), keys.slot_aggregate(int(kwargs["version"]))
             return str(args[1]), keys.slot_aggregate(int(args[2]))
+        if task == TASK_PUBLISH:
+            if "job_id" in kwargs:
+                return str(kwargs["job_id"]), keys.slot_publish(int(kwargs["version"]))
+            return str(args[0]), keys.slot_publish(int(args[1]))
         if task == TASK_APPLY_UPDATE:
             result = args[0]
             job_id = str(kwargs["job_id"]) if "job_id" in kwargs else str(args[1])
@@ -214,7 +221,8 @@ def slot_of_message(task: str, args: list[Any], kwargs: dict[str, Any]) -> tuple
 
 
 def queue_of(slot: str) -> str:
-    return QUEUE_SHARDS if keys.parse_slot(slot).kind == "shard" else QUEUE_AGGREGATE
+    kind = keys.parse_slot(slot).kind
+    return QUEUE_SHARDS if kind == "shard" else QUEUE_PUBLISH if kind == "publish" else QUEUE_AGGREGATE
 
 
 @dataclass
@@ -351,8 +359,11 @@ class Action:
 
 
 def needed_slots(ctx: Context, book: LeaseBook, job: JobState, spec: JobSpec) -> list[str]:
-    """The work the job needs next: sync, the round's shards not yet done, else its aggregation; async, each
-    shard's next data step (nothing once the budget is spent)."""
+    """The work the job needs next: the evaluation of its last version once it has no more rounds to run;
+    sync, the round's shards not yet done, else its aggregation; async, each shard's next data step."""
+    if job.version > 0 and is_finished(progress_of(ctx, job, spec)):
+        evaluated = int(job.fields.get("evaluated_version", 0))
+        return [] if evaluated >= job.version else [keys.slot_publish(job.version)]
     if spec.mode == "async":
         if int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0)):
             return []
@@ -372,6 +383,8 @@ def relaunch_slot(ctx: Context, job: JobState, spec: JobSpec, slot: str) -> None
         ctx.dispatch.shard(job.job_id, s.shard, s.version, s.version * spec.local_steps, n, apply=False)
     elif s.kind == "aggregate":
         ctx.dispatch.aggregate(job.job_id, s.version)
+    elif s.kind == "publish":
+        ctx.dispatch.publish(job.job_id, s.version)
     else:
         gen = int(ctx.redis.hget(keys.job_issued(job.job_id), f"{s.shard}:gen") or 0)
         ctx.dispatch.shard(job.job_id, s.shard, NEWEST, s.step, gen, apply=True)

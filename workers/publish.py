@@ -1,21 +1,25 @@
-"""Publishing a committed version to the model registry: build the serving artifact, register it.
+"""Evaluating a committed version and publishing it to the model registry (the ``publish`` queue).
 
-Called from ``advance`` after every commit, and again by any redelivered aggregation: the registry's
-idempotency key ``{job}:{version}`` makes the registration happen once, whatever crashes in between.
+Off the commit path: the aggregator commits version N and launches round N at once; this task then
+evaluates N on the test split and registers its serving artifact while the shards compute. Only the
+newest version is evaluated: a task for N finding N+1 already committed leaves it to N+1's task. The
+registry's idempotency key ``{job}:{version}`` makes the registration happen once, whatever crashes.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
+from pipeline.checkpoint import Checkpoint
 from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
 from pipeline.names import registry_name
 from pipeline.security import holds_registry_right
 from pipeline.spec import JobSpec
 from pipeline.training import evaluate
 from storage import keys
-from storage.jobstate import JobState
+from storage.jobstate import TERMINAL, JobState
 from workers.context import Context
 
 log = logging.getLogger(__name__)
@@ -25,26 +29,45 @@ def model_name(spec: JobSpec) -> str:
     return registry_name(spec.model, spec.register_as)
 
 
-def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
-    """Register `job`'s current version (once). Returns the version record, or None if nothing to do."""
-    if job.version == 0:
-        return None
+def evaluate_and_publish(ctx: Context, job_id: str, version: int) -> dict[str, Any]:
+    """Evaluate committed `version` (unless a newer one is committed) and register it when due."""
+    job = ctx.jobs.get(job_id)
+    if job.status in TERMINAL or version > job.version or version <= 0:
+        return {"job": job_id, "version": version, "skipped": job.status if job.status in TERMINAL else "not committed"}
+    if version < job.version:
+        return {"job": job_id, "version": version, "skipped": f"v{job.version} is newer"}
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
+    manifest = ctx.manifest(job.fields["manifest"])
+    xt, yt = ctx.split(manifest.test, job_id)
+    t0 = time.perf_counter()
+    # The checkpoint's own tensors, not a copy: evaluation only reads them, and nothing else runs in this
+    # process meanwhile (workers use the solo pool).
+    metrics = evaluate(ckpt.build("cpu", copy=False), xt, yt, str(manifest.meta.get("task", "classify")))
+    metrics["eval_s"] = round(time.perf_counter() - t0, 4)
+    ctx.jobs.record_evaluation(job_id, version, metrics)
+    rec = publish_version(ctx, job, version, ckpt, metrics)
+    return {"job": job_id, "version": version, "metrics": metrics, "registered": rec}
+
+
+def publish_version(ctx: Context, job: JobState, version: int, ckpt: Checkpoint, metrics: dict[str, Any]
+                    ) -> dict[str, Any] | None:
+    """Register `version` of `job` (once), with its test `metrics`. Returns the version record, or None if
+    nothing to do (not due under ``publish_every_versions``, or registered already)."""
     spec = JobSpec.model_validate(job.spec)
-    if spec.publish_every_versions == 0 and job.version < job.total_rounds:
+    final = version >= job.total_rounds
+    if spec.publish_every_versions == 0 and not final:
         return None
-    if spec.publish_every_versions > 1 and job.version % spec.publish_every_versions and job.version < job.total_rounds:
+    if spec.publish_every_versions > 1 and version % spec.publish_every_versions and not final:
         return None
     reg = ctx.registry()
     name = model_name(spec)
-    idem = f"{job.job_id}:{job.version}"
+    idem = f"{job.job_id}:{version}"
     done = ctx.redis.hget(keys.registry_idempotency(name), idem)
     if done is not None:
         return None
-    ckpt = ctx.checkpoint(keys.checkpoint(job.job_id, job.version), job.job_id)
     chain = ArtifactChain.parse(spec.artifact_chain)
-    metrics = dict(ctx.jobs.metrics_at(job.job_id, job.version) or {})
     data, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain,
-                                 meta={"job": job.job_id, "version": job.version}, signing_key=ctx.signing_key)
+                                 meta={"job": job.job_id, "version": version}, signing_key=ctx.signing_key)
     # Accuracy after compression: evaluate what the inference workers will actually serve. A lossless
     # chain (fp32, sparse storage of exact zeros, zstd) serves the very weights just evaluated.
     lossless = chain.quantize == "none" and chain.prune_threshold is None and chain.prune_sparsity is None
@@ -72,7 +95,7 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
             "raw_bytes": stats["raw_bytes"], "stored_bytes": stats["stored_bytes"], "ratio": stats["ratio"],
         },
         lineage={
-            "job": job.job_id, "round": job.version, "parent_version": job.fields.get("registered_version"),
+            "job": job.job_id, "round": version, "parent_version": job.fields.get("registered_version"),
             "data_manifest": job.fields["manifest"], "teacher": job.fields.get("teacher"), "model": spec.model,
         },
         idempotency_key=idem,
@@ -80,6 +103,7 @@ def publish_version(ctx: Context, job: JobState) -> dict[str, Any] | None:
         owner=job.job_id,
         authorized=authorized,
         eval_set=own_eval,
+        decoded_by_caller=True,  # built above from the weights just evaluated: verified by digest, not decoded
     )
     ctx.jobs.set_fields(job.job_id, registered_model=name, registered_version=rec.version)
     if ctx.settings.registry_keep_versions > 0:  # versions no alias (or rollback) needs, beyond the newest N

@@ -25,8 +25,9 @@ from pipeline import blobs
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.objectstore import StoreError
-from workers import aggregator, async_agg, liveness, shard
-from workers.app import TASK_AGGREGATE, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_TRAIN_SHARD, TASK_WATCHDOG, app
+from workers import aggregator, async_agg, liveness, publish, shard
+from workers.app import (TASK_AGGREGATE, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_PUBLISH, TASK_TRAIN_SHARD,
+                         TASK_WATCHDOG, app)
 from workers.context import Context, get_context
 from workers.lifecycle import advance, start_watchdog, watchdog_sweep
 
@@ -132,6 +133,20 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
 
     return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute,
                     slot=keys.slot_aggregate(version))
+
+
+@app.task(name=TASK_PUBLISH, bind=True)
+def publish_task(self: Task, job_id: str, version: int) -> dict[str, Any]:
+    """Evaluate committed `version` and register it, unless a newer version is committed (that one's task
+    publishes instead); then finish the job if this was its last version or it reached its target."""
+    job_id, version = str(job_id), int(version)
+
+    def run(ctx: Context) -> dict[str, Any]:
+        out = publish.evaluate_and_publish(ctx, job_id, version)
+        advance(ctx, job_id)
+        return out
+
+    return _guarded(self, job_id, f"evaluation of job {job_id} v{version}", run, slot=keys.slot_publish(version))
 
 
 @app.task(name=TASK_APPLY_UPDATE, bind=True)

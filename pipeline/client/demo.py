@@ -213,10 +213,13 @@ def _follow(client: Any, job_id: str, total: int, timeout_s: float, quiet: bool,
     bar = tqdm(total=total, unit="version", desc=f"job {job_id}", file=sys.stderr, disable=quiet, dynamic_ncols=True)
 
     def progress(state: dict[str, Any], new: list[dict[str, Any]]) -> None:
+        # Train loss comes with each commit; test numbers with the evaluation, which follows on its own queue.
         last = new[-1]
-        post = {"loss": f"{last['loss']:.4f}", "acc": f"{last['accuracy']:.3f}"}
-        if "perplexity" in last:
-            post["ppl"] = f"{last['perplexity']:.2f}"
+        post = {"train_loss": f"{float(last.get('train_loss', float('nan'))):.4f}"}
+        if state.get("test_accuracy") is not None:
+            post["acc"] = f"{float(state['test_accuracy']):.3f}"
+        if state.get("perplexity") is not None:
+            post["ppl"] = f"{float(state['perplexity']):.2f}"
         if watcher is not None and watcher.version is not None:
             post["served"] = f"v{watcher.version}"
             post["served_acc"] = f"{watcher.accuracy:.3f}"

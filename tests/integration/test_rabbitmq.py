@@ -61,4 +61,4 @@ def test_a_job_on_rabbitmq_quorum_queues_survives_a_sigkilled_computing_worker(o
         with pytest.raises(Exception, match="PRECONDITION_FAILED|inequivalent arg"):
             ch.queue_declare("shards", durable=True, arguments={"x-queue-type": "classic"})
     depths = RabbitProbe(on_rabbitmq["AAS_BROKER_URL"]).depths()
-    assert depths == {"shards": 0, "aggregate": 0, "predict": 0, "beat": 0}
+    assert depths == {"shards": 0, "aggregate": 0, "publish": 0, "predict": 0, "beat": 0}

@@ -102,7 +102,7 @@ def test_versions_publish_every_k_updates_and_a_restarted_aggregator_replays_pen
     assert len(unit_ctx.jobs.consumed(job_id, 1)) == 2
 
 
-def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued) -> None:
+def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued, run_published) -> None:
     job_id = stage(unit_ctx, batch_size=512)  # 2 shards x 2 steps = a budget of 4 updates
     budget = int(unit_ctx.jobs.get(job_id).fields["budget"])
     assert budget == 4
@@ -111,5 +111,7 @@ def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued
         progress = unit_ctx.jobs.progress(job_id)
         s = min(range(2), key=lambda i: progress.get(i, 0))
         async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, s, job.version, progress.get(s, 0)))
+    assert unit_ctx.jobs.get(job_id).status == "running"  # until its last version is evaluated
+    run_published(unit_ctx)
     job = unit_ctx.jobs.get(job_id)
     assert job.status == "succeeded" and job.version == 4

@@ -12,7 +12,7 @@ from pipeline.spec import SpecError
 from pipeline.training import distill_loss, loss_fn
 from storage.registry import Registry
 from workers import aggregator, shard
-from workers.publish import publish_version
+from workers.publish import evaluate_and_publish
 
 
 def register_teacher(unit_ctx) -> int:
@@ -42,7 +42,7 @@ def test_distill_job_pins_the_teacher_version_and_registers_the_student_with_it_
     assert job.fields["teacher"] == f"digits-cnn@{v}"
     results = [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
     assert aggregator.aggregate_round(unit_ctx, job_id, 0, results).committed
-    rec = publish_version(unit_ctx, unit_ctx.jobs.get(job_id))
+    rec = evaluate_and_publish(unit_ctx, job_id, 1)["registered"]
     assert rec is not None and rec["model"] == "digits-cnn-small"
     assert rec["lineage"]["teacher"] == f"digits-cnn@{v}"
     assert count_parameters(build_model("digits-cnn")) >= 4 * count_parameters(build_model("digits-cnn-small"))

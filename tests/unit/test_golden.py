@@ -17,7 +17,7 @@ import pytest
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
 from storage import keys
-from workers import aggregator, shard
+from workers import aggregator, publish, shard
 
 ASSET = Path(__file__).resolve().parents[1] / "assets" / "golden_training.json"
 RTOL = 1e-4  # fp32 sums in a different order on another CPU stay well inside this
@@ -40,7 +40,7 @@ def run(unit_ctx, spec: dict) -> dict[str, list[float]]:
         results = [shard.train_shard(unit_ctx, job_id, s, v, step, 0) for s in range(spec["shards"])]
         done = aggregator.aggregate_round(unit_ctx, job_id, v, results)
         assert done.committed
-        losses.append(float(done.metrics["loss"]))
+        losses.append(float(publish.evaluate_and_publish(unit_ctx, job_id, v + 1)["metrics"]["loss"]))
         state = decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, v + 1)), "ckpt").state
         moved.append(float(sum((t.double() - start[n].double()).abs().sum() for n, t in state.items())))
     return {"test_loss": losses, "moved_l1": moved}  # moved_l1: |w_v − w_0|₁, sensitive to every update

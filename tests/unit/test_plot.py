@@ -94,7 +94,7 @@ def test_top_once_shows_jobs_workers_and_queue_depths(fake_redis: Any) -> None:
     fake_redis.rpush(f"shards{PRIORITY_SEP}6", b"m3")
     fake_redis.rpush("aggregate", b"m4")
     snap = collect(fake_redis, FakeApp())
-    assert snap.queues == {"shards": 3, "aggregate": 1, "predict": 0, "beat": 0}
+    assert snap.queues == {"shards": 3, "aggregate": 1, "publish": 0, "predict": 0, "beat": 0}
     frame = render(snap)
     assert "shards 3" in frame and "aggregate 1" in frame
     assert "w1@host" in frame and "aas.train_shard(j1, 0, 3, 3, 0)" in frame and "agg@host" in frame

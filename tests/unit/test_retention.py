@@ -13,7 +13,7 @@ from workers import aggregator, shard
 from workers.lifecycle import advance
 
 
-def _run_job(unit_ctx: Any) -> str:
+def _run_job(unit_ctx: Any, run_published: Any) -> str:
     from pydantic import SecretStr
 
     # Every job publishes into the same model: registering into an existing model needs the registry token.
@@ -27,6 +27,7 @@ def _run_job(unit_ctx: Any) -> str:
         results = [shard.train_shard(unit_ctx, job_id, s, v, v, 0) for s in range(2)]
         assert aggregator.aggregate_round(unit_ctx, job_id, v, results).committed
         advance(unit_ctx, job_id)
+        run_published(unit_ctx)
         v += 1
     assert unit_ctx.jobs.get(job_id).status == "succeeded"
     return job_id
@@ -36,11 +37,11 @@ def _persistent(r: Any) -> set[bytes]:
     return {k for k in r.keys("aas:*") if r.ttl(k) == -1}
 
 
-def test_redis_key_count_stays_bounded_over_several_jobs(unit_ctx: Any) -> None:
+def test_redis_key_count_stays_bounded_over_several_jobs(unit_ctx: Any, run_published: Any) -> None:
     unit_ctx.jobs = JobStore(unit_ctx.redis, Retention(finished_ttl_s=3600, keep_jobs=2))
     counts, jobs = [], []
     for _ in range(5):
-        jobs.append(_run_job(unit_ctx))
+        jobs.append(_run_job(unit_ctx, run_published))
         counts.append(len(_persistent(unit_ctx.redis)))
     assert counts[2] == counts[3] == counts[4], f"persistent keys grow with every job: {counts}"
     r = unit_ctx.redis
