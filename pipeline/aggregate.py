@@ -65,6 +65,10 @@ class Accumulator:
     def add(self, u: Update) -> None:
         for name, t in u.tensors.items():
             self.sum[name].add_(t, alpha=float(u.samples))
+        self.count(u)
+
+    def count(self, u: Update) -> None:
+        """Record an update whose tensors the caller has already added into ``sum`` (streamed in pieces)."""
         self.samples += u.samples
         self.loss_sum += u.loss * u.samples
         self.folded.append(Update(u.identity, u.shard, {}, u.samples, u.loss))

@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -199,6 +200,9 @@ def decode(
     payload is stored uncompressed: no copy. Raises BlobError for any defect; never returns a partially
     read blob.
     """
+    header, payload = read_header(data, where)
+    if header.get("compression") == "none":
+        _check_plain_length(header, len(payload), where)
     header, payload = verify(data, where, signing_key=signing_key, expect_digest=expect_digest)
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or expected < 0:
@@ -227,3 +231,102 @@ def decode(
     except tensorfile.TensorFileError as e:
         raise BlobError(where, f"payload is not a valid safetensors file: {e}") from None
     return Blob(tensors=tensors, meta=header["meta"])
+
+
+def _check_plain_length(header: dict[str, Any], size: int, where: str) -> None:
+    """An uncompressed payload's length must be what the header says (a cut blob is named as such)."""
+    if header.get("payload_bytes") != size:
+        raise BlobError(where, f"truncated or padded: the payload is {size} bytes, the header says "
+                               f"{header.get('payload_bytes')}")
+
+
+class BlobStream:
+    """One blob read from a stream, its tensors' bytes handed out piece by piece: memory is one piece, not
+    the blob. Nothing read is trustworthy until ``finish`` has checked the digest (and signature): a
+    caller folds pieces into something it throws away when ``finish`` raises.
+
+    ``readinto(buf) -> int`` is the stream's (a file's, an HTTP response's); `size` the blob's length.
+    """
+
+    def __init__(self, readinto: Callable[[memoryview], int], size: int, where: str) -> None:
+        self._readinto, self.size, self.where = readinto, size, where
+        self._at = 0
+        prelude = self._read(min(size, _PRELUDE.size))
+        if len(prelude) < _PRELUDE.size:
+            raise BlobError(where, f"truncated: {size} bytes is shorter than the {_PRELUDE.size}-byte prelude")
+        hlen = _PRELUDE.unpack_from(prelude, 0)[2]
+        if hlen > MAX_HEADER_BYTES:
+            raise BlobError(where, f"truncated or corrupt header (length {hlen}, blob {size} bytes)")
+        head = prelude + self._read(min(hlen, size - self._at))
+        self.header, _ = read_header(head, where)  # every check of the in-memory path
+        self.meta: dict[str, Any] = self.header["meta"]
+        try:
+            self._meta_bytes = _canonical(self.meta)
+        except ValueError as e:
+            raise BlobError(where, f"meta is not canonical JSON: {e}") from None
+        self._hash = hashlib.sha256(self._meta_bytes)
+        self._head = head
+
+    def _read(self, n: int) -> bytearray:
+        buf = bytearray(n)
+        view, got = memoryview(buf), 0
+        while got < n:
+            k = self._readinto(view[got:])
+            if not k:
+                raise BlobError(self.where, f"truncated: the stream ended after {self._at + got} of {self.size} bytes")
+            got += k
+        self._at += n
+        return buf
+
+    def _payload(self, n: int) -> bytearray:
+        buf = self._read(n)
+        self._hash.update(buf)
+        return buf
+
+    @property
+    def plain(self) -> bool:
+        """Whether the payload is stored uncompressed (only such a payload is streamed by tensor)."""
+        return self.header.get("compression") == "none"
+
+    def rest(self) -> bytearray:
+        """The whole blob in memory (for ``decode``), when it is not to be streamed."""
+        return self._head + self._read(self.size - self._at)
+
+    def tensors(self) -> list[tuple[str, tensorfile.Entry]]:
+        """The payload's tensor table (read from the stream), in the order of their bytes."""
+        try:
+            prefix = self._payload(8)
+            hlen = tensorfile.header_length(prefix, self.size - self._at + 8)
+            data_size = self.size - self._at - hlen
+            _check_plain_length(self.header, 8 + hlen + data_size, self.where)
+            return tensorfile.parse_header(self._payload(hlen), data_size)
+        except tensorfile.TensorFileError as e:
+            raise BlobError(self.where, f"payload is not a valid safetensors file: {e}") from None
+
+    def pieces(self, entries: list[tuple[str, tensorfile.Entry]], max_bytes: int = 16 << 20
+               ) -> Iterator[tuple[str, int, torch.Tensor]]:
+        """(name, first element, 1-D tensor of the next elements) through every tensor in `entries` (as
+        ``tensors`` returned them). Each piece is valid until the next one is read."""
+        for name, (dtype, _shape, begin, end) in entries:
+            size = tensorfile.itemsize(dtype)
+            step = max(size, max_bytes - max_bytes % size)
+            for off in range(begin, end, step):
+                buf = self._payload(min(step, end - off))
+                yield name, (off - begin) // size, torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+
+    def finish(self, *, signing_key: bytes | None = None, expect_digest: str | None = None) -> None:
+        """Check that the stream is at its end and the digest (and signature) hold; BlobError otherwise."""
+        if self._at != self.size:
+            raise BlobError(self.where, f"{self.size - self._at} bytes after the last tensor")
+        declared = str(self.header.get("digest", ""))
+        if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
+            raise BlobError(self.where, "sha256 digest differs from what the writer reported")
+        if not hmac.compare_digest(declared, self._hash.hexdigest()):
+            raise BlobError(self.where, "sha256 mismatch: the blob is corrupt or was modified")
+        if signing_key:
+            sig = self.header.get("sig")
+            if not sig:
+                raise BlobError(self.where, "unsigned, but a signing key is configured", code="signature")
+            if self.header["format"] < 2 or not hmac.compare_digest(str(sig), _mac_digest(signing_key, declared)):
+                raise BlobError(self.where, "bad signature (HMAC-SHA256 does not match the configured key)",
+                                code="signature")

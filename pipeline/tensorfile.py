@@ -51,9 +51,9 @@ def dump(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None
 
 def file_size(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """The size in bytes of the safetensors file of tensors with these (shape, dtype), without making it."""
-    order = sorted(specs, key=lambda n: (-_itemsize(specs[n][1]), n))
+    order = sorted(specs, key=lambda n: (-itemsize(specs[n][1]), n))
     head = _header({n: specs[n] for n in order})
-    return len(head) + sum(_numel(shape) * _itemsize(dtype) for shape, dtype in specs.values())
+    return len(head) + sum(_numel(shape) * itemsize(dtype) for shape, dtype in specs.values())
 
 
 def _header(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: Mapping[str, str] | None = None
@@ -64,7 +64,7 @@ def _header(specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]], metadata: 
     for name, (shape, dtype) in specs.items():
         if dtype not in NAMES:
             raise TensorFileError(f"tensor {name!r} has dtype {dtype}, which safetensors cannot store")
-        size = _numel(shape) * _itemsize(dtype)
+        size = _numel(shape) * itemsize(dtype)
         header[name] = {"dtype": NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     head = json.dumps(header, separators=(",", ":")).encode()
@@ -84,28 +84,43 @@ def dumps(tensors: Mapping[str, torch.Tensor]) -> bytes:
     return b"".join([head, *views])
 
 
-def load(buf: memoryview, *, copy: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file in `buf`: views of it unless copy (read-only buffers are copied)."""
-    if len(buf) < 8:
-        raise TensorFileError(f"{len(buf)} bytes is shorter than the 8-byte header length")
-    (hlen,) = struct.unpack_from("<Q", buf, 0)
-    if hlen > MAX_HEADER_BYTES or 8 + hlen > len(buf):
-        raise TensorFileError(f"header length {hlen} does not fit in {len(buf)} bytes")
+Entry = tuple[torch.dtype, list[int], int, int]  # dtype, shape, first and last+1 byte in the data
+
+
+def header_length(prefix: bytes | memoryview, size: int) -> int:
+    """The JSON header's length from the file's first 8 bytes (checked against the file's `size`)."""
+    if len(prefix) < 8 or size < 8:
+        raise TensorFileError(f"{size} bytes is shorter than the 8-byte header length")
+    (hlen,) = struct.unpack_from("<Q", prefix, 0)
+    if hlen > MAX_HEADER_BYTES or 8 + hlen > size:
+        raise TensorFileError(f"header length {hlen} does not fit in {size} bytes")
+    return int(hlen)
+
+
+def parse_header(head: bytes | memoryview, data_size: int) -> list[tuple[str, Entry]]:
+    """The tensors a JSON header describes, in the order of their data; checked to tile `data_size` bytes."""
     try:
-        header = json.loads(bytes(buf[8 : 8 + hlen]))
+        header = json.loads(bytes(head))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise TensorFileError(f"header is not JSON: {e}") from None
     if not isinstance(header, dict):
         raise TensorFileError("header is not a JSON object")
+    entries = [(n, _entry(n, e)) for n, e in header.items() if n != "__metadata__"]
+    _check_layout(entries, data_size)
+    return sorted(entries, key=lambda e: e[1][2])
+
+
+def load(buf: memoryview, *, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file in `buf`: views of it unless copy (read-only buffers are copied)."""
+    hlen = header_length(buf[:8], len(buf))
     data = buf[8 + hlen :]
+    entries = parse_header(buf[8 : 8 + hlen], len(data))
     if data.readonly or copy:
         data = memoryview(bytearray(data))
-    entries = [(n, _entry(n, e)) for n, e in header.items() if n != "__metadata__"]
-    _check_layout(entries, len(data))
     return {name: _view(data, dtype, shape, begin, end) for name, (dtype, shape, begin, end) in entries}
 
 
-def _entry(name: str, e: object) -> tuple[torch.dtype, list[int], int, int]:
+def _entry(name: str, e: object) -> Entry:
     if not isinstance(e, dict):
         raise TensorFileError(f"tensor {name!r}: entry is not an object")
     dtype = DTYPES.get(str(e.get("dtype")))
@@ -117,16 +132,16 @@ def _entry(name: str, e: object) -> tuple[torch.dtype, list[int], int, int]:
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
         raise TensorFileError(f"tensor {name!r}: bad data_offsets {offsets!r}")
     begin, end = offsets
-    if end - begin != _numel(shape) * _itemsize(dtype):
+    if end - begin != _numel(shape) * itemsize(dtype):
         raise TensorFileError(f"tensor {name!r}: {end - begin} bytes for shape {shape} of {NAMES[dtype]}")
     return dtype, shape, begin, end
 
 
-def _itemsize(dtype: torch.dtype) -> int:
+def itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
-def _check_layout(entries: list[tuple[str, tuple[torch.dtype, list[int], int, int]]], size: int) -> None:
+def _check_layout(entries: list[tuple[str, Entry]], size: int) -> None:
     """Byte ranges must tile the data exactly, without overlap or gap (safetensors' own rule)."""
     at = 0
     for name, (_, _, begin, end) in sorted(entries, key=lambda e: (e[1][2], e[1][3])):

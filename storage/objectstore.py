@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -47,6 +49,14 @@ class _PartsReader(io.RawIOBase):
         return n
 
 
+@dataclass
+class Reader:
+    """An object being read as a stream: its size, and ``readinto(buffer) -> bytes read`` (0 at the end)."""
+
+    size: int
+    readinto: Callable[[memoryview], int]
+
+
 class StoreError(Exception):
     """The object store failed or refused a request."""
 
@@ -71,6 +81,11 @@ class ObjectStore(Protocol):
     def put(self, key: str, data: Parts) -> None: ...
 
     def get(self, key: str) -> bytearray: ...
+
+    def reader(self, key: str) -> AbstractContextManager[Reader]:
+        """The object as a stream (``with store.reader(key) as r: r.readinto(buf)``): a reader holds one
+        piece in memory at a time, not the object."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -130,6 +145,15 @@ class LocalStore:
                 return buf
         except FileNotFoundError:
             raise ObjectNotFound(key, self.describe()) from None
+
+    @contextmanager
+    def reader(self, key: str) -> Iterator[Reader]:
+        try:
+            f = open(self._path(key), "rb", buffering=0)  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise ObjectNotFound(key, self.describe()) from None
+        with f:
+            yield Reader(os.fstat(f.fileno()).st_size, f.readinto)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -236,6 +260,33 @@ class S3Store:
             if resp is not None:
                 resp.close()
                 resp.release_conn()
+
+    @contextmanager
+    def reader(self, key: str) -> Iterator[Reader]:
+        from minio.error import S3Error
+
+        try:
+            resp = self._client.get_object(self.bucket, _check_key(key))
+        except S3Error as e:
+            if e.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectNotFound(key, self.describe()) from None
+            raise self._wrap(e) from None
+        except Exception as e:  # noqa: BLE001
+            raise self._wrap(e) from None
+        try:
+            yield Reader(int(resp.headers.get("Content-Length", 0)), self._guarded_readinto(resp))
+        finally:
+            resp.close()
+            resp.release_conn()
+
+    def _guarded_readinto(self, resp: Any) -> Callable[[memoryview], int]:
+        def readinto(buf: memoryview) -> int:
+            try:
+                return int(resp.readinto(buf))
+            except Exception as e:  # noqa: BLE001 - a connection lost mid-body
+                raise self._wrap(e) from None
+
+        return readinto
 
     def exists(self, key: str) -> bool:
         from minio.error import S3Error

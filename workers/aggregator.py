@@ -12,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from pipeline import blobs, codecs
 from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update, select_round, sgd_step_
 from pipeline.data import total_rounds
@@ -66,21 +68,69 @@ def load_update(ctx: Context, job_id: str, key: str, digest: str | None, shapes:
     check_gradient_key(job_id, key)
     data = ctx.store.get(key)
     ctx.jobs.add_bytes(job_id, down=len(data))
-    if len(data) > ctx.settings.max_blob_bytes:
-        raise blobs.BlobError(key, f"{len(data)} bytes exceeds the limit of {ctx.settings.max_blob_bytes}",
+    _check_size(ctx, key, len(data))
+    return _decode_update(ctx, job_id, data, key, digest, shapes, expect, finite=finite)
+
+
+def _check_size(ctx: Context, key: str, size: int) -> None:
+    if size > ctx.settings.max_blob_bytes:
+        raise blobs.BlobError(key, f"{size} bytes exceeds the limit of {ctx.settings.max_blob_bytes}",
                               code="too_large")
-    blob = blobs.decode(data, key, signing_key=ctx.signing_key, expect_digest=digest)
-    m = blob.meta
+
+
+def _check_expected(meta: dict[str, Any], expect: dict[str, int], key: str) -> None:
     for field, want in expect.items():
-        if m.get(field) != want:
-            raise blobs.BlobError(key, f"header {field}={m.get(field)!r}, expected {want!r}")
+        if meta.get(field) != want:
+            raise blobs.BlobError(key, f"header {field}={meta.get(field)!r}, expected {want!r}")
+
+
+def _identity(job_id: str, m: dict[str, Any]) -> Update:
+    ident = keys.gradient_identity(job_id, int(m["shard"]), int(m["base_version"]), int(m["attempt"]))
+    return Update(ident, int(m["shard"]), {}, int(m["samples"]), float(m["loss"]))
+
+
+def _decode_codec(tensors: dict[str, torch.Tensor], meta: dict[str, Any], key: str, shapes: Shapes, *,
+                  finite: bool) -> dict[str, torch.Tensor]:
     try:
-        tensors = codecs.decode(blob.tensors, m.get("codec") or {}, key, expected_shapes=shapes, check_finite=finite)
+        return codecs.decode(tensors, meta.get("codec") or {}, key, expected_shapes=shapes, check_finite=finite)
     except codecs.CodecError as e:
         raise blobs.BlobError(key, str(e), code=e.code) from None
+
+
+def _decode_update(ctx: Context, job_id: str, data: bytearray, key: str, digest: str | None, shapes: Shapes,
+                   expect: dict[str, int], *, finite: bool) -> Update:
+    blob = blobs.decode(data, key, signing_key=ctx.signing_key, expect_digest=digest)
+    _check_expected(blob.meta, expect, key)
+    tensors = _decode_codec(blob.tensors, blob.meta, key, shapes, finite=finite)
     check_update(tensors, shapes, key, finite=finite)
-    ident = keys.gradient_identity(job_id, int(m["shard"]), int(m["base_version"]), int(m["attempt"]))
-    return Update(ident, int(m["shard"]), tensors, int(m["samples"]), float(m["loss"]))
+    u = _identity(job_id, blob.meta)
+    return Update(u.identity, u.shard, tensors, u.samples, u.loss)
+
+
+def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: Shapes, expect: dict[str, int],
+              acc: Accumulator) -> None:
+    """Fold one blob into `acc` as it is read: a plain fp32 update tensor piece by tensor piece (memory: one
+    piece), anything else (compressed codecs: small) decoded in memory. The digest and signature are checked
+    at the end: on a BlobError `acc` holds part of a bad blob and must be thrown away (the round is retried)."""
+    check_gradient_key(job_id, key)
+    with ctx.store.reader(key) as r:
+        ctx.jobs.add_bytes(job_id, down=r.size)
+        _check_size(ctx, key, r.size)
+        bs = blobs.BlobStream(r.readinto, r.size, key)
+        _check_expected(bs.meta, expect, key)
+        codec = bs.meta.get("codec")
+        if not (bs.plain and bs.header["format"] >= 2 and isinstance(codec, dict) and codec.get("codec") == "none"):
+            acc.add(_decode_update(ctx, job_id, bs.rest(), key, digest, shapes, expect, finite=False))
+            return
+        entries = bs.tensors()
+        shells = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (dtype, shape, _, _) in entries}
+        _decode_codec(shells, bs.meta, key, shapes, finite=False)  # names, dtypes and shapes, before any data
+        u = _identity(job_id, bs.meta)
+        flat = {n: acc.sum[n.removesuffix(".values")].view(-1) for n, _ in entries}
+        for name, first, piece in bs.pieces(entries):
+            flat[name][first : first + piece.numel()].add_(piece, alpha=float(u.samples))
+        bs.finish(signing_key=ctx.signing_key, expect_digest=digest)
+    acc.count(u)
 
 
 def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | None:
@@ -102,18 +152,27 @@ class _Problems:
 
 
 def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes: Shapes, problems: _Problems,
-                *, finite: bool) -> tuple[str, Update] | None:
-    """Shard `s`'s verified update for round `version` (from its result, or found in the store), or None
-    with the reason recorded. A bad blob is deleted (never applied) and its shard marked for recompute."""
+                acc: Accumulator | None) -> str | None:
+    """Fold shard `s`'s verified update for round `version` (from its result, or found in the store) into
+    `acc`, or (acc None) only verify it, finiteness included; return its key, or None with the reason
+    recorded. A bad blob is deleted (never applied) and its shard marked for recompute."""
     key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
     digest = str(r["sha256"]) if r is not None and "sha256" in r else None
     if key is None:
         problems.reasons.append(f"shard {s}: no result and no blob under version {version}")
         return None
     expect = {"job": job_id, "shard": s, "base_version": version}
+
+    def read(key: str, digest: str | None) -> str:
+        if acc is None:
+            load_update(ctx, job_id, key, digest, shapes, expect, finite=True)
+        else:
+            fold_blob(ctx, job_id, key, digest, shapes, expect, acc)
+        return key
+
     try:
         try:
-            return key, load_update(ctx, job_id, key, digest, shapes, expect, finite=finite)
+            return read(key, digest)
         except ObjectNotFound:
             # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
             # gets the same chord results, which still name the deleted attempt.
@@ -121,7 +180,7 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
             if newer is None or newer == key:
                 raise
             key = newer
-            return key, load_update(ctx, job_id, key, None, shapes, expect, finite=finite)
+            return read(key, None)
     except ObjectNotFound as e:
         problems.reasons.append(f"shard {s}: {e}")
         problems.recompute.append(s)
@@ -137,9 +196,9 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
 
 def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], shapes: Shapes
                ) -> Accumulator:
-    """Every shard's verified update folded into one fp32 sum, by shard identity (never by count), one blob
-    in memory at a time. Finiteness is checked once, on the sum; when it fails, the round's blobs are read
-    again to name the shard(s) at fault (the rare path)."""
+    """Every shard's verified update folded into one fp32 sum, by shard identity (never by count), as each
+    blob is read (see ``fold_blob``). Finiteness is checked once, on the sum; when it fails, the round's
+    blobs are read again to name the shard(s) at fault (the rare path)."""
     shards = list(range(spec.shards))
     by_shard, _missing = select_round(results, shards)
     problems = _Problems()
@@ -149,17 +208,15 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
         r = by_shard.get(s)
         if r is not None and "rejected" in r:
             continue  # the shard worker refused its own update (NaN/Inf): weight 0 this round
-        got = _read_shard(ctx, job_id, version, s, r, shapes, problems, finite=False)
-        if got is not None:
-            used[s] = got[0]
-            acc.add(got[1])
-        del got  # the update's tensors are views of its blob: dropping them frees the blob
-    problems.raise_if_any()
+        key = _read_shard(ctx, job_id, version, s, r, shapes, problems, acc)
+        if key is not None:
+            used[s] = key
+    problems.raise_if_any()  # before anything uses the sum: it may hold part of a blob that failed its digest
     if not acc.folded:
         raise UpdateRejected(f"every shard's update of round v{version} was rejected (NaN/Inf): diverged")
     if acc.nonfinite():
         for s, key in used.items():
-            _read_shard(ctx, job_id, version, s, {"key": key}, shapes, problems, finite=True)
+            _read_shard(ctx, job_id, version, s, {"key": key}, shapes, problems, None)
         problems.raise_if_any()
         raise UpdateRejected(f"the sum of round v{version}'s updates overflows to Inf although each is finite",
                              code="nonfinite")
