@@ -7,6 +7,7 @@ mean the same as PyTorch's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -57,15 +58,27 @@ class Accumulator:
     """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.sum: Tensors = {n: torch.zeros(s, dtype=torch.float32) for n, s in shapes.items()}
+        # Not zeroed: the first update of each tensor is written (n·g), the others added. Zeroing first would
+        # cost a pass over fresh memory for nothing.
+        self.sum: Tensors = {n: torch.empty(s, dtype=torch.float32) for n, s in shapes.items()}
+        self._written: dict[str, int] = {n: 0 for n in shapes}  # elements written so far, per tensor
         self.samples = 0
         self.loss_sum = 0.0
         self.folded: list[Update] = []  # identities and counts only: tensors are dropped (see add)
 
     def add(self, u: Update) -> None:
         for name, t in u.tensors.items():
-            self.sum[name].add_(t, alpha=float(u.samples))
+            self.fold(name, 0, t.reshape(-1), u.samples)
         self.count(u)
+
+    def fold(self, name: str, first: int, piece: torch.Tensor, samples: int) -> None:
+        """Add samples·piece into elements [first, first + len) of tensor `name` (flattened)."""
+        target = self.sum[name].view(-1)[first : first + piece.numel()]
+        if self._written[name] < self.sum[name].numel():  # the first update of this tensor: write, not add
+            torch.mul(piece, float(samples), out=target)
+            self._written[name] += piece.numel()
+        else:
+            target.add_(piece, alpha=float(samples))
 
     def count(self, u: Update) -> None:
         """Record an update whose tensors the caller has already added into ``sum`` (streamed in pieces)."""
@@ -74,12 +87,16 @@ class Accumulator:
         self.folded.append(Update(u.identity, u.shard, {}, u.samples, u.loss))
 
     def nonfinite(self) -> list[str]:
-        return [n for n, t in self.sum.items() if not bool(torch.isfinite(t).all())]
+        """Tensors holding a NaN or Inf: their float64 sum is not finite (one pass, no mask allocated; a
+        float64 sum of finite fp32 values cannot overflow)."""
+        return [n for n, t in self.sum.items() if not math.isfinite(float(t.sum(dtype=torch.float64)))]
 
     def mean(self) -> tuple[Tensors, int, float]:
         """(mean, total samples, weighted mean loss); the sum is divided in place (no second copy)."""
         if self.samples <= 0:
             raise UpdateRejected("no samples in this round's updates")
+        if any(self._written[n] < t.numel() for n, t in self.sum.items()):
+            raise UpdateRejected("an update did not cover every element of the model")
         for t in self.sum.values():
             t.div_(self.samples)
         return self.sum, self.samples, self.loss_sum / self.samples

@@ -303,16 +303,44 @@ class BlobStream:
         except tensorfile.TensorFileError as e:
             raise BlobError(self.where, f"payload is not a valid safetensors file: {e}") from None
 
-    def pieces(self, entries: list[tuple[str, tensorfile.Entry]], max_bytes: int = 16 << 20
+    def pieces(self, entries: list[tuple[str, tensorfile.Entry]], max_bytes: int = 8 << 20
                ) -> Iterator[tuple[str, int, torch.Tensor]]:
         """(name, first element, 1-D tensor of the next elements) through every tensor in `entries` (as
-        ``tensors`` returned them). Each piece is valid until the next one is read."""
-        for name, (dtype, _shape, begin, end) in entries:
-            size = tensorfile.itemsize(dtype)
-            step = max(size, max_bytes - max_bytes % size)
-            for off in range(begin, end, step):
-                buf = self._payload(min(step, end - off))
-                yield name, (off - begin) // size, torch.frombuffer(buf, dtype=torch.uint8).view(dtype)
+        ``tensors`` returned them). Each piece is valid until the next one is read.
+
+        Two buffers, reused: while the caller uses piece k, a helper thread hashes it (hashlib releases
+        the GIL), and the next read goes into the other buffer once its hash is done."""
+        from concurrent.futures import Future, ThreadPoolExecutor
+
+        bufs = [bytearray(max_bytes), bytearray(max_bytes)]
+        hashing: list[Future[None] | None] = [None, None]
+        k = 0
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="blob-hash") as pool:  # FIFO: hashed in order
+            for name, (dtype, _shape, begin, end) in entries:
+                size = tensorfile.itemsize(dtype)
+                step = max(size, max_bytes - max_bytes % size)
+                for off in range(begin, end, step):
+                    n = min(step, end - off)
+                    slot = k % 2
+                    if hashing[slot] is not None:
+                        hashing[slot].result()  # type: ignore[union-attr]
+                    view = self._fill(memoryview(bufs[slot])[:n])
+                    hashing[slot] = pool.submit(self._hash.update, view)
+                    yield name, (off - begin) // size, torch.frombuffer(view, dtype=torch.uint8).view(dtype)
+                    k += 1
+            for f in hashing:
+                if f is not None:
+                    f.result()
+
+    def _fill(self, view: memoryview) -> memoryview:
+        got = 0
+        while got < len(view):
+            n = self._readinto(view[got:])
+            if not n:
+                raise BlobError(self.where, f"truncated: the stream ended after {self._at + got} of {self.size} bytes")
+            got += n
+        self._at += got
+        return view
 
     def finish(self, *, signing_key: bytes | None = None, expect_digest: str | None = None) -> None:
         """Check that the stream is at its end and the digest (and signature) hold; BlobError otherwise."""

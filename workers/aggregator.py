@@ -126,9 +126,8 @@ def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: S
         shells = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (dtype, shape, _, _) in entries}
         _decode_codec(shells, bs.meta, key, shapes, finite=False)  # names, dtypes and shapes, before any data
         u = _identity(job_id, bs.meta)
-        flat = {n: acc.sum[n.removesuffix(".values")].view(-1) for n, _ in entries}
         for name, first, piece in bs.pieces(entries):
-            flat[name][first : first + piece.numel()].add_(piece, alpha=float(u.samples))
+            acc.fold(name.removesuffix(".values"), first, piece, u.samples)
         bs.finish(signing_key=ctx.signing_key, expect_digest=digest)
     acc.count(u)
 
@@ -233,8 +232,10 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     ckey = keys.checkpoint(job_id, version)
     ckpt = ctx.checkpoint(ckey, job_id, with_opt=True)
     names = ctx.param_names(ckpt)
+    t_read = time.perf_counter()
     acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(ckpt.state[n].shape) for n in names})
     faults.point("aggregator.after_read", ctx.redis, job_id)
+    t_fold = time.perf_counter()
 
     # Version N's tensors become version N+1's, in place: the checkpoint leaves the cache first, so a failure
     # from here on leaves no half-stepped version behind (a retry reads N again from the store).
@@ -247,5 +248,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
     manifest = ctx.manifest(job.fields["manifest"])
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
+    timings = {"load_s": round(t_read - t0, 4), "fold_s": round(t_fold - t_read, 4),
+               "step_s": round(time.perf_counter() - t_fold, 4)}
     return commit_next_version(ctx, job, ckpt, ckpt.state, momentum, identities, mode="sync", started=t0,
-                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch})
+                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch, **timings})

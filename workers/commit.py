@@ -41,11 +41,13 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     new = Checkpoint(base.model, base.model_args, version + 1, state, {"momentum": momentum} if momentum else {},
                      {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
+    t_write = time.perf_counter()
     ctx.write_checkpoint(ckey, new)
+    t_write = time.perf_counter() - t_write
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
     moved = ctx.jobs.get(job_id)
     metrics: dict[str, Any] = {
-        **extra_metrics,
+        **extra_metrics, "write_s": round(t_write, 4),
         "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down")),
         "t": time.time(), "round_s": round(time.perf_counter() - started, 4),
     }

@@ -83,39 +83,28 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)
     enc = codecs.encode(result.update, cfg, state.residual, state.velocity)
     codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state)
-    meta = {
-        "kind": "gradient",
-        "job": job_id,
-        "shard": shard,
-        "base_version": version,
-        "step": step,
-        "attempt": attempt,
-        "samples": result.samples,
-        "loss": result.loss,
-        "codec": enc.meta,
-    }
+    t2 = time.perf_counter()
+    out = upload_update(ctx, job_id, shard, version, step, attempt, enc, samples=result.samples, loss=result.loss)
+    t_io += time.perf_counter() - t2
+    observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=out["bytes"])
+    return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
+
+
+def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int,
+                  enc: codecs.Encoded, *, samples: int, loss: float) -> dict[str, Any]:
+    """Write one encoded update as its gradient blob; return the shard task's result (the claim check)."""
+    meta = {"kind": "gradient", "job": job_id, "shard": shard, "base_version": version, "step": step,
+            "attempt": attempt, "samples": samples, "loss": loss, "codec": enc.meta}
     # Compressed codecs' payloads (sorted indices, int8 codes, half floats) still shrink under zstd;
-    # fp32 gradients barely do (~1.1x), so they skip it.
-    # Written as the tensors' own buffers, never joined into one copy of the whole update.
-    parts = blobs.encode_parts(enc.tensors, meta, compress=spec.codec != "none", signing_key=ctx.signing_key)
+    # fp32 gradients barely do (~1.1x), so they skip it. Written as the tensors' own buffers, never joined
+    # into one copy of the whole update.
+    compress = enc.meta.get("codec") != "none"
+    parts = blobs.encode_parts(enc.tensors, meta, compress=compress, signing_key=ctx.signing_key)
     size = blobs.size_of(parts)
     key = keys.gradient(job_id, version, shard, attempt)
     faults.point("shard.before_upload", ctx.redis, job_id)
-    t2 = time.perf_counter()
     ctx.store.put(key, parts)
     ctx.jobs.add_bytes(job_id, up=size)
-    t_io += time.perf_counter() - t2
-    observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=size)
-    return {
-        "shard": shard,
-        "version": version,
-        "step": step,
-        "attempt": attempt,
-        "key": key,
-        "sha256": blobs.digest_of(parts[0]),  # the envelope's digest: the reader checks it in its one pass
-        "bytes": size,
-        "samples": result.samples,
-        "loss": result.loss,
-        "compute_s": round(t_compute, 4),
-        "io_s": round(t_io, 4),
-    }
+    return {"shard": shard, "version": version, "step": step, "attempt": attempt, "key": key,
+            "sha256": blobs.digest_of(parts[0]),  # the envelope's digest: the reader checks it in its one pass
+            "bytes": size, "samples": samples, "loss": loss}

@@ -1,0 +1,232 @@
+"""Benchmark: one sync aggregation against its floor, by number of shards and parameters.
+
+For each (parameters, shards): a job is staged (a gpt of about that many parameters, momentum SGD), the
+shards' fp32 updates are written as the shard workers write them (``workers.shard.upload_update``),
+then two fresh processes run, one after the other, on the same files (warm in the page cache):
+
+- floor: read the checkpoint and every update blob at disk speed (``store.get``), add each update into
+  an fp32 sum (one ``add_`` per tensor on the raw bytes: no verification, no decoding), one in-place
+  momentum SGD step. Nothing the aggregation does can be faster than this.
+- aggregation: ``workers.aggregator.aggregate_round``, the real task body: load version N, fold every
+  verified update (digest, signature, identity, codec, shapes), step, write version N+1, commit.
+
+Both start from version N in memory, as a running aggregator does (it wrote N itself): the checkpoint is
+read before the clock starts. Each reports its time and its peak memory above what the process held
+before it read anything (VmHWM − VmRSS, /proc: the interpreter and torch). Ratios are taken within the
+run: fold / floor (the same bytes read and added, plus verification), task / floor, memory / fp32 model
+size. A fitted law t ≈ P·(a + b·N) closes the table.
+
+    ops/bench/run aggregation [--params-m 25] [--shards 2,8,32] [--json FILE]
+    ops/bench/run aggregation --params-m 1,10,25,100 --shards 2    # growth with parameters
+
+Redis: AAS_REDIS_URL, else db 14 of the local server (flushed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+MB = 1e6
+
+
+def proc_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def model_args(params_m: float) -> dict[str, Any]:
+    """A gpt shape of about `params_m` million parameters (n_layer · 12 · d² dominates)."""
+    d = 256 if params_m < 3 else 512 if params_m < 40 else 768
+    layers = max(1, round(params_m * 1e6 / (12 * d * d)))
+    return {"size": None, "n_layer": layers, "n_head": d // 64, "n_embd": d, "block_size": 32}
+
+
+def settings_env(workdir: Path) -> dict[str, str]:
+    return {"AAS_INSECURE_DEV": "1", "AAS_STORE_ROOT": str(workdir / "store"),
+            "AAS_REDIS_URL": os.environ.get("AAS_REDIS_URL", "redis://127.0.0.1:6379/14"),
+            "AAS_S3_ENDPOINT": "", "AAS_MAX_BLOB_BYTES": str(8 << 30), "AAS_TORCH_THREADS": "1"}
+
+
+def context() -> Any:
+    from pipeline.settings import get_settings
+    from storage.services import build_services
+    from workers.context import Context
+    from workers.dispatch import StubDispatcher
+
+    get_settings.cache_clear()
+    s = get_settings()
+    svc = build_services(s)
+    return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs, dispatch=StubDispatcher())
+
+
+def stage(params_m: float, shards: int) -> dict[str, Any]:
+    """Stage a job and write every shard's update; return what the children need."""
+    import torch
+
+    from pipeline import codecs
+    from pipeline.client import Client
+    from storage import keys
+    from workers.shard import upload_update
+
+    ctx = context()
+    ctx.redis.flushdb()
+    client = Client(ctx.settings, store=ctx.store, redis_client=ctx.redis, dispatch=ctx.dispatch)
+    job_id = client.stage({"model": "gpt", "model_args": model_args(params_m), "dataset": "chars",
+                           "dataset_args": {"block_size": 32, "max_chars": 40_000}, "shards": shards,
+                           "batch_size": 4, "lr": 0.01, "momentum": 0.9, "publish_every_versions": 0})
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, 0), job_id)
+    names = ctx.param_names(ckpt)
+    n_params = sum(ckpt.state[n].numel() for n in names)
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for s in range(shards):
+        grads = {n: torch.randn(ckpt.state[n].shape, generator=gen) * 1e-3 for n in names}
+        enc = codecs.encode(grads, codecs.CodecConfig(name="none"))
+        results.append(upload_update(ctx, job_id, s, 0, 0, 0, enc, samples=4, loss=1.0))
+        del grads, enc
+    return {"job_id": job_id, "results": results, "params": n_params, "model_mb": 4 * n_params / MB}
+
+
+def child_floor(job: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    from pipeline import blobs, tensorfile
+    from storage import keys
+
+    ctx = context()
+    base = proc_kb("VmRSS")
+
+    def tensors_of(data: bytearray) -> dict[str, torch.Tensor]:
+        _, payload = blobs.read_header(data)  # where the safetensors bytes start: no digest, no checks
+        return tensorfile.load(payload)
+
+    state = tensors_of(ctx.store.get(keys.checkpoint(job["job_id"], 0)))
+    t0 = time.perf_counter()
+    acc: dict[str, torch.Tensor] = {}
+    t_read = 0.0
+    for r in job["results"]:
+        t = time.perf_counter()
+        data = ctx.store.get(r["key"])
+        t_read += time.perf_counter() - t
+        for name, g in tensors_of(data).items():
+            if name in acc:
+                acc[name].add_(g, alpha=4.0)
+            else:
+                acc[name] = g.mul(4.0)
+        del data
+    t_fold = time.perf_counter()
+    bufs = {}
+    for name, g in acc.items():
+        p = state["model." + name.removesuffix(".values")].view(-1)
+        g.div_(4.0 * len(job["results"]))
+        bufs[name] = g.clone()  # the first step's momentum buffer, as torch.optim.SGD makes it
+        p.add_(bufs[name], alpha=-0.01)
+    t1 = time.perf_counter()
+    return {"floor_s": t1 - t0, "floor_fold_s": t_fold - t0, "floor_read_s": t_read, "floor_step_s": t1 - t_fold,
+            "floor_peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
+
+
+def child_aggregate(job: dict[str, Any]) -> dict[str, Any]:
+    from storage import keys
+    from workers.aggregator import aggregate_round
+
+    ctx = context()
+    base = proc_kb("VmRSS")
+    ckpt = ctx.checkpoint(keys.checkpoint(job["job_id"], 0), job["job_id"], with_opt=True)
+    ctx.param_names(ckpt)
+    del ckpt
+    t0 = time.perf_counter()
+    done = aggregate_round(ctx, job["job_id"], 0, job["results"])
+    t1 = time.perf_counter()
+    if not done.committed:
+        raise RuntimeError("the aggregation did not commit")
+    m = done.metrics
+    return {"task_s": t1 - t0, "load_s": m["load_s"], "fold_s": m["fold_s"], "step_s": m["step_s"],
+            "write_s": m["write_s"], "task_peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
+
+
+def run_child(kind: str, job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    out = subprocess.run([sys.executable, __file__, "--child", kind], input=json.dumps(job), text=True,
+                         capture_output=True, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def fit(rows: list[dict[str, Any]]) -> tuple[float, float]:
+    """Least squares of t/P (ms per M params) = a + b·N over the rows."""
+    xs = [r["shards"] for r in rows]
+    ys = [1e3 * r["task_s"] / (r["params"] / 1e6) for r in rows]
+    n = len(xs)
+    if n < 2 or len(set(xs)) < 2:
+        return (ys[0] / max(1, xs[0]) if n == 1 else float("nan")), 0.0
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params-m", default="25", help="comma-separated model sizes, millions of parameters")
+    ap.add_argument("--shards", default="2,8,32", help="comma-separated shard counts")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--child", choices=["floor", "aggregate"], help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child:
+        job = json.loads(sys.stdin.read())
+        print(json.dumps(child_floor(job) if a.child == "floor" else child_aggregate(job)))
+        return 0
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="aas-aggbench-") as tmp:
+        env = settings_env(Path(tmp))
+        os.environ.update(env)
+        for params_m in [float(x) for x in a.params_m.split(",")]:
+            for shards in [int(x) for x in a.shards.split(",")]:
+                print(f"[aggregation] {params_m:g}M parameters × {shards} shards: staging", file=sys.stderr, flush=True)
+                job = stage(params_m, shards)
+                row = {"params": job["params"], "model_mb": round(job["model_mb"], 1), "shards": shards}
+                row.update(run_child("floor", job, env))
+                row.update(run_child("aggregate", job, env))
+                row["fold_over_floor"] = row["fold_s"] / row["floor_fold_s"]
+                row["task_over_floor"] = row["task_s"] / row["floor_s"]
+                row["peak_over_model"] = row["task_peak_mb"] / row["model_mb"]
+                rows.append(row)
+                print(f"[aggregation]   floor {row['floor_s']:.2f} s, task {row['task_s']:.2f} s, "
+                      f"peak {row['task_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
+                import shutil
+
+                shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
+    print_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("| params | shards | floor s (read+add / step) | fold s | fold/floor | step s | write s | task s "
+          "| task/floor | peak MB | peak/model | floor peak/model |")
+    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['params'] / 1e6:.1f}M | {r['shards']} | {r['floor_s']:.2f} ({r['floor_fold_s']:.2f} / "
+              f"{r['floor_step_s']:.2f}) | {r['fold_s']:.2f} | {r['fold_over_floor']:.2f}× | {r['step_s']:.2f} "
+              f"| {r['write_s']:.2f} | {r['task_s']:.2f} | {r['task_over_floor']:.2f}× | {r['task_peak_mb']:.0f} "
+              f"| {r['peak_over_model']:.2f}× | {r['floor_peak_mb'] / r['model_mb']:.2f}× |")
+    a, b = fit(rows)
+    print(f"\nfitted: task time ≈ P(M params) × ({a:.1f} ms + {b:.2f} ms × shards)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
