@@ -270,9 +270,12 @@ def build_artifact(
     chain: ArtifactChain | None = None,
     meta: dict[str, Any] | None = None,
     signing_key: bytes | None = None,
-) -> tuple[bytes, dict[str, Any]]:
+    as_parts: bool = False,
+) -> tuple[Any, dict[str, Any]]:
     """Pack weights into artifact bytes. Returns (bytes, stats): raw_bytes (the fp32 safetensors size of the
-    state dict), stored_bytes, ratio = raw/stored, sparsity (fraction of zeros in the served float weights)."""
+    state dict), stored_bytes, ratio = raw/stored, sparsity (fraction of zeros in the served float weights).
+    With `as_parts` the bytes are a list of buffers (the weights' own memory where they are served as they
+    are) for ``Registry.register`` to write without joining them: a 4 GB model makes no 4 GB copy."""
     chain = chain or ArtifactChain()
     state = {k: v.detach().cpu() for k, v in state_dict.items()}
     # The fp32 safetensors file's size, computed from shapes (nothing is encoded to count its bytes).
@@ -288,10 +291,11 @@ def build_artifact(
     m = {**(meta or {}), "kind": KIND, "model": model_name, "model_args": model_args, "packing": PACKING,
          "chain": chain.describe(), "tensors": layout}
     # zstd level 3: level 19 saves < 0.1% on weights and is ~100x slower on a 100 MB model.
-    data = blobs.encode(payload, m, compress=chain.zstd, signing_key=signing_key)
-    stats = {"raw_bytes": raw_bytes, "stored_bytes": len(data), "ratio": raw_bytes / max(1, len(data)),
+    parts = blobs.encode_parts(payload, m, compress=chain.zstd, signing_key=signing_key)
+    stored = blobs.size_of(parts)
+    stats = {"raw_bytes": raw_bytes, "stored_bytes": stored, "ratio": raw_bytes / max(1, stored),
              "sparsity": zeros / max(1, floats), "chain": chain.describe()}
-    return data, stats
+    return (parts if as_parts else b"".join(parts)), stats
 
 
 # ---------------------------------------------------------------- unpacking

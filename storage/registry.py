@@ -8,6 +8,7 @@ MULTI/EXEC, so a follower that reads the stream from its last id never misses a 
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 import logging
@@ -22,7 +23,7 @@ import redis
 from pipeline import names
 from pipeline.blobs import BlobError, sha256_hex
 from storage import keys
-from storage.objectstore import ObjectNotFound, ObjectStore
+from storage.objectstore import ObjectNotFound, ObjectStore, as_parts, parts_size
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,13 @@ class RegistryEvent:
     at: float = 0.0  # unix seconds
 
 
+
+def _digest(parts: list[Any]) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p)
+    return h.hexdigest()
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -170,7 +178,7 @@ class Registry:
     def register(
         self,
         model: str,
-        artifact: bytes,
+        artifact: bytes | list[bytes | memoryview],
         *,
         codec: str,
         metrics: dict[str, Any],
@@ -204,21 +212,22 @@ class Registry:
         if not authorized:
             self._check_owner(self.redis, model, owner)
         if not decoded_by_caller:
-            self._check_decodes(model, artifact)
+            self._check_decodes(model, artifact if isinstance(artifact, bytes) else b"".join(artifact))
 
         version = int(self.redis.incr(keys.registry_version_counter(model)))
         key = keys.artifact(model, version)
-        digest = sha256_hex(artifact)
-        self.store.put(key, artifact)
+        parts = as_parts(artifact)
+        digest, size = _digest(parts), parts_size(parts)
+        self.store.put(key, parts)
         try:
-            back = self.store.get(key)
-            if len(back) != len(artifact) or not hmac.compare_digest(sha256_hex(back), digest):
+            back_digest, back_size = self._stored_digest(key)
+            if back_size != size or not hmac.compare_digest(back_digest, digest):
                 raise InvalidArtifact(
                     f"artifact {key} read back from {self.store.describe()} does not match what was uploaded "
-                    f"({len(back)} vs {len(artifact)} bytes); nothing registered, retry the upload"
+                    f"({back_size} vs {size} bytes); nothing registered, retry the upload"
                 )
             rec = VersionRecord(
-                model=model, version=version, artifact_key=key, sha256=digest, size=len(artifact), codec=codec,
+                model=model, version=version, artifact_key=key, sha256=digest, size=size, codec=codec,
                 metrics=metrics, lineage=lineage, tags=tags, created_at=time.time(),
             )  # fmt: skip
         except BaseException:
@@ -237,6 +246,16 @@ class Registry:
             self._discard(key)
             return self._replay(model, str(idempotency_key), existing)
         return rec
+
+    def _stored_digest(self, key: str) -> tuple[str, int]:
+        """sha256 and size of what the store holds at `key`, read as a stream (one piece in memory)."""
+        h, n = hashlib.sha256(), 0
+        buf = bytearray(8 << 20)
+        with self.store.reader(key) as r:
+            while got := r.readinto(memoryview(buf)):
+                h.update(memoryview(buf)[:got])
+                n += got
+        return h.hexdigest(), n
 
     def _check_decodes(self, model: str, artifact: bytes) -> None:
         from pipeline.artifacts import load_artifact  # lazy: keeps torch out of registry-only readers

@@ -59,6 +59,7 @@ def check_gradient_key(job_id: str, key: str) -> None:
 
 
 Shapes = dict[str, tuple[int, ...]]
+STREAM_MIN_BYTES = 8 << 20  # below this a blob is read whole: its memory is nothing, a stream's set-up is not
 
 
 def load_update(ctx: Context, job_id: str, key: str, digest: str | None, shapes: Shapes,
@@ -119,7 +120,8 @@ def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: S
         bs = blobs.BlobStream(r.readinto, r.size, key)
         _check_expected(bs.meta, expect, key)
         codec = bs.meta.get("codec")
-        if not (bs.plain and bs.header["format"] >= 2 and isinstance(codec, dict) and codec.get("codec") == "none"):
+        streamed = bs.plain and bs.header["format"] >= 2 and isinstance(codec, dict) and codec.get("codec") == "none"
+        if not streamed or r.size < STREAM_MIN_BYTES:  # small (or compressed) blobs: one read, views of it
             acc.add(_decode_update(ctx, job_id, bs.rest(), key, digest, shapes, expect, finite=False))
             return
         entries = bs.tensors()

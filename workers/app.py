@@ -166,7 +166,7 @@ def _aggregators_publish(sender: Any = None, instance: Any = None, **_: object) 
         return
     consumed = set(queues.consume_from or queues)
     if QUEUE_AGGREGATE in consumed and QUEUE_PUBLISH not in consumed:
-        queues.select_add(QUEUE_PUBLISH)
+        queues.select_add(QUEUE_PUBLISH, exchange=QUEUE_PUBLISH, routing_key=QUEUE_PUBLISH)  # as task_routes makes it
 
 
 @worker_process_init.connect

@@ -66,15 +66,15 @@ def publish_version(ctx: Context, job: JobState, version: int, ckpt: Checkpoint,
     if done is not None:
         return None
     chain = ArtifactChain.parse(spec.artifact_chain)
-    data, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain,
-                                 meta={"job": job.job_id, "version": version}, signing_key=ctx.signing_key)
+    parts, stats = build_artifact(ckpt.model, ckpt.model_args, ckpt.state, chain=chain, as_parts=True,
+                                  meta={"job": job.job_id, "version": version}, signing_key=ctx.signing_key)
     # Accuracy after compression: evaluate what the inference workers will actually serve. A lossless
     # chain (fp32, sparse storage of exact zeros, zstd) serves the very weights just evaluated.
     lossless = chain.quantize == "none" and chain.prune_threshold is None and chain.prune_sparsity is None
     if lossless and metrics.get("accuracy") is not None:
         after = {k: metrics[k] for k in ("loss", "accuracy", "perplexity") if k in metrics}
     else:
-        served = load_artifact(data, f"artifact of {idem}", signing_key=ctx.signing_key).model
+        served = load_artifact(b"".join(parts), f"artifact of {idem}", signing_key=ctx.signing_key).model
         manifest = ctx.manifest(job.fields["manifest"])
         xt, yt = ctx.split(manifest.test, job.job_id)
         after = evaluate(served, xt, yt, str(manifest.meta.get("task", "classify")))
@@ -85,9 +85,9 @@ def publish_version(ctx: Context, job: JobState, version: int, ckpt: Checkpoint,
     if eval_set == own_eval:
         eval_accuracy = after["accuracy"]
     else:  # the model's own evaluation set, never the one this job brought
-        eval_accuracy = _accuracy_on(ctx, job.job_id, data, idem, eval_set)
+        eval_accuracy = _accuracy_on(ctx, job.job_id, b"".join(parts), idem, eval_set)
     rec = reg.register(
-        name, data, codec=chain.describe(),
+        name, parts, codec=chain.describe(),
         metrics={
             "loss": metrics.get("loss"), "accuracy_before": metrics.get("accuracy"),
             "accuracy": after["accuracy"], "loss_after": after["loss"], "eval_accuracy": eval_accuracy,

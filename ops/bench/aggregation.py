@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -54,7 +55,9 @@ def model_args(params_m: float) -> dict[str, Any]:
 
 
 def settings_env(workdir: Path) -> dict[str, str]:
-    return {"AAS_INSECURE_DEV": "1", "AAS_STORE_ROOT": str(workdir / "store"),
+    # A per-run signing key: the aggregation verifies signatures as production workers do.
+    key = os.environ.get("AAS_SIGNING_KEY") or os.environ.setdefault("AAS_BENCH_SIGNING_KEY", secrets.token_hex(32))
+    return {"AAS_SIGNING_KEY": key, "AAS_STORE_ROOT": str(workdir / "store"),
             "AAS_REDIS_URL": os.environ.get("AAS_REDIS_URL", "redis://127.0.0.1:6379/14"),
             "AAS_S3_ENDPOINT": "", "AAS_MAX_BLOB_BYTES": str(8 << 30), "AAS_TORCH_THREADS": "1"}
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -81,13 +82,16 @@ def job_spec(size: str, shards: int, rounds: int, batch: int, block: int) -> dic
     return {"model": "gpt", "model_args": {"size": size, "block_size": block}, "dataset": "chars",
             "dataset_args": {"block_size": block, "max_chars": windows * block + 1, "test_windows": n_test},
             "shards": shards, "batch_size": batch, "epochs": 1, "lr": 0.01, "momentum": 0.9,
-            "publish_every_versions": 0, "promote": None}
+            # The final version is registered as plain fp32 safetensors: zstd gains ~7% on fp32 weights and
+            # needs the whole artifact in memory once more to compress it.
+            "publish_every_versions": 0, "promote": None, "artifact_chain": "none"}
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="100m", help="gpt size (1m, 10m, 100m, 1b)")
-    ap.add_argument("--workers", type=int, default=2, help="shard worker processes (= shards)")
+    ap.add_argument("--workers", type=int, default=2, help="shard worker processes")
+    ap.add_argument("--shards", type=int, default=0, help="data shards per round (default: one per worker)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=2, help="sequences per shard and round")
     ap.add_argument("--block-size", type=int, default=64, help="tokens per sequence")
@@ -104,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("AAS_TASK_TIME_LIMIT_S", "3600")
     env.setdefault("AAS_WATCHDOG_INTERVAL_S", "0")
     env["AAS_STORE_ROOT"] = str(workdir / "store")
+    env.setdefault("AAS_SIGNING_KEY", secrets.token_hex(32))  # a per-run key: blobs are signed and checked
     env["PYTHONPATH"] = str(REPO)
     embedded = group = None
     report: dict[str, Any] = {"size": a.size, "shard_workers": a.workers, "rounds": a.rounds,
@@ -124,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
         get_settings.cache_clear()
         settings = get_settings()
-        spec = job_spec(a.size, a.workers, a.rounds, a.batch_size, a.block_size)
+        spec = job_spec(a.size, a.shards or a.workers, a.rounds, a.batch_size, a.block_size)
         n_params = config_for(**spec["model_args"]).n_params()
         report.update(params=n_params, model_fp32_gb=round(4 * n_params / GB, 3), spec=spec)
         print(f"[bigmodel] gpt {a.size}: {n_params / 1e6:.1f}M parameters, {4 * n_params / GB:.2f} GB fp32; "
@@ -159,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         status: dict[str, Any] = {}
         while time.monotonic() < deadline and not guard.tripped:
             if a.no_aggregator:
-                done = [s for s in range(a.workers) if any(client.store.list(keys.gradient_attempts(job_id, 0, s)))]
-                if len(done) == a.workers:
+                n = a.shards or a.workers
+                done = [s for s in range(n) if any(client.store.list(keys.gradient_attempts(job_id, 0, s)))]
+                if len(done) == n:
                     break
             else:
                 status = client.status(job_id)
@@ -182,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds = []
             for m in metrics:
                 rounds.append({"round_s": round(m["t"] - prev, 1), "aggregator_s": m.get("round_s"),
-                               "loss": m.get("loss"), "train_loss": m.get("train_loss")})
+                               "loss": m.get("loss"), "train_loss": m.get("train_loss"),
+                               **{k: m.get(k) for k in ("load_s", "fold_s", "step_s", "write_s")}})
                 prev = m["t"]
             report["per_round"] = rounds
             if status.get("error"):
@@ -200,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
         report["logs_with_tracebacks"] = tracebacks
         for name in tracebacks:
             print(f"--- {name} (tail)\n{(logs / name).read_text(errors='replace')[-2000:]}", file=sys.stderr)
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.environ.get("AAS_BENCH_KEEP"):
+            print(f"[bigmodel] kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     print_report(report)
     if a.json:
@@ -219,7 +229,11 @@ def print_report(r: dict[str, Any]) -> None:
         ratio = f"{gb / model:.1f}" if gb is not None and model == model else "–"
         print(f"| {name} | {gb} | {ratio} |")
     for i, rd in enumerate(r.get("per_round") or []):
-        print(f"  round {i}: {rd['round_s']} s (aggregator {rd['aggregator_s']} s), test loss {rd['loss']:.4f}")
+        parts = ", ".join(f"{k.removesuffix('_s')} {rd[k]}" for k in ("load_s", "fold_s", "step_s", "write_s")
+                          if rd.get(k) is not None)
+        test = f", test loss {rd['loss']:.4f}" if rd.get("loss") is not None else ""
+        print(f"  round {i}: {rd['round_s']} s (aggregator {rd['aggregator_s']} s: {parts}), "
+              f"train loss {rd['train_loss']:.4f}{test}")
     print(f"  MemAvailable: {r['mem_available_start_gb']} GB at start, lowest {r.get('mem_available_lowest_gb')} GB")
 
 

@@ -124,7 +124,13 @@ def _round0(unit_ctx: Any, **spec: Any) -> tuple[str, list[dict[str, Any]]]:
     return job_id, [shard.train_shard(unit_ctx, job_id, s, 0, 0, 0) for s in range(2)]
 
 
-def test_the_streamed_aggregation_equals_the_in_memory_one(unit_ctx: Any) -> None:
+@pytest.fixture
+def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stream every blob, however small (digits-cnn's are below the size where streaming starts)."""
+    monkeypatch.setattr(aggregator, "STREAM_MIN_BYTES", 0)
+
+
+def test_the_streamed_aggregation_equals_the_in_memory_one(unit_ctx: Any, streamed: None) -> None:
     job_id, results = _round0(unit_ctx)
     ckpt = unit_ctx.checkpoint(keys.checkpoint(job_id, 0), job_id)
     shapes = {n: tuple(ckpt.state[n].shape) for n in unit_ctx.param_names(ckpt)}
@@ -138,7 +144,8 @@ def test_the_streamed_aggregation_equals_the_in_memory_one(unit_ctx: Any) -> Non
     assert [u.identity for u in streamed.folded] == [u.identity for u in in_memory.folded]
 
 
-def test_a_blob_whose_digest_fails_after_it_was_streamed_leaves_the_round_uncommitted(unit_ctx: Any) -> None:
+def test_a_blob_whose_digest_fails_after_it_was_streamed_leaves_the_round_uncommitted(unit_ctx: Any,
+                                                                                       streamed: None) -> None:
     job_id, results = _round0(unit_ctx)
     data = bytearray(unit_ctx.store.get(results[1]["key"]))
     data[-7] ^= 0x10  # inside the last tensor: noticed only when the whole blob has been folded
