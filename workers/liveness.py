@@ -201,7 +201,10 @@ def slot_of_message(task: str, args: list[Any], kwargs: dict[str, Any]) -> tuple
     """(job, slot) of a queued task message; None for messages of no job slot."""
     try:
         if task == TASK_TRAIN_SHARD:
-            job_id, shard, version, step = str(args[0]), int(args[1]), int(args[2]), int(args[3])
+            # shard_signature sends named arguments (readable in Flower); older messages are positional.
+            named = kwargs if "job_id" in kwargs else dict(zip(("job_id", "shard_id", "version", "step"), args))
+            job_id, shard = str(named["job_id"]), int(named["shard_id"])
+            version, step = int(named["version"]), int(named["step"])
             return job_id, keys.slot_shard(version, shard) if version >= 0 else keys.slot_step(shard, step)
         if task == TASK_AGGREGATE:
             if "job_id" in kwargs:

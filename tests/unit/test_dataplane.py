@@ -192,3 +192,37 @@ def test_an_evaluation_of_an_older_version_never_overwrites_a_newer_ones_numbers
     assert not jobs.record_evaluation(job_id, 1, {"accuracy": 0.5, "loss": 0.7})
     assert jobs.get(job_id).num("test_accuracy") == 0.9
     assert jobs.metrics_at(job_id, 1)["accuracy"] == 0.5  # its own entry is still filled in
+
+
+def test_the_publish_slot_is_named_parsed_and_found_in_a_queued_message() -> None:
+    from workers.app import QUEUE_PUBLISH, TASK_PUBLISH
+
+    slot = keys.slot_publish(7)
+    assert keys.parse_slot(slot) == keys.Slot("publish", version=7)
+    assert liveness.slot_of_message(TASK_PUBLISH, [], {"job_id": "j", "version": 7}) == ("j", slot)
+    assert liveness.queue_of(slot) == QUEUE_PUBLISH
+
+
+def test_a_lost_evaluation_of_the_last_version_is_sent_again(unit_ctx: Any) -> None:
+    job_id, _ = _round0(unit_ctx)
+    jobs = unit_ctx.jobs
+    jobs.set_status(job_id, "running")
+    total = jobs.get(job_id).total_rounds
+    for v in range(total):
+        jobs.commit_version(job_id, base_version=v, new_version=v + 1, checkpoint_key="k", identities=[], metrics={})
+    advance(unit_ctx, job_id)
+    advance(unit_ctx, job_id)
+    assert unit_ctx.dispatch.of("publish") == [{"job_id": job_id, "version": total}]  # once, not per advance
+    liveness.relaunch_slot(unit_ctx, jobs.get(job_id), JobSpec.model_validate(jobs.get(job_id).spec),
+                           keys.slot_publish(total))
+    assert len(unit_ctx.dispatch.of("publish")) == 2
+
+
+def test_a_queued_shard_message_as_the_dispatcher_sends_it_is_seen_as_its_slot() -> None:
+    """shard_signature names its arguments; a probe that read only positional ones saw no queued shard
+    task and relaunched a shard that was merely waiting for a free worker, every few seconds."""
+    from workers.app import app, shard_signature
+
+    sig = shard_signature(app, "j", 1, 4, 4, 0)
+    assert liveness.slot_of_message(sig.task, list(sig.args), dict(sig.kwargs)) == ("j", keys.slot_shard(4, 1))
+    assert liveness.slot_of_message(sig.task, ["j", 1, -1, 9, 0], {}) == ("j", keys.slot_step(1, 9))
