@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("AAS_WATCHDOG_INTERVAL_S", "0")
     env["AAS_STORE_ROOT"] = str(workdir / "store")
     env.setdefault("AAS_SIGNING_KEY", secrets.token_hex(32))  # a per-run key: blobs are signed and checked
+    env.setdefault("AAS_MAX_BLOB_BYTES", str(16 << 30))  # a 1b fp32 update is 4 GB, above the default limit
     env["PYTHONPATH"] = str(REPO)
     embedded = group = None
     report: dict[str, Any] = {"size": a.size, "shard_workers": a.workers, "rounds": a.rounds,
