@@ -19,7 +19,7 @@ size. A fitted law t ≈ P·(a + b·N) closes the table.
     ops/bench/run aggregation [--params-m 25] [--shards 2,8,32] [--json FILE]
     ops/bench/run aggregation --params-m 1,10,25,100 --shards 2    # growth with parameters
 
-Redis: AAS_REDIS_URL, else db 14 of the local server (flushed).
+Redis: AAS_REDIS_URL, else db 11 of the local server (flushed).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def settings_env(workdir: Path) -> dict[str, str]:
     # A per-run signing key: the aggregation verifies signatures as production workers do.
     key = os.environ.get("AAS_SIGNING_KEY") or os.environ.setdefault("AAS_BENCH_SIGNING_KEY", secrets.token_hex(32))
     return {"AAS_SIGNING_KEY": key, "AAS_STORE_ROOT": str(workdir / "store"),
-            "AAS_REDIS_URL": os.environ.get("AAS_REDIS_URL", "redis://127.0.0.1:6379/14"),
+            "AAS_REDIS_URL": os.environ.get("AAS_REDIS_URL", "redis://127.0.0.1:6379/11"),
             "AAS_S3_ENDPOINT": "", "AAS_MAX_BLOB_BYTES": str(8 << 30), "AAS_TORCH_THREADS": "1"}
 
 
