@@ -141,21 +141,13 @@ def sgd_step_(
         p.add_(g, alpha=-lr)
 
 
-def sgd_step(
-    params: Tensors,
-    grads: Tensors,
-    momentum_buffers: Tensors,
-    *,
-    lr: float,
-    momentum: float = 0.0,
-    nesterov: bool = False,
-    weight_decay: float = 0.0,
-) -> tuple[Tensors, Tensors]:
-    """``sgd_step_`` on copies: returns (new params, new buffers) and changes none of its arguments."""
+def sgd_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, **hparams: float | bool
+             ) -> tuple[Tensors, Tensors]:
+    """``sgd_step_`` (same keyword arguments) on copies: returns (new params, new buffers) and changes none
+    of its arguments."""
     new_params = {n: p.clone() for n, p in params.items()}
     new_bufs = {n: b.clone() for n, b in momentum_buffers.items()}
-    sgd_step_(new_params, {n: g.clone() for n, g in grads.items()}, new_bufs, lr=lr, momentum=momentum,
-              nesterov=nesterov, weight_decay=weight_decay)
+    sgd_step_(new_params, {n: g.clone() for n, g in grads.items()}, new_bufs, **hparams)  # type: ignore[arg-type]
     return new_params, new_bufs
 
 

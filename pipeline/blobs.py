@@ -119,16 +119,9 @@ def encode_parts(
     return [_PRELUDE.pack(MAGIC, FORMAT, len(head)) + head, *payload]
 
 
-def encode(
-    tensors: dict[str, torch.Tensor],
-    meta: dict[str, Any] | None = None,
-    *,
-    compress: bool = False,
-    level: int = 3,
-    signing_key: bytes | None = None,
-) -> bytes:
-    """Serialize tensors (safetensors) with a header; zstd-compress the payload when asked."""
-    return b"".join(encode_parts(tensors, meta, compress=compress, level=level, signing_key=signing_key))
+def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None, **options: Any) -> bytes:
+    """Serialize tensors (safetensors) with a header, as one bytes object (``encode_parts``'s options)."""
+    return b"".join(encode_parts(tensors, meta, **options))
 
 
 def size_of(parts: list[bytes | memoryview]) -> int:
@@ -269,13 +262,7 @@ class BlobStream:
 
     def _read(self, n: int) -> bytearray:
         buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            k = self._readinto(view[got:])
-            if not k:
-                raise BlobError(self.where, f"truncated: the stream ended after {self._at + got} of {self.size} bytes")
-            got += k
-        self._at += n
+        self._fill(memoryview(buf))
         return buf
 
     def _payload(self, n: int) -> bytearray:
