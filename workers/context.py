@@ -61,6 +61,7 @@ class Context(Services):
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
     residuals: dict[tuple[str, int], Any] = field(default_factory=dict)
+    _shell: tuple[str, torch.nn.Module] | None = None  # (architecture, module) of the newest ``model``
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
@@ -126,11 +127,17 @@ class Context(Services):
         found them (``training.local_steps`` restores them); gradients are left unset.
 
         The decoded checkpoint is not kept beside the module (on the CPU the module's parameters are its
-        tensors), so a worker holds one copy of the weights, not two."""
+        tensors), so a worker holds one copy of the weights, not two. A new version of the same model and
+        arguments goes into the previous version's module (its tensors assigned): no module is built again.
+        """
         mkey = f"{key}@{device}"
         hit = self.models.get(mkey)
         if hit is None:
+            spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+            arch = json.dumps([spec.get("model"), spec.get("model_args") or {}, str(device)], sort_keys=True)
+            shell = self._shell[1] if self._shell is not None and self._shell[0] == arch else None
             self.models.clear()  # drop the old version before the new one is read: one copy at a time
+            self._shell = None
             cached = self.checkpoints.get(key + "#opt") or self.checkpoints.get(key)
             if cached is not None:  # shared with another user in this process (the aggregator): copy
                 hit = cached.build(device)
@@ -139,10 +146,14 @@ class Context(Services):
                 self.jobs.add_bytes(job_id, down=len(data))
                 ckpt = decode_checkpoint(data, key, signing_key=self.signing_key)
                 del data
-                spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
                 check_model(ckpt, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
-                hit = ckpt.build(device, copy=False)
+                if shell is not None:
+                    shell.load_state_dict({k: v.to(device) for k, v in ckpt.state.items()}, strict=True, assign=True)
+                    hit = shell
+                else:
+                    hit = ckpt.build(device, copy=False)
             self.models.put(mkey, hit)
+            self._shell = (arch, hit)
         return hit
 
     def write_checkpoint(self, key: str, ckpt: Checkpoint) -> None:

@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import sys
 import tempfile
 import time
@@ -207,6 +208,8 @@ def run_ddp(b: Budget) -> dict[str, Any]:
 
 # ------------------------------------------------------------------ the pipeline (rows c–g)
 
+REGISTRY_TOKEN = secrets.token_hex(16)  # per run
+
 
 @dataclass
 class Cluster:
@@ -229,8 +232,11 @@ class Cluster:
         store = self.workdir / "store"
         env = {**os.environ, "AAS_REDIS_URL": self.redis.url, "AAS_STORE_ROOT": str(store),
                "AAS_TORCH_THREADS": "1", "AAS_SLOW_FACTOR": "1", "AAS_INSECURE_DEV": "1",
+               # Every row registers into the same model: the bench is its operator and holds the token.
+               "AAS_REGISTRY_TOKEN": REGISTRY_TOKEN,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        self.settings = Settings(redis_url=self.redis.url, store_root=store, torch_threads=1)
+        self.settings = Settings(redis_url=self.redis.url, store_root=store, torch_threads=1,
+                                 registry_token=REGISTRY_TOKEN, insecure_dev=True)
         self.group = ProcessGroup(env=env, cwd=REPO, logdir=self.workdir / "logs")
         names = [f"shard{i}" for i in range(self.shards)]
         for i, n in enumerate(names):

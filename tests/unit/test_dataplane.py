@@ -226,3 +226,17 @@ def test_a_queued_shard_message_as_the_dispatcher_sends_it_is_seen_as_its_slot()
     sig = shard_signature(app, "j", 1, 4, 4, 0)
     assert liveness.slot_of_message(sig.task, list(sig.args), dict(sig.kwargs)) == ("j", keys.slot_shard(4, 1))
     assert liveness.slot_of_message(sig.task, ["j", 1, -1, 9, 0], {}) == ("j", keys.slot_step(1, 9))
+
+
+def test_a_shard_worker_loads_the_next_version_into_the_module_it_has(unit_ctx: Any) -> None:
+    job_id, results = _round0(unit_ctx)
+    other = type(unit_ctx)(settings=unit_ctx.settings, redis=unit_ctx.redis, store=unit_ctx.store, jobs=unit_ctx.jobs,
+                           dispatch=unit_ctx.dispatch)  # the aggregator: another process
+    assert aggregator.aggregate_round(other, job_id, 0, results).committed
+    cpu = torch.device("cpu")
+    v0 = unit_ctx.model(keys.checkpoint(job_id, 0), job_id, cpu)
+    v1 = unit_ctx.model(keys.checkpoint(job_id, 1), job_id, cpu)
+    assert v1 is v0  # the same module: not built again
+    want = other.checkpoint(keys.checkpoint(job_id, 1), job_id).state
+    assert all(torch.equal(t, want[n]) for n, t in v1.state_dict().items())
+    assert all(p.requires_grad for p in v1.parameters())
