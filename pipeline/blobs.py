@@ -277,7 +277,10 @@ class BlobStream:
 
     def rest(self) -> bytearray:
         """The whole blob in memory (for ``decode``), when it is not to be streamed."""
-        return self._head + self._read(self.size - self._at)
+        buf = bytearray(self.size)  # one allocation, filled in place
+        buf[: len(self._head)] = self._head
+        self._fill(memoryview(buf)[len(self._head) :])
+        return buf
 
     def tensors(self) -> list[tuple[str, tensorfile.Entry]]:
         """The payload's tensor table (read from the stream), in the order of their bytes."""
