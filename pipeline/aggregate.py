@@ -151,6 +151,22 @@ def sgd_step(params: Tensors, grads: Tensors, momentum_buffers: Tensors, **hpara
     return new_params, new_bufs
 
 
+def partition(sizes: Sequence[tuple[str, int]], parts: int) -> list[list[str]]:
+    """Split parameters (name, number of elements), in model order, into `parts` contiguous ranges of about
+    equal size (ps-lite's key ranges). Never an empty range while there are at least `parts` tensors."""
+    parts = max(1, min(parts, len(sizes)))
+    total = sum(n for _, n in sizes)
+    out: list[list[str]] = [[] for _ in range(parts)]
+    done = 0
+    for i, (name, n) in enumerate(sizes):
+        k = min(parts - 1, done * parts // max(1, total))
+        k = max(k, parts - (len(sizes) - i)) if len(sizes) - i <= parts else k  # leave a tensor for each range
+        k = max(k, max((j for j in range(parts) if out[j]), default=0))  # contiguous: never go back
+        out[k].append(name)
+        done += n
+    return out
+
+
 def staleness_lr(lr: float, staleness: int, rule: str) -> float:
     """Learning rate for an update computed `staleness` versions ago (Zhang et al. 2016: η/(1+s))."""
     if staleness < 0:

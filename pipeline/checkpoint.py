@@ -55,8 +55,37 @@ class Checkpoint:
 def param_names(ckpt: Checkpoint) -> list[str]:
     """Names of the model's trainable parameters, in module order (tied weights once), without
     allocating any weight (the module is built on the meta device when it can be)."""
-    model = _build_on_meta(ckpt.model, ckpt.model_args) or build_model(ckpt.model, ckpt.model_args)
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    return [n for n, _ in param_sizes(ckpt.model, ckpt.model_args)]
+
+
+def param_sizes(model_name: str, model_args: dict[str, Any]) -> list[tuple[str, int]]:
+    """(name, number of elements) of the model's trainable parameters, in module order."""
+    model = _build_on_meta(model_name, model_args) or build_model(model_name, model_args)
+    return [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def parts_of(ckpt: Checkpoint) -> list[str]:
+    """The keys of a version aggregated in parts (its checkpoint is then a list of them); [] otherwise."""
+    parts = ckpt.meta.get("parts")
+    return [str(k) for k in parts] if isinstance(parts, list) else []
+
+
+def merge_parts(manifest: Checkpoint, parts: list[Checkpoint], where: str) -> Checkpoint:
+    """One checkpoint from a version's parts, each checked to be of that version and model."""
+    state: dict[str, torch.Tensor] = {}
+    opt: dict[str, dict[str, torch.Tensor]] = {}
+    for p in parts:
+        if (p.model, p.model_args, p.version) != (manifest.model, manifest.model_args, manifest.version):
+            raise blobs.BlobError(where, f"part of {p.model} v{p.version} listed in {manifest.model} "
+                                         f"v{manifest.version}")
+        clash = set(state) & set(p.state)
+        if clash:
+            raise blobs.BlobError(where, f"parts overlap: {sorted(clash)[:3]}")
+        state.update(p.state)
+        for slot, named in p.opt.items():
+            opt.setdefault(slot, {}).update(named)
+    meta = {k: v for k, v in manifest.meta.items() if k != "parts"}
+    return Checkpoint(manifest.model, manifest.model_args, manifest.version, state, opt, meta)
 
 
 def _build_on_meta(name: str, args: dict[str, Any]) -> nn.Module | None:

@@ -35,6 +35,9 @@ class JobSpec(BaseModel):
     shards: int = Field(default=2, ge=1, le=100_000)
     mode: Literal["sync", "async"] = "sync"
     local_steps: int = Field(default=1, ge=1, le=10_000)  # H inner steps per round (DiLoCo when > 1)
+    # Sync: K aggregation tasks, each owning a contiguous range of the parameters (ps-lite's servers); shards
+    # upload one blob per range, the K tasks run in parallel, the last one commits the version.
+    aggregation_parts: int = Field(default=1, ge=1, le=64)
     batch_size: int = Field(default=32, ge=1, le=65_536)  # per shard and step
     epochs: int = Field(default=5, ge=1, le=100_000)
     optimizer: Literal["sgd"] = "sgd"  # the aggregator's optimizer (outer optimizer when local_steps > 1)
@@ -183,6 +186,9 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
+        if self.aggregation_parts > 1 and self.mode != "sync":
+            raise ValueError("aggregation_parts: parameter-range aggregation is for sync jobs (async applies each "
+                             "update on arrival)")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
         if self.codec_momentum and self.codec not in ("topk", "topk+int8"):

@@ -184,6 +184,18 @@ class JobStore:
 
         return self._check_and_write(key, at_base, write)
 
+    def record_part(self, job_id: str, version: int, part: int, payload: dict[str, Any]) -> None:
+        """Aggregation part `part` of round `version` has written its range of version+1 (idempotent)."""
+        key = keys.job_parts(job_id, version)
+        pipe = self.r.pipeline()
+        pipe.hset(key, str(part), json.dumps(payload))
+        pipe.expire(key, 7 * 24 * 3600)
+        pipe.execute()
+
+    def parts_done(self, job_id: str, version: int) -> dict[str, dict[str, Any]]:
+        return {(k.decode() if isinstance(k, bytes) else str(k)): json.loads(v)
+                for k, v in self.r.hgetall(keys.job_parts(job_id, version)).items()}
+
     def record_evaluation(self, job_id: str, version: int, metrics: dict[str, Any]) -> bool:
         """Add a committed version's test metrics to its metrics entry; the job's test_* fields (what the
         stop rule and ``aas status`` read) follow the newest evaluated version. Returns whether it was the

@@ -248,14 +248,25 @@ def checkpoint_versions(listed: Iterable[str]) -> list[int]:
     return sorted(v for k in listed if (v := parse_checkpoint(k)) is not None)
 
 
+def checkpoint_part(job_id: str, version: int, part: int) -> str:
+    """Parameter range `part` of a version aggregated in parts (its checkpoint key holds the list of parts)."""
+    return f"jobs/{job_id}/ckpt/v{version:06d}.p{part:03d}.aast"
+
+
+def job_parts(job_id: str, version: int) -> str:
+    """Hash part → what that aggregation part of round `version` consumed; the last part to finish commits."""
+    return f"{PREFIX}:job:{job_id}:parts:v{version}"
+
+
 def optimizer_state(checkpoint_key: str) -> str:
     """The optimizer state written beside a checkpoint's weights (shard workers never download it)."""
     return checkpoint_key.removesuffix(".aast") + ".opt.aast"
 
 
-def gradient(job_id: str, version: int, shard: int, attempt: int) -> str:
-    """A gradient (or pseudo-gradient) blob; its identity is (job, shard, base version, attempt)."""
-    return f"{gradient_attempts(job_id, version, shard)}{attempt}.aast"
+def gradient(job_id: str, version: int, shard: int, attempt: int, part: int | None = None) -> str:
+    """A gradient (or pseudo-gradient) blob; its identity is (job, shard, base version, attempt). With
+    ``aggregation_parts`` > 1 a shard writes one blob per parameter range, `part` 0..K-1."""
+    return f"{gradient_attempts(job_id, version, shard)}{attempt}{'' if part is None else f'.p{part:03d}'}.aast"
 
 
 def gradients_prefix(job_id: str) -> str:
@@ -280,15 +291,20 @@ class GradientKey:
     version: int
     shard: int
     attempt: int
+    part: int | None = None  # the parameter range, when the job aggregates in parts
 
 
-_GRADIENT = re.compile(r"^jobs/(?P<job>[^/]+)/grads/v(?P<version>\d+)/s(?P<shard>\d+)-a(?P<attempt>\d+)\.aast$")
+_GRADIENT = re.compile(r"^jobs/(?P<job>[^/]+)/grads/v(?P<version>\d+)/s(?P<shard>\d+)-a(?P<attempt>\d+)"
+                       r"(?:\.p(?P<part>\d+))?\.aast$")
 
 
 def parse_gradient(key: str) -> GradientKey | None:
     """The parts of a gradient blob's key; None for any other key."""
     m = _GRADIENT.match(key)
-    return GradientKey(m["job"], int(m["version"]), int(m["shard"]), int(m["attempt"])) if m else None
+    if not m:
+        return None
+    part = int(m["part"]) if m["part"] is not None else None
+    return GradientKey(m["job"], int(m["version"]), int(m["shard"]), int(m["attempt"]), part)
 
 
 def artifact(model: str, version: int) -> str:

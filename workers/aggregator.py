@@ -8,6 +8,7 @@ so a crash at any point followed by redelivery commits the same version once.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
@@ -15,12 +16,13 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
-from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update, select_round, sgd_step_
+from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update, partition, select_round, sgd_step_
+from pipeline.checkpoint import Checkpoint, checkpoint_parts, decode_checkpoint, param_sizes, parts_of
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
-from storage.jobstate import TERMINAL
+from storage.jobstate import TERMINAL, JobState
 from storage.objectstore import ObjectNotFound
 from workers import faults
 from workers.commit import Commit, commit_next_version
@@ -134,9 +136,9 @@ def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: S
     acc.count(u)
 
 
-def _find_blob(ctx: Context, job_id: str, version: int, shard: int) -> str | None:
+def _find_blob(ctx: Context, job_id: str, version: int, shard: int, part: int | None = None) -> str | None:
     found = [(g.attempt, k) for k in ctx.store.list(keys.gradient_attempts(job_id, version, shard))
-             if (g := keys.parse_gradient(k)) is not None]
+             if (g := keys.parse_gradient(k)) is not None and g.part == part]
     return max(found, default=(0, None))[1]  # the newest attempt, by number ("a10" sorts before "a2" as text)
 
 
@@ -153,16 +155,20 @@ class _Problems:
 
 
 def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes: Shapes, problems: _Problems,
-                acc: Accumulator | None) -> str | None:
+                acc: Accumulator | None, part: int | None = None) -> str | None:
     """Fold shard `s`'s verified update for round `version` (from its result, or found in the store) into
     `acc`, or (acc None) only verify it, finiteness included; return its key, or None with the reason
     recorded. A bad blob is deleted (never applied) and its shard marked for recompute."""
-    key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s)
+    if part is not None and r is not None:  # a job aggregated in parts: this part's blob of the shard
+        listed = r.get("parts")
+        ok = isinstance(listed, list) and 0 <= part < len(listed) and isinstance(listed[part], dict)
+        r = listed[part] if ok else None
+    key = str(r["key"]) if r is not None and "key" in r else _find_blob(ctx, job_id, version, s, part)
     digest = str(r["sha256"]) if r is not None and "sha256" in r else None
     if key is None:
         problems.reasons.append(f"shard {s}: no result and no blob under version {version}")
         return None
-    expect = {"job": job_id, "shard": s, "base_version": version}
+    expect = {"job": job_id, "shard": s, "base_version": version, **({"part": part} if part is not None else {})}
 
     def read(key: str, digest: str | None) -> str:
         if acc is None:
@@ -177,7 +183,7 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
         except ObjectNotFound:
             # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
             # gets the same chord results, which still name the deleted attempt.
-            newer = _find_blob(ctx, job_id, version, s)
+            newer = _find_blob(ctx, job_id, version, s, part)
             if newer is None or newer == key:
                 raise
             key = newer
@@ -195,8 +201,8 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
     return None
 
 
-def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], shapes: Shapes
-               ) -> Accumulator:
+def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], shapes: Shapes,
+               part: int | None = None) -> Accumulator:
     """Every shard's verified update folded into one fp32 sum, by shard identity (never by count), as each
     blob is read (see ``fold_blob``). Finiteness is checked once, on the sum; when it fails, the round's
     blobs are read again to name the shard(s) at fault (the rare path)."""
@@ -209,7 +215,7 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
         r = by_shard.get(s)
         if r is not None and "rejected" in r:
             continue  # the shard worker refused its own update (NaN/Inf): weight 0 this round
-        key = _read_shard(ctx, job_id, version, s, r, shapes, problems, acc)
+        key = _read_shard(ctx, job_id, version, s, r, shapes, problems, acc, part)
         if key is not None:
             used[s] = key
     problems.raise_if_any()  # before anything uses the sum: it may hold part of a blob that failed its digest
@@ -217,7 +223,7 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
         raise UpdateRejected(f"every shard's update of round v{version} was rejected (NaN/Inf): diverged")
     if acc.nonfinite():
         for s, key in used.items():
-            _read_shard(ctx, job_id, version, s, {"key": key}, shapes, problems, None)
+            _read_shard(ctx, job_id, version, s, {"key": key}, shapes, problems, None)  # key given: part-free
         problems.raise_if_any()
         raise UpdateRejected(f"the sum of round v{version}'s updates overflows to Inf although each is finite",
                              code="nonfinite")
@@ -254,3 +260,91 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any])
                "step_s": round(time.perf_counter() - t_fold, 4)}
     return commit_next_version(ctx, job, ckpt, ckpt.state, momentum, identities, mode="sync", started=t0,
                                extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch, **timings})
+
+
+# ---------------------------------------------------------------- aggregation in parameter ranges
+
+
+def part_ranges(ctx: Context, spec: JobSpec) -> list[list[str]]:
+    """The job's parameter ranges (the shards split their blobs the same way, from the same sizes)."""
+    ckey = f"ranges:{spec.model}:{json.dumps(spec.model_args, sort_keys=True)}:{spec.aggregation_parts}"
+    ranges = ctx.data.get(ckey)
+    if ranges is None:
+        ranges = partition(param_sizes(spec.model, spec.model_args), spec.aggregation_parts)
+        ctx.data.put(ckey, ranges)
+    return ranges  # type: ignore[no-any-return]
+
+
+def _base_part(ctx: Context, job_id: str, version: int, part: int, n_parts: int) -> Checkpoint:
+    """Version `version`'s weights and momentum for range `part`: its part object when the version was
+    aggregated in as many parts, else the whole checkpoint (version 0, or K changed)."""
+    ckey = keys.checkpoint(job_id, version)
+    manifest = decode_checkpoint(ctx.store.get(ckey), ckey, signing_key=ctx.signing_key)
+    if len(parts_of(manifest)) == n_parts:
+        return ctx.checkpoint(keys.checkpoint_part(job_id, version, part), job_id, with_opt=True)
+    return ctx.checkpoint(ckey, job_id, with_opt=True)
+
+
+def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], part: int) -> Commit:
+    """Range `part` of round `version`: fold its blobs, step its parameters, write its part of version+1; the
+    part that finds every part written commits the version (once: the commit is a compare-and-set)."""
+    t0 = time.perf_counter()
+    job = ctx.jobs.get(job_id)
+    spec = JobSpec.model_validate(job.spec)
+    if job.version > version or job.status in TERMINAL:
+        return Commit(False, job.version, {})
+    ranges = part_ranges(ctx, spec)
+    if not 0 <= part < len(ranges):
+        raise UpdateRejected(f"aggregation part {part} of job {job_id}: the job has {len(ranges)} parts")
+    if str(part) not in ctx.jobs.parts_done(job_id, version):
+        _aggregate_one_part(ctx, job_id, spec, version, results, part, ranges, t0)
+    done = ctx.jobs.parts_done(job_id, version)
+    if len(done) < len(ranges):
+        return Commit(False, version, {"part": part})
+    return _commit_parts(ctx, job, spec, version, [done[str(p)] for p in range(len(ranges))], ranges, t0)
+
+
+def _aggregate_one_part(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], part: int,
+                        ranges: list[list[str]], t0: float) -> None:
+    names = ranges[part]
+    base = _base_part(ctx, job_id, version, part, len(ranges))
+    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part)
+    t_fold = time.perf_counter()
+    ctx.forget_checkpoint(keys.checkpoint_part(job_id, version, part))  # its tensors are stepped in place next
+    ctx.forget_checkpoint(keys.checkpoint(job_id, version))
+    mean, samples, train_loss = acc.mean()
+    momentum = {n: t for n, t in base.opt.get("momentum", {}).items() if n in set(names)}
+    sgd_step_({n: base.state[n] for n in names}, mean, momentum, **opt_hparams(spec))
+    state = {n: base.state[n] for n in names}
+    if part == 0:  # buffers and other state outside the parameter ranges travel with the first part
+        trainable = {n for r in ranges for n in r}
+        state.update({k: v for k, v in base.state.items() if k not in trainable})
+    t_step = time.perf_counter()
+    new = Checkpoint(base.model, base.model_args, version + 1, state, {"momentum": momentum} if momentum else {},
+                     {"job": job_id, "part": part})
+    ctx.write_checkpoint(keys.checkpoint_part(job_id, version + 1, part), new)
+    ctx.jobs.record_part(job_id, version, part, {
+        "identities": [u.identity for u in acc.folded], "samples": samples, "train_loss": train_loss,
+        "fold_s": round(t_fold - t0, 4), "step_s": round(t_step - t_fold, 4),
+        "write_s": round(time.perf_counter() - t_step, 4)})
+
+
+def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done: list[dict[str, Any]],
+                  ranges: list[list[str]], t0: float) -> Commit:
+    """Every part of version+1 is written: write its list of parts, then commit it with everything consumed."""
+    job_id = job.job_id
+    base = ctx.checkpoint(keys.checkpoint_part(job_id, version + 1, 0), job_id)
+    manifest = Checkpoint(base.model, base.model_args, version + 1, {}, {},
+                          {"job": job_id, "parts": [keys.checkpoint_part(job_id, version + 1, p)
+                                                    for p in range(len(ranges))]})
+    ckey = keys.checkpoint(job_id, version + 1)
+    ctx.store.put(ckey, checkpoint_parts(manifest, signing_key=ctx.signing_key))
+    identities = sorted({i for d in done for i in d["identities"]})
+    metrics = {"train_loss": done[0]["train_loss"], "samples": done[0]["samples"], "parts": len(ranges),
+               **{k: max(float(d[k]) for d in done) for k in ("fold_s", "step_s", "write_s")},
+               "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
+    committed = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
+                                        identities=identities, metrics=metrics)
+    if committed:
+        ctx.jobs.event(job_id, "version", version=version + 1, train_loss=metrics["train_loss"], parts=len(ranges))
+    return Commit(committed, version + 1, metrics)

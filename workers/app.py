@@ -36,6 +36,7 @@ QUEUES = (QUEUE_SHARDS, QUEUE_AGGREGATE, QUEUE_PUBLISH, QUEUE_PREDICT, QUEUE_BEA
 
 TASK_TRAIN_SHARD = "aas.train_shard"
 TASK_AGGREGATE = "aas.aggregate"
+TASK_AGGREGATE_PART = "aas.aggregate_part"
 TASK_APPLY_UPDATE = "aas.apply_update"
 TASK_PUBLISH = "aas.publish"
 TASK_PREDICT = "aas.predict"
@@ -90,6 +91,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_routes={
             TASK_TRAIN_SHARD: {"queue": QUEUE_SHARDS},
             TASK_AGGREGATE: {"queue": QUEUE_AGGREGATE},
+            TASK_AGGREGATE_PART: {"queue": QUEUE_AGGREGATE},
             TASK_APPLY_UPDATE: {"queue": QUEUE_AGGREGATE},
             TASK_PUBLISH: {"queue": QUEUE_PUBLISH},
             TASK_PREDICT: {"queue": QUEUE_PREDICT},

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-from pipeline.checkpoint import Checkpoint, check_model, checkpoint_parts, decode_checkpoint, encode_optimizer, param_names
+from pipeline.blobs import BlobError
+from pipeline.checkpoint import (Checkpoint, check_model, checkpoint_parts, decode_checkpoint, encode_optimizer,
+                                 merge_parts, param_names, parts_of)
 from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -107,19 +109,31 @@ class Context(Services):
         full = self.checkpoints.get(key + "#opt")
         hit = full if full is not None else (None if with_opt else self.checkpoints.get(key))
         if hit is None:
-            data = self.store.get(key)
-            opt_data = None
-            if with_opt:
-                try:
-                    opt_data = self.store.get(keys.optimizer_state(key))
-                except ObjectNotFound:
-                    opt_data = None  # version 0, or plain SGD: no optimizer state
-            self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
-            hit = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
+            hit = self._read_checkpoint(key, job_id, with_opt=with_opt)
             spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
             check_model(hit, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
             self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
         return hit
+
+    def _read_checkpoint(self, key: str, job_id: str, *, with_opt: bool) -> Checkpoint:
+        """Weights (and optimizer state) from the store; a version aggregated in parts is read part by part."""
+        data = self.store.get(key)
+        opt_data = None
+        if with_opt:
+            try:
+                opt_data = self.store.get(keys.optimizer_state(key))
+            except ObjectNotFound:
+                opt_data = None  # version 0, a list of parts, or plain SGD: no optimizer state
+        self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
+        ckpt = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
+        del data, opt_data
+        parts = parts_of(ckpt)
+        if not parts:
+            return ckpt
+        prefix = keys.checkpoint_prefix(job_id)
+        if not all(p.startswith(prefix) and keys.parse_checkpoint(p) is None for p in parts):
+            raise BlobError(key, f"its parts must be this job's checkpoint parts (under {prefix})")
+        return merge_parts(ckpt, [self._read_checkpoint(p, job_id, with_opt=with_opt) for p in parts], key)
 
     def model(self, key: str, job_id: str, device: torch.device) -> torch.nn.Module:
         """The module of checkpoint `key` on `device`, built once per process: a task on the version
@@ -142,10 +156,7 @@ class Context(Services):
             if cached is not None:  # shared with another user in this process (the aggregator): copy
                 hit = cached.build(device)
             else:
-                data = self.store.get(key)
-                self.jobs.add_bytes(job_id, down=len(data))
-                ckpt = decode_checkpoint(data, key, signing_key=self.signing_key)
-                del data
+                ckpt = self._read_checkpoint(key, job_id, with_opt=False)
                 check_model(ckpt, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
                 if shell is not None:
                     shell.load_state_dict({k: v.to(device) for k, v in ckpt.state.items()}, strict=True, assign=True)

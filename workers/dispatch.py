@@ -26,6 +26,9 @@ class Dispatcher(Protocol):
     def publish(self, job_id: str, version: int) -> None:
         """Evaluate committed `version` and register it (off the commit path, on the ``publish`` queue)."""
 
+    def aggregate_parts(self, job_id: str, version: int, parts: int, results: list[Any]) -> None:
+        """Sync, aggregation in parameter ranges: one task per range, run by as many aggregators as there are."""
+
 
 class CeleryDispatcher:
     def __init__(self, settings: Settings) -> None:
@@ -62,6 +65,14 @@ class CeleryDispatcher:
 
         self._app().signature(TASK_PUBLISH, kwargs={"job_id": job_id, "version": version}).apply_async()
 
+    def aggregate_parts(self, job_id: str, version: int, parts: int, results: list[Any]) -> None:
+        from workers.app import TASK_AGGREGATE_PART
+
+        capp = self._app()
+        for part in range(parts):
+            capp.signature(TASK_AGGREGATE_PART, args=(results,),
+                           kwargs={"job_id": job_id, "version": version, "part": part}).apply_async()
+
 
 @dataclass
 class StubDispatcher:
@@ -81,6 +92,10 @@ class StubDispatcher:
 
     def publish(self, job_id: str, version: int) -> None:
         self.sent.append(("publish", {"job_id": job_id, "version": version}))
+
+    def aggregate_parts(self, job_id: str, version: int, parts: int, results: list[Any]) -> None:
+        self.sent.append(("aggregate_parts", {"job_id": job_id, "version": version, "parts": parts,
+                                              "results": results}))
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [m for k, m in self.sent if k == kind]

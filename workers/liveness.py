@@ -48,6 +48,7 @@ from workers.app import (
     QUEUE_SHARDS,
     QUEUES,
     TASK_AGGREGATE,
+    TASK_AGGREGATE_PART,
     TASK_APPLY_UPDATE,
     TASK_PUBLISH,
     TASK_TRAIN_SHARD,
@@ -210,6 +211,8 @@ def slot_of_message(task: str, args: list[Any], kwargs: dict[str, Any]) -> tuple
             if "job_id" in kwargs:
                 return str(kwargs["job_id"]), keys.slot_aggregate(int(kwargs["version"]))
             return str(args[1]), keys.slot_aggregate(int(args[2]))
+        if task == TASK_AGGREGATE_PART:
+            return str(kwargs["job_id"]), keys.slot_aggregate(int(kwargs["version"]))
         if task == TASK_PUBLISH:
             if "job_id" in kwargs:
                 return str(kwargs["job_id"]), keys.slot_publish(int(kwargs["version"]))

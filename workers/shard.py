@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
+from pipeline.aggregate import partition
 from pipeline.data import batch_rows, batches_per_epoch, hash_seed
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
@@ -84,27 +85,48 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     enc = codecs.encode(result.update, cfg, state.residual, state.velocity)
     codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state)
     t2 = time.perf_counter()
-    out = upload_update(ctx, job_id, shard, version, step, attempt, enc, samples=result.samples, loss=result.loss)
+    ranges = partition([(n, t.numel()) for n, t in result.update.items()], spec.aggregation_parts)
+    out = upload_update(ctx, job_id, shard, version, step, attempt, enc, samples=result.samples, loss=result.loss,
+                        ranges=ranges)
     t_io += time.perf_counter() - t2
     observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=out["bytes"])
     return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
 
 
 def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int,
-                  enc: codecs.Encoded, *, samples: int, loss: float) -> dict[str, Any]:
-    """Write one encoded update as its gradient blob; return the shard task's result (the claim check)."""
+                  enc: codecs.Encoded, *, samples: int, loss: float, ranges: list[list[str]] | None = None
+                  ) -> dict[str, Any]:
+    """Write one encoded update as its gradient blob (one blob per parameter range when the job aggregates
+    in parts); return the shard task's result (the claim check)."""
     meta = {"kind": "gradient", "job": job_id, "shard": shard, "base_version": version, "step": step,
             "attempt": attempt, "samples": samples, "loss": loss, "codec": enc.meta}
+    if ranges is not None and len(ranges) > 1:
+        blobs_out = []
+        for part, names in enumerate(ranges):
+            wanted = set(names)
+            tensors = {k: t for k, t in enc.tensors.items() if k.rsplit(".", 1)[0] in wanted}
+            codec = {**enc.meta, "tensors": {n: enc.meta["tensors"][n] for n in names}}
+            one = _put_blob(ctx, job_id, keys.gradient(job_id, version, shard, attempt, part), tensors,
+                            {**meta, "codec": codec, "part": part, "parts": len(ranges)})
+            blobs_out.append(one)
+        return {"shard": shard, "version": version, "step": step, "attempt": attempt, "key": blobs_out[0]["key"],
+                "sha256": blobs_out[0]["sha256"], "parts": blobs_out, "bytes": sum(b["bytes"] for b in blobs_out),
+                "samples": samples, "loss": loss}
+    one = _put_blob(ctx, job_id, keys.gradient(job_id, version, shard, attempt), enc.tensors, meta)
+    return {"shard": shard, "version": version, "step": step, "attempt": attempt, **one,
+            "samples": samples, "loss": loss}
+
+
+def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]
+              ) -> dict[str, Any]:
     # Compressed codecs' payloads (sorted indices, int8 codes, half floats) still shrink under zstd;
     # fp32 gradients barely do (~1.1x), so they skip it. Written as the tensors' own buffers, never joined
     # into one copy of the whole update.
-    compress = enc.meta.get("codec") != "none"
-    parts = blobs.encode_parts(enc.tensors, meta, compress=compress, signing_key=ctx.signing_key)
+    compress = meta["codec"].get("codec") != "none"
+    parts = blobs.encode_parts(tensors, meta, compress=compress, signing_key=ctx.signing_key)
     size = blobs.size_of(parts)
-    key = keys.gradient(job_id, version, shard, attempt)
     faults.point("shard.before_upload", ctx.redis, job_id)
     ctx.store.put(key, parts)
     ctx.jobs.add_bytes(job_id, up=size)
-    return {"shard": shard, "version": version, "step": step, "attempt": attempt, "key": key,
-            "sha256": blobs.digest_of(parts[0]),  # the envelope's digest: the reader checks it in its one pass
-            "bytes": size, "samples": samples, "loss": loss}
+    # The envelope's digest: the reader checks it in its one pass over the bytes.
+    return {"key": key, "sha256": blobs.digest_of(parts[0]), "bytes": size}

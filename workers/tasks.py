@@ -26,7 +26,7 @@ from pipeline.spec import JobSpec
 from storage import keys
 from storage.objectstore import StoreError
 from workers import aggregator, async_agg, liveness, publish, shard
-from workers.app import (TASK_AGGREGATE, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_PUBLISH, TASK_TRAIN_SHARD,
+from workers.app import (TASK_AGGREGATE, TASK_AGGREGATE_PART, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_PUBLISH, TASK_TRAIN_SHARD,
                          TASK_WATCHDOG, app)
 from workers.context import Context, get_context
 from workers.lifecycle import advance, start_watchdog, watchdog_sweep
@@ -119,20 +119,46 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
     results = results if isinstance(results, list) else []
 
     def run(ctx: Context) -> dict[str, Any]:
+        spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
+        if spec.aggregation_parts > 1 and len(ranges := aggregator.part_ranges(ctx, spec)) > 1:
+            ctx.dispatch.aggregate_parts(job_id, version, len(ranges), results)
+            return {"job": job_id, "version": version, "parts": len(ranges)}
         outcome = aggregator.aggregate_round(ctx, job_id, version, results)
         advance(ctx, job_id)
         return {"job": job_id, "version": outcome.version, "committed": outcome.committed,
                 "accuracy": outcome.metrics.get("accuracy")}
 
+    return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run,
+                    _recompute_missing(self, job_id, version), slot=keys.slot_aggregate(version))
+
+
+def _recompute_missing(task: Task, job_id: str, version: int) -> Callable[[Context, Exception], None]:
+    """On an incomplete round, enqueue the shards to compute again (their new attempt replaces the bad blob)."""
+
     def recompute(ctx: Context, e: Exception) -> None:
         if isinstance(e, aggregator.RoundIncomplete):
             spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
             for s in e.recompute:
-                ctx.dispatch.shard(job_id, s, version, version * spec.local_steps, self.request.retries + 1,
+                ctx.dispatch.shard(job_id, s, version, version * spec.local_steps, task.request.retries + 1,
                                    apply=False)
 
-    return _guarded(self, job_id, f"aggregation of job {job_id} v{version}", run, recompute,
-                    slot=keys.slot_aggregate(version))
+    return recompute
+
+
+@app.task(name=TASK_AGGREGATE_PART, bind=True)
+def aggregate_part_task(self: Task, results: list[Any], job_id: str, version: int, part: int) -> dict[str, Any]:
+    """Range `part` of round `version`; the part that completes the set commits and starts the next round."""
+    job_id, version, part = str(job_id), int(version), int(part)
+    results = results if isinstance(results, list) else []
+
+    def run(ctx: Context) -> dict[str, Any]:
+        outcome = aggregator.aggregate_part(ctx, job_id, version, results, part)
+        if outcome.committed:
+            advance(ctx, job_id)
+        return {"job": job_id, "version": outcome.version, "part": part, "committed": outcome.committed}
+
+    return _guarded(self, job_id, f"aggregation part {part} of job {job_id} v{version}", run,
+                    _recompute_missing(self, job_id, version), slot=keys.slot_aggregate(version))
 
 
 @app.task(name=TASK_PUBLISH, bind=True)

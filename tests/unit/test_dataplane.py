@@ -240,3 +240,38 @@ def test_a_shard_worker_loads_the_next_version_into_the_module_it_has(unit_ctx: 
     want = other.checkpoint(keys.checkpoint(job_id, 1), job_id).state
     assert all(torch.equal(t, want[n]) for n, t in v1.state_dict().items())
     assert all(p.requires_grad for p in v1.parameters())
+
+
+def test_aggregation_in_parameter_ranges_gives_the_same_weights_and_commits_once(unit_ctx: Any) -> None:
+    from workers.aggregator import aggregate_part, part_ranges
+
+    def run(parts: int) -> tuple[str, dict[str, torch.Tensor]]:
+        job_id, results = _round0(unit_ctx, aggregation_parts=parts, seed=3)
+        spec = JobSpec.model_validate(unit_ctx.jobs.get(job_id).spec)
+        for v in range(2):
+            if v:
+                results = [shard.train_shard(unit_ctx, job_id, s, v, v, 0) for s in range(2)]
+            if parts == 1:
+                assert aggregator.aggregate_round(unit_ctx, job_id, v, results).committed
+                continue
+            assert all(len(r["parts"]) == parts for r in results)  # one blob per range and shard
+            n = len(part_ranges(unit_ctx, spec))
+            outcomes = [aggregate_part(unit_ctx, job_id, v, results, p) for p in range(n)]
+            assert [o.committed for o in outcomes] == [False] * (n - 1) + [True]  # the last part commits
+            assert not aggregate_part(unit_ctx, job_id, v, results, 0).committed  # a redelivery: nothing new
+        fresh = type(unit_ctx)(settings=unit_ctx.settings, redis=unit_ctx.redis, store=unit_ctx.store,
+                               jobs=unit_ctx.jobs, dispatch=unit_ctx.dispatch)  # reads from the store
+        return job_id, fresh.checkpoint(keys.checkpoint(job_id, 2), job_id, with_opt=True).state
+
+    _, whole = run(1)
+    job_id, parted = run(3)
+    assert unit_ctx.jobs.get(job_id).version == 2
+    assert set(whole) == set(parted) and all(torch.equal(whole[n], parted[n]) for n in whole)
+    assert len(unit_ctx.jobs.consumed(job_id, 2)) == 2  # each shard's update, once (all its ranges)
+
+
+def test_aggregation_parts_are_for_sync_jobs() -> None:
+    from pipeline.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="aggregation_parts"):
+        parse_spec({"mode": "async", "aggregation_parts": 2})
