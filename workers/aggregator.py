@@ -17,7 +17,7 @@ import torch
 
 from pipeline import blobs, codecs
 from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update, partition, select_round, sgd_step_
-from pipeline.checkpoint import Checkpoint, checkpoint_parts, decode_checkpoint, param_sizes, parts_of
+from pipeline.checkpoint import Checkpoint, checkpoint_parts, param_sizes
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
@@ -275,14 +275,12 @@ def part_ranges(ctx: Context, spec: JobSpec) -> list[list[str]]:
     return ranges  # type: ignore[no-any-return]
 
 
-def _base_part(ctx: Context, job_id: str, version: int, part: int, n_parts: int) -> Checkpoint:
-    """Version `version`'s weights and momentum for range `part`: its part object when the version was
-    aggregated in as many parts, else the whole checkpoint (version 0, or K changed)."""
-    ckey = keys.checkpoint(job_id, version)
-    manifest = decode_checkpoint(ctx.store.get(ckey), ckey, signing_key=ctx.signing_key)
-    if len(parts_of(manifest)) == n_parts:
-        return ctx.checkpoint(keys.checkpoint_part(job_id, version, part), job_id, with_opt=True)
-    return ctx.checkpoint(ckey, job_id, with_opt=True)
+def _base_part(ctx: Context, job_id: str, version: int, part: int) -> Checkpoint:
+    """Version `version`'s weights and momentum for range `part`: its own part object (a job's K is fixed, so
+    every version after 0 is written in the same ranges); version 0 is one checkpoint, read whole."""
+    if version == 0:
+        return ctx.checkpoint(keys.checkpoint(job_id, 0), job_id, with_opt=True)
+    return ctx.checkpoint(keys.checkpoint_part(job_id, version, part), job_id, with_opt=True)
 
 
 def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], part: int) -> Commit:
@@ -307,7 +305,7 @@ def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], 
 def _aggregate_one_part(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], part: int,
                         ranges: list[list[str]], t0: float) -> None:
     names = ranges[part]
-    base = _base_part(ctx, job_id, version, part, len(ranges))
+    base = _base_part(ctx, job_id, version, part)
     acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part)
     t_fold = time.perf_counter()
     ctx.forget_checkpoint(keys.checkpoint_part(job_id, version, part))  # its tensors are stepped in place next

@@ -74,11 +74,13 @@ def context() -> Any:
     return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs, dispatch=StubDispatcher())
 
 
-def stage(params_m: float, shards: int) -> dict[str, Any]:
-    """Stage a job and write every shard's update; return what the children need."""
+def stage(params_m: float, shards: int, parts: int = 1) -> dict[str, Any]:
+    """Stage a job and write every shard's update (one blob per range with `parts`); return what the children
+    need."""
     import torch
 
     from pipeline import codecs
+    from pipeline.aggregate import partition
     from pipeline.client import Client
     from storage import keys
     from workers.shard import upload_update
@@ -88,18 +90,21 @@ def stage(params_m: float, shards: int) -> dict[str, Any]:
     client = Client(ctx.settings, store=ctx.store, redis_client=ctx.redis, dispatch=ctx.dispatch)
     job_id = client.stage({"model": "gpt", "model_args": model_args(params_m), "dataset": "chars",
                            "dataset_args": {"block_size": 32, "max_chars": 40_000}, "shards": shards,
-                           "batch_size": 4, "lr": 0.01, "momentum": 0.9, "publish_every_versions": 0})
+                           "batch_size": 4, "lr": 0.01, "momentum": 0.9, "publish_every_versions": 0,
+                           "aggregation_parts": parts})
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, 0), job_id)
     names = ctx.param_names(ckpt)
     n_params = sum(ckpt.state[n].numel() for n in names)
+    ranges = partition([(n, ckpt.state[n].numel()) for n in names], parts)
     gen = torch.Generator().manual_seed(0)
     results = []
     for s in range(shards):
         grads = {n: torch.randn(ckpt.state[n].shape, generator=gen) * 1e-3 for n in names}
         enc = codecs.encode(grads, codecs.CodecConfig(name="none"))
-        results.append(upload_update(ctx, job_id, s, 0, 0, 0, enc, samples=4, loss=1.0))
+        results.append(upload_update(ctx, job_id, s, 0, 0, 0, enc, samples=4, loss=1.0, ranges=ranges))
         del grads, enc
-    return {"job_id": job_id, "results": results, "params": n_params, "model_mb": 4 * n_params / MB}
+    return {"job_id": job_id, "results": results, "params": n_params, "model_mb": 4 * n_params / MB,
+            "parts": len(ranges)}
 
 
 def child_floor(job: dict[str, Any]) -> dict[str, Any]:
@@ -166,6 +171,53 @@ def child_aggregate(job: dict[str, Any]) -> dict[str, Any]:
             "write_s": m["write_s"], "task_peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
 
 
+def child_part(job: dict[str, Any], part: int) -> dict[str, Any]:
+    """One aggregation part, in its own process (as K aggregator processes run them), after a warm-up."""
+    from pipeline.aggregate import Accumulator
+    from pipeline.spec import JobSpec
+    from workers.aggregator import aggregate_part, fold_blob, part_ranges
+
+    ctx = context()
+    base = proc_kb("VmRSS")
+    spec = JobSpec.model_validate(ctx.jobs.get(job["job_id"]).spec)
+    ranges = part_ranges(ctx, spec)
+    from storage import keys
+
+    ckpt = ctx.checkpoint(keys.checkpoint(job["job_id"], 0), job["job_id"], with_opt=True)
+    shapes = {n: tuple(ckpt.state[n].shape) for n in ranges[part]}
+    del ckpt
+    b0 = job["results"][0]["parts"][part]
+    fold_blob(ctx, job["job_id"], b0["key"], b0["sha256"], shapes,
+              {"job": job["job_id"], "shard": 0, "base_version": 0, "part": part}, Accumulator(shapes))
+    start = time.time()
+    done = aggregate_part(ctx, job["job_id"], 0, job["results"], part)
+    return {"start": start, "end": time.time(), "committed": done.committed,
+            "peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
+
+
+def run_parts(job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    """K part processes at once; the aggregation's time runs from the first start to the last end."""
+    procs = [subprocess.Popen([sys.executable, __file__, "--child", "part", "--part", str(p)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **env, "PYTHONPATH": str(REPO)}) for p in range(job["parts"])]
+    for p in procs:  # every child gets its input before any is waited for: they run at the same time
+        assert p.stdin is not None
+        p.stdin.write(json.dumps(job))
+        p.stdin.close()
+    outs = []
+    for p in procs:
+        assert p.stdout is not None and p.stderr is not None
+        out, err = p.stdout.read(), p.stderr.read()
+        p.wait()
+        if p.returncode != 0:
+            raise RuntimeError(f"part child failed:\n{err[-3000:]}")
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    if sum(o["committed"] for o in outs) != 1:
+        raise RuntimeError(f"expected exactly one committing part, got {outs}")
+    return {"task_s": max(o["end"] for o in outs) - min(o["start"] for o in outs),
+            "task_peak_mb": max(o["peak_mb"] for o in outs)}
+
+
 def run_child(kind: str, job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", kind], input=json.dumps(job), text=True,
                          capture_output=True, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=False)
@@ -188,12 +240,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params-m", default="25", help="comma-separated model sizes, millions of parameters")
     ap.add_argument("--shards", default="2,8,32", help="comma-separated shard counts")
     ap.add_argument("--json", help="write the rows here")
-    ap.add_argument("--child", choices=["floor", "aggregate"], help=argparse.SUPPRESS)
+    ap.add_argument("--parts", default="", help="comma-separated K to compare (e.g. 1,2): K aggregation "
+                    "processes in parallel against one; replaces the floor table")
+    ap.add_argument("--child", choices=["floor", "aggregate", "part"], help=argparse.SUPPRESS)
+    ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         job = json.loads(sys.stdin.read())
-        print(json.dumps(child_floor(job) if a.child == "floor" else child_aggregate(job)))
+        run = {"floor": child_floor, "aggregate": child_aggregate}.get(a.child)
+        print(json.dumps(run(job) if run else child_part(job, a.part)))
         return 0
+    if a.parts:
+        return compare_parts(a)
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="aas-aggbench-") as tmp:
@@ -216,6 +274,38 @@ def main(argv: list[str] | None = None) -> int:
 
                 shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
     print_table(rows)
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+def compare_parts(a: argparse.Namespace) -> int:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="aas-aggbench-") as tmp:
+        env = settings_env(Path(tmp))
+        os.environ.update(env)
+        for params_m in [float(x) for x in a.params_m.split(",")]:
+            for shards in [int(x) for x in a.shards.split(",")]:
+                for parts in [int(x) for x in a.parts.split(",")]:
+                    print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr,
+                          flush=True)
+                    job = stage(params_m, shards, parts)
+                    row = {"params": job["params"], "shards": shards, "parts": job["parts"]}
+                    row.update(run_parts(job, env) if job["parts"] > 1 else
+                               {k: v for k, v in run_child("aggregate", job, env).items()
+                                if k in ("task_s", "task_peak_mb")})
+                    rows.append(row)
+                    import shutil
+
+                    shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
+    print("| params | shards | parts | aggregation s | × one part | peak MB per process |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        one = next((x for x in rows if x["params"] == r["params"] and x["shards"] == r["shards"]
+                    and x["parts"] == 1), None)
+        ratio = f"{r['task_s'] / one['task_s']:.2f}×" if one else "–"
+        print(f"| {r['params'] / 1e6:.1f}M | {r['shards']} | {r['parts']} | {r['task_s']:.2f} | {ratio} "
+              f"| {r['task_peak_mb']:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
