@@ -445,13 +445,13 @@ def test_a_checkpoint_in_the_store_naming_another_model_or_arguments_is_refused_
 
 
 def _train_and_publish(ctx: Any, client: Client, spec: dict[str, Any], rounds: int) -> Any:
-    from workers.publish import publish_version
+    from workers.publish import evaluate_and_publish
 
     job_id = client.stage(spec)
     for v in range(rounds):
         results = [shard.train_shard(ctx, job_id, s, v, v, 0) for s in range(spec.get("shards", 1))]
         aggregator.aggregate_round(ctx, job_id, v, results)
-    return job_id, publish_version(ctx, ctx.jobs.get(job_id))
+    return job_id, evaluate_and_publish(ctx, job_id, rounds)["registered"]
 
 
 def test_a_job_without_the_registry_right_cannot_register_into_or_promote_in_another_jobs_model(
