@@ -79,7 +79,7 @@ def quantise(values: Tensor, bits: int) -> tuple[Tensor, Tensor, Tensor, Tensor]
 
 
 def _bf16_bytes(t: Tensor) -> bytes:
-    return t.reshape(1).view(torch.int16).numpy().astype("<i2").tobytes()
+    return t.detach().cpu().reshape(1).view(torch.int16).numpy().astype("<i2").tobytes()  # CUDA encodes too
 
 
 def encode(parts: list[Part], bits: int) -> Tensor:

@@ -237,3 +237,18 @@ def test_any_single_byte_change_decodes_to_a_finite_gradient_or_is_refused(pos: 
     except CodecError:
         return
     assert all(bool(torch.isfinite(t).all()) for t in out.values())
+
+
+# ---------------------------------------------------------------- in a job spec
+
+
+def test_a_spec_accepts_packed_codecs_and_moves_the_outer_momentum_to_the_workers_with_momentum_correction() -> None:
+    from pipeline.spec import JobSpec
+
+    spec = JobSpec.model_validate({"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "local_steps": 8})
+    assert (spec.momentum, spec.outer_momentum) == (0.0, 0.0)
+    kept = JobSpec.model_validate({"codec": "topk+q2", "codec_momentum": 0.9, "local_steps": 8, "outer_momentum": 0.5})
+    assert kept.outer_momentum == 0.5  # an explicit value wins
+    assert JobSpec.model_validate({"codec": "topk+q8"}).outer_momentum == 0.9  # untouched without correction
+    with pytest.raises(ValueError, match="top-k codec"):
+        JobSpec.model_validate({"codec": "int8", "codec_momentum": 0.9})
