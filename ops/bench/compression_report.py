@@ -1,7 +1,9 @@
 """Tables and the plot of ``ops/bench/run compression``: per-seed rows, a summary with the spread between seeds,
 and accuracy against bytes moved for every codec row (one PNG).
 
-    ops/bench/run compression_report --json FILE [--plot PNG]   # re-render a saved run without training
+    ops/bench/run compression_report --json FILE [FILE ...] [--plot PNG] [--out FILE]   # re-render saved runs
+
+Several files (one per seed, say) are merged: their codec rows in order, the first file's budget and anatomy.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     matplotlib.use("Agg", force=True)
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 5.5), dpi=120)
+    fig = Figure(figsize=(11, 5.5), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     rows = [r for r in result["codecs"] if "error" not in r]
     base = [r["accuracy"] for r in rows if r["codec"] == "none" and r["H"] == 1]
@@ -116,10 +118,13 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
         ax.annotate(f"{codec} H={h}", (xs[0], ys[0]), fontsize=7, xytext=(4, -10), textcoords="offset points",
                     color=line.get_color())
     ax.set_xscale("log")
+    if rows:  # room for the labels right of the largest row
+        xs_all = [r["bytes_per_sample"] for r in rows]
+        ax.set_xlim(min(xs_all) / 1.5, max(xs_all) * 2.5)
     ax.set_xlabel("bytes uploaded per training sample (log scale; envelope included)")
     ax.set_ylabel("test accuracy")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left", ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
     ax.set_title(title or "digits-cnn: accuracy against bytes moved, every codec row and seed", fontsize=10)
     fig.tight_layout()
     path = Path(out)
@@ -128,12 +133,27 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     return path
 
 
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs: every run's codec and artifact rows, the first run's other fields."""
+    out = {**results[0], "codecs": [], "artifacts": []}
+    for r in results:
+        out["codecs"] += r.get("codecs", [])
+        out["artifacts"] += r.get("artifacts", [])
+    seeds = sorted({row.get("seed", 0) for row in out["codecs"] if "error" not in row})
+    if "budget" in out:
+        out["budget"] = {**out["budget"], "seeds": seeds}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, metavar="FILE", help="a result written by `compression --json`")
+    p.add_argument("--json", required=True, nargs="+", metavar="FILE", help="results written by `compression --json`")
     p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--out", metavar="FILE", help="write the merged result here")
     args = p.parse_args(argv)
-    result = json.loads(Path(args.json).read_text())
+    result = merge([json.loads(Path(f).read_text()) for f in args.json])
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result))
     if args.plot:
         print(f"plot: {plot(result, args.plot)}")

@@ -70,3 +70,13 @@ def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
             row("topk+q4-dgc-3%", 8, 0, 0.98, 0.2, 9.0)]
     out = report.plot({"codecs": rows}, tmp_path / "sub" / "acc.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_runs_of_one_seed_each_merge_into_one_result() -> None:
+    report = load("compression_report")
+    a = {"budget": {"epochs": 24, "seeds": [0]}, "anatomy": [{"row": "none"}],
+         "codecs": [row("none", 1, 0, 0.97, 0, 4941.0)]}
+    b = {"budget": {"epochs": 24, "seeds": [1]}, "anatomy": [], "codecs": [row("none", 1, 1, 0.98, 0, 4941.0)]}
+    merged = report.merge([a, b])
+    assert [r["seed"] for r in merged["codecs"]] == [0, 1]
+    assert merged["budget"] == {"epochs": 24, "seeds": [0, 1]} and merged["anatomy"] == [{"row": "none"}]
