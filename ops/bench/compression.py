@@ -57,6 +57,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk+q4-dgc-3%": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-3%": {"codec": "topk+q2", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-5%": {"codec": "topk+q2", "codec_density": 0.05, "codec_momentum": 0.9, "momentum": 0.0},
+    # the same with the state in the store: exact whichever worker runs the shard, at the price of its bytes
+    "topk+q4-dgc-3%-store": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0,
+                             "codec_state": "store"},
 }
 
 

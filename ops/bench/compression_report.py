@@ -134,10 +134,16 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
 
 
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
-    """One result from several runs: every run's codec and artifact rows, the first run's other fields."""
+    """One result from several runs: every run's codec rows (a row repeated for the same seed once: the first),
+    artifact rows, and the first run's other fields."""
     out = {**results[0], "codecs": [], "artifacts": []}
+    seen: set[tuple[Any, Any, Any]] = set()
     for r in results:
-        out["codecs"] += r.get("codecs", [])
+        for row in r.get("codecs", []):
+            key = (row.get("codec", row.get("row")), row.get("H"), row.get("seed"))
+            if key not in seen:  # a run repeating a row (its fp32 base, say) keeps the first one
+                seen.add(key)
+                out["codecs"].append(row)
         out["artifacts"] += r.get("artifacts", [])
     seeds = sorted({row.get("seed", 0) for row in out["codecs"] if "error" not in row})
     if "budget" in out:

@@ -77,6 +77,7 @@ def test_runs_of_one_seed_each_merge_into_one_result() -> None:
     a = {"budget": {"epochs": 24, "seeds": [0]}, "anatomy": [{"row": "none"}],
          "codecs": [row("none", 1, 0, 0.97, 0, 4941.0)]}
     b = {"budget": {"epochs": 24, "seeds": [1]}, "anatomy": [], "codecs": [row("none", 1, 1, 0.98, 0, 4941.0)]}
-    merged = report.merge([a, b])
-    assert [r["seed"] for r in merged["codecs"]] == [0, 1]
+    again = {"codecs": [row("none", 1, 0, 0.97, 0, 4941.0), row("topk+q4", 1, 0, 0.97, 0, 38.0)]}
+    merged = report.merge([a, b, again])
+    assert [(r["codec"], r["seed"]) for r in merged["codecs"]] == [("none", 0), ("none", 1), ("topk+q4", 0)]
     assert merged["budget"] == {"epochs": 24, "seeds": [0, 1]} and merged["anatomy"] == [{"row": "none"}]
