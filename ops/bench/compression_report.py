@@ -26,7 +26,7 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         acc = [r["accuracy"] for r in rs]
         delta = [r.get("accuracy_delta_pts", 0.0) for r in rs]
         ratio = [r.get("ratio_vs_fp32_step", 0.0) for r in rs]
-        out.append({"codec": codec, "H": h, "seeds": [r.get("seed", 0) for r in rs],
+        out.append({"codec": codec, "H": h, "seeds": sorted(r.get("seed", 0) for r in rs),
                     "bytes_per_sample": sum(r["bytes_per_sample"] for r in rs) / len(rs),
                     "ratio_min": min(ratio), "accuracy_mean": sum(acc) / len(acc),
                     "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": min(delta),
@@ -93,9 +93,15 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
+def moved(row: dict[str, Any]) -> float:
+    """Bytes per sample a row uploads: its gradient blobs and, with ``codec_state="store"``, its codec state."""
+    return float(row["bytes_per_sample"]) + float(row.get("state_bytes_per_sample", 0.0))
+
+
 def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
-    """Test accuracy against bytes uploaded per training sample (log scale), one marker per row and seed, a
-    line joining each row's seeds (its spread), fp32 sync's accuracy band (per-seed min..max) shaded."""
+    """Test accuracy against bytes uploaded per training sample (log scale; gradients plus any codec state written
+    to the store), one marker per row and seed, a line joining each row's seeds (its spread), and fp32 sync's
+    accuracy band (its seeds, down to 1 point below the lowest) shaded."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -111,17 +117,17 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     for r in rows:
         groups[(r["codec"], r["H"])].append(r)
     markers = "os^vD<>pPX*h"
-    for i, ((codec, h), rs) in enumerate(sorted(groups.items(), key=lambda kv: -kv[1][0]["bytes_per_sample"])):
-        xs, ys = [r["bytes_per_sample"] for r in rs], [r["accuracy"] for r in rs]
+    for i, ((codec, h), rs) in enumerate(sorted(groups.items(), key=lambda kv: -moved(kv[1][0]))):
+        xs, ys = [moved(r) for r in rs], [r["accuracy"] for r in rs]
         line = ax.plot(xs, ys, linestyle="-", marker=markers[i % len(markers)], markersize=6,
                        label=f"{codec} H={h}")[0]
         ax.annotate(f"{codec} H={h}", (xs[0], ys[0]), fontsize=7, xytext=(4, -10), textcoords="offset points",
                     color=line.get_color())
     ax.set_xscale("log")
     if rows:  # room for the labels right of the largest row
-        xs_all = [r["bytes_per_sample"] for r in rows]
+        xs_all = [moved(r) for r in rows]
         ax.set_xlim(min(xs_all) / 1.5, max(xs_all) * 2.5)
-    ax.set_xlabel("bytes uploaded per training sample (log scale; envelope included)")
+    ax.set_xlabel("bytes uploaded per training sample: gradient blobs (envelope included) + codec state in the store")
     ax.set_ylabel("test accuracy")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden

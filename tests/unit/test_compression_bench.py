@@ -68,6 +68,8 @@ def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
     report = load("compression_report")
     rows = [row("none", 1, 0, 0.9777, 0.0, 4941.0), row("topk+q4", 1, 0, 0.9749, -0.28, 38.0),
             row("topk+q4-dgc-3%", 8, 0, 0.98, 0.2, 9.0)]
+    rows.append({**row("topk+q4-store", 8, 0, 0.98, 0.2, 9.0), "state_bytes_per_sample": 1300.0})
+    assert report.moved(rows[-1]) == 1309.0  # codec state written to the store counts as bytes moved
     out = report.plot({"codecs": rows}, tmp_path / "sub" / "acc.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
