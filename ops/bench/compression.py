@@ -52,8 +52,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk-process": {"codec": "topk", "codec_state": "process"},
     # Compressed outer gradients for local steps (SparseLoCo-like: top-k of the pseudo-gradient in 4 or 2 bits with
     # error feedback). The outer Nesterov momentum moves to the workers as DGC momentum correction, in the
-    # residual's own units: measured in-process on digits, 3% + 4 bits held the fp32 accuracy where outer
-    # momentum on sparse pseudo-gradients lost 1-2 points.
+    # residual's own units: with exact state (the store, or an in-process replay) 3% + 4 bits held the fp32
+    # accuracy on digits where outer momentum on sparse pseudo-gradients lost 1-2 points. With the state in the
+    # worker process a shard that moves continues from a stale velocity: -2 to +1 points from run to run.
     "topk+q4-dgc-3%": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-3%": {"codec": "topk+q2", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-5%": {"codec": "topk+q2", "codec_density": 0.05, "codec_momentum": 0.9, "momentum": 0.0},
