@@ -9,6 +9,10 @@ Codecs (``CODECS``):
   with error feedback (Lin et al. 2018, Deep Gradient Compression): what is not sent this step is carried
   in a residual and added to the next step's gradient.
 - ``topk+int8``: topk whose values are int8-quantised per chunk; the quantisation error feeds back too.
+- ``topk+q8`` / ``topk+q4`` / ``topk+q2``: topk in the packed format (``pipeline/packed.py``): the whole
+  gradient in one uint8 tensor, gap-coded indices (~log2(1/density) + 1.5 bits each), 8/4/2-bit sign and
+  magnitude values on a per-tensor [lo, hi] grid; the quantisation error feeds back. The JSON header is only
+  ``{"codec", "format": 2, "density"}``: names and shapes travel (compressed) inside the payload.
 
 The top-k codecs take the Deep Gradient Compression techniques (Lin et al. 2018, "Deep Gradient Compression:
 Reducing the Communication Bandwidth for Distributed Training", ICLR) that make 99%+ sparsity cost no accuracy:
@@ -35,13 +39,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from pipeline import packed
+from pipeline.packing import PackError
 from pipeline.reasons import Refusal
 
-CODECS = ("none", "fp16", "bf16", "int8", "topk", "topk+int8")
+PACKED_BITS = {"topk+q8": 8, "topk+q4": 4, "topk+q2": 2}  # packed top-k codecs and their bits per value
+CODECS = ("none", "fp16", "bf16", "int8", "topk", "topk+int8", *PACKED_BITS)
 FORMAT = 1
+PACKED_FORMAT = 2
+PACKED_KEY = "packed"  # the one payload tensor of a packed codec
 INT8_MAX = 127  # symmetric range [-127, 127]; -128 is never produced
 FP16_MAX = 65504.0
-_SPARSE = ("topk", "topk+int8")
+_SPARSE = ("topk", "topk+int8", *PACKED_BITS)
 ERROR_FEEDBACK = _SPARSE  # the codecs that carry state (a residual) from one step to the next
 _QUANTISED = ("int8", "topk+int8")
 _VALUE_DTYPE = {
@@ -160,6 +169,7 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
     payload: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
     new_residual: dict[str, Tensor] = {}
+    parts: list[packed.Part] = []
     for key, g in grads.items():
         if not torch.is_floating_point(g):
             raise CodecError(f"gradient {key!r} has dtype {g.dtype}, expected a floating-point tensor")
@@ -186,14 +196,18 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
             k = topk_count(x.numel(), cfg.density)
             idx = torch.topk(x.abs(), k, sorted=False).indices.sort().values  # (k,) ascending
             vals = x[idx]  # (k,)
-            if name == "topk+int8":
+            if name in PACKED_BITS:
+                codes, lo, hi, sent = packed.quantise(vals, PACKED_BITS[name])
+                parts.append(packed.Part(key, tuple(g.shape), idx.cpu().numpy(), codes.cpu().numpy(), lo, hi))
+            elif name == "topk+int8":
                 q, scales = quantise_int8(vals, cfg.chunk)
                 payload[f"{key}.values"], payload[f"{key}.scales"] = q, scales
                 sent = dequantise_int8(q, scales, cfg.chunk)
             else:
                 payload[f"{key}.values"] = vals
                 sent = vals
-            payload[f"{key}.indices"] = idx.to(index_dtype(x.numel()))
+            if name not in PACKED_BITS:
+                payload[f"{key}.indices"] = idx.to(index_dtype(x.numel()))
             rest = x.clone()
             rest[idx] -= sent  # what was not delivered, including int8 rounding error
             new_residual[key] = rest.view(g.shape)
@@ -204,6 +218,9 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
             entry["k"] = k
         layout[key] = entry
     meta: dict[str, Any] = {"codec": name, "format": FORMAT, "tensors": layout}
+    if name in PACKED_BITS:  # the layout travels inside the payload
+        payload = {PACKED_KEY: packed.encode(parts, PACKED_BITS[name])}
+        meta = {"codec": name, "format": PACKED_FORMAT}
     if name in _SPARSE:
         meta["density"] = float(cfg.density)
     if name in _QUANTISED:
@@ -222,6 +239,37 @@ def encoded_nbytes(enc: Encoded) -> int:
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fit(shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], where: str) -> None:
+    if set(shapes) != set(expected):
+        missing, extra = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
+        raise CodecError(f"blob {where} does not fit the model: missing tensors {missing}, unexpected {extra}",
+                         code="shape")
+    for key, shape in shapes.items():
+        if tuple(shape) != tuple(expected[key]):
+            raise CodecError(f"tensor {key!r} in blob {where} has shape {tuple(shape)}, "
+                             f"the model's is {tuple(expected[key])}")
+
+
+def _decode_packed(tensors: dict[str, Tensor], meta: dict[str, Any], where: str,
+                   expected_shapes: dict[str, tuple[int, ...]] | None) -> dict[str, Tensor]:
+    """Decode a packed top-k payload; the model's shapes (when given) are checked before anything is allocated."""
+    name = meta["codec"]
+    if meta.get("format") != PACKED_FORMAT:
+        raise CodecError(f"unsupported format {meta.get('format')!r} for codec {name} in blob {where} "
+                         f"(known: {PACKED_FORMAT})")
+    if set(tensors) != {PACKED_KEY}:
+        raise CodecError(f"payload of blob {where} holds {sorted(tensors)[:5]}; codec {name} expects one "
+                         f"tensor {PACKED_KEY!r}")
+    try:
+        reader, layout = packed.read_layout(tensors[PACKED_KEY])
+        if expected_shapes is not None:
+            _check_fit({t.name: t.shape for t in layout}, expected_shapes, where)
+        out = packed.decode(reader, layout, PACKED_BITS[name])
+    except PackError as e:
+        raise CodecError(f"packed {name} payload of blob {where} is malformed: {e}") from None
+    return out
 
 
 def _header(meta: Any, where: str) -> tuple[str, dict[str, dict[str, Any]], int]:
@@ -275,16 +323,11 @@ def decode(tensors: dict[str, Tensor], meta: dict[str, Any], where: str = "<blob
     disagreement between header, payload and (when given) the model's shapes; never returns a partial result.
     An fp32 payload is returned as views of `tensors` (no copy). Without `check_finite` the caller checks
     finiteness itself (the sync aggregator does, once, on the sum of a round's updates)."""
+    if isinstance(meta, dict) and meta.get("codec") in PACKED_BITS:
+        return _decode_packed(tensors, meta, where, expected_shapes)
     name, layout, chunk = _header(meta, where)
     if expected_shapes is not None:
-        if set(layout) != set(expected_shapes):
-            missing, extra = sorted(set(expected_shapes) - set(layout)), sorted(set(layout) - set(expected_shapes))
-            raise CodecError(f"blob {where} does not fit the model: missing tensors {missing}, unexpected {extra}",
-                             code="shape")
-        for key, e in layout.items():
-            if tuple(e["shape"]) != tuple(expected_shapes[key]):
-                raise CodecError(f"tensor {key!r} in blob {where} has shape {tuple(e['shape'])}, "
-                                 f"the model's is {tuple(expected_shapes[key])}")
+        _check_fit({key: tuple(e["shape"]) for key, e in layout.items()}, expected_shapes, where)
     parts = ["values"] + (["indices"] if name in _SPARSE else []) + (["scales"] if name in _QUANTISED else [])
     want = {f"{key}.{p}" for key in layout for p in parts}
     if set(tensors) != want:

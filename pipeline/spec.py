@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.codecs import CODECS
+from pipeline.codecs import CODECS, ERROR_FEEDBACK, PACKED_BITS
 from pipeline.data import DataError, check_dataset_name
 from pipeline.imports import ImportRefused, check_import
 from pipeline.models import BUILTIN as BUILTIN_MODELS
@@ -181,7 +181,8 @@ class JobSpec(BaseModel):
         if isinstance(data, dict) and data.get("mode") == "async":
             data = {"momentum": 0.5, "lr": 0.1, **data}
         if isinstance(data, dict) and data.get("codec_momentum"):  # DGC: the momentum moves to the workers
-            data = {"momentum": 0.0, **data}
+            # (with local steps the aggregator's momentum is the outer one: it moves too, unless set)
+            data = {"momentum": 0.0, "outer_momentum": 0.0, **data}
         return data
 
     @model_validator(mode="after")
@@ -189,10 +190,14 @@ class JobSpec(BaseModel):
         if self.aggregation_parts > 1 and self.mode != "sync":
             raise ValueError("aggregation_parts: parameter-range aggregation is for sync jobs (async applies each "
                              "update on arrival)")
+        if self.aggregation_parts > 1 and self.codec in PACKED_BITS:
+            raise ValueError(f"aggregation_parts: codec {self.codec!r} packs the whole update into one payload, "
+                             "which cannot be split by parameter range; use topk or topk+int8")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
-        if self.codec_momentum and self.codec not in ("topk", "topk+int8"):
-            raise ValueError(f"codec_momentum: momentum correction needs codec topk or topk+int8, not {self.codec!r}")
+        if self.codec_momentum and self.codec not in ERROR_FEEDBACK:
+            raise ValueError(f"codec_momentum: momentum correction needs a top-k codec ({', '.join(ERROR_FEEDBACK)}), "
+                             f"not {self.codec!r}")
         if self.codec_momentum and self.momentum:
             raise ValueError("codec_momentum: momentum correction moves the momentum to the workers; "
                              f"set momentum to 0 (it is {self.momentum})")

@@ -5,9 +5,17 @@ in the worker process (``Context.residuals``) and, with ``codec_state="store"``,
 blob under ``keys.codec_state(job, shard, s)`` — so a shard that moves to another worker process continues
 from the same state, and the run's weights do not depend on which worker ran which task.
 
-Exactness: the task at step s reads the state its shard wrote at s − H (never "the latest"), so a redelivered
-task reads the same state and writes the same bytes. The process cache is used only when it holds exactly
-step s − H. A missing state (step 0, or the shard's previous update was rejected) starts from zero.
+Exactness (``codec_state="store"``): the task at step s reads the state its shard wrote at s − H (never "the
+latest"), so a redelivered task reads the same state and writes the same bytes. The process cache is used only
+when it holds exactly step s − H. A missing state (step 0, or the shard's previous update was rejected) starts
+from zero.
+
+No lost mass (``codec_state="process"``, the default): a worker that last ran the shard at an older step still
+holds that step's residual, which nobody has sent since (the shard's other workers carried their own), so the
+task continues from it rather than from zero: whatever was not sent is delayed, never dropped. Which worker ran
+which step then changes the weights (as a lost residual did); the store mode is the exact one. Measured with an
+in-process replay of the sync pipeline on digits (24 epochs, topk+q4 at 1%, shards swapping between two workers
+half the time; seeds 0 / 1): exact state 97.8 / 98.1%, zero on a move 95.8 / 97.8%, the held residual 97.8 / 97.2%.
 """
 
 from __future__ import annotations
@@ -40,8 +48,8 @@ def load(ctx: Context, job_id: str, shard: int, prev_step: int, mode: str) -> Co
     hit = ctx.residuals.get((job_id, shard))
     if isinstance(hit, CodecState) and hit.step == prev_step:
         return hit
-    if mode != "store":
-        return empty
+    if mode != "store":  # an older step's residual is mass not sent yet (never a newer one: that would resend)
+        return hit if isinstance(hit, CodecState) and hit.step < prev_step else empty
     key = keys.codec_state(job_id, shard, prev_step)
     try:
         data = ctx.store.get(key)

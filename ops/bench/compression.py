@@ -11,10 +11,16 @@ On digits, same seed and epoch budget in every row, 2 shard workers + 1 aggregat
 * codec speed (encode + decode MB/s on ~10M parameters) from ``ops/bench/codecs.py``.
 
     ops/bench/run compression [--quick] [--json FILE] [--seeds 0,1] [--codecs none,topk,topk-dgc] [--local-steps 1]
-                              [--no-distill] [--no-speed]
+                              [--epochs N] [--no-distill] [--no-speed] [--no-artifacts] [--plot PNG]
 
 Codec rows are a codec name or a variant in ``VARIANTS`` (the DGC top-k rows: momentum correction with
-momentum-factor masking, a 1-epoch density warm-up, the server's momentum moved to the workers).
+momentum-factor masking, a 1-epoch density warm-up, the server's momentum moved to the workers), optionally
+with ``@H``: that row runs only with H local steps (``none@8``, ``topk+q4-dgc-3%@8``); rows without it run once
+per ``--local-steps`` value. Every row is compared with ``none`` at H=1 of the same seed.
+
+The issue-14 budget is ``--epochs 24``: fp32 sync has converged there (97.8% / 98.3% on seeds 0 / 1, the same as
+at 10-20 epochs), and 24 × 23 batches per epoch is a multiple of 8, so H=8 rows process exactly the samples of
+H=1 rows (at 5 or 20 epochs they process 0.3-0.9% more).
 """
 
 from __future__ import annotations
@@ -29,9 +35,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from compression_report import markdown, plot  # noqa: E402  (sibling bench module)
 from training import Budget, Cluster  # noqa: E402  (sibling bench module)
 
-CODECS = ["none", "fp16", "bf16", "int8", "topk", "topk+int8"]
+CODECS = ["none", "fp16", "bf16", "int8", "topk", "topk+int8", "topk+q8", "topk+q4", "topk+q2"]
 QUICK_CODECS = ["none", "int8", "topk", "topk+int8"]
 CHAINS = ["zstd", "fp16,zstd", "int8,zstd", "prune:0.5,int8,zstd", "prune:0.7,int8,zstd", "prune:0.9,int8,zstd",
           "int4,zstd", "int4:32,zstd", "prune:0.5,int4,zstd", "prune:0.5,int4:32,zstd", "prune:0.6,int4,zstd",
@@ -43,7 +50,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk+int8-dgc-0.5%": {"codec": "topk+int8", "codec_density": 0.005, **_DGC},
     "topk-store": {"codec": "topk", "codec_state": "store"},  # the error-feedback state kept in the object store
     "topk-process": {"codec": "topk", "codec_state": "process"},
+    # Compressed outer gradients for local steps (SparseLoCo-like: top-k of the pseudo-gradient in 4 or 2 bits with
+    # error feedback). The outer Nesterov momentum moves to the workers as DGC momentum correction, in the
+    # residual's own units: with exact state (the store, or an in-process replay) 3% + 4 bits held the fp32
+    # accuracy on digits where outer momentum on sparse pseudo-gradients lost 1-2 points. With the state in the
+    # worker process a shard that moves continues from a stale velocity: -2 to +1 points from run to run.
+    "topk+q4-dgc-3%": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
+    "topk+q2-dgc-3%": {"codec": "topk+q2", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
+    "topk+q2-dgc-5%": {"codec": "topk+q2", "codec_density": 0.05, "codec_momentum": 0.9, "momentum": 0.0},
+    # the same with the state in the store: exact whichever worker runs the shard, at the price of its bytes
+    "topk+q4-dgc-3%-store": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0,
+                             "codec_state": "store"},
 }
+
+
+def parse_row(text: str, hs: tuple[int, ...]) -> tuple[str, tuple[int, ...]]:
+    """``codec`` → (codec, every H); ``codec@H`` → (codec, (H,)). Raises ValueError for an unknown row."""
+    name, sep, h = text.partition("@")
+    if name not in CODECS and name not in VARIANTS:
+        raise ValueError(f"unknown codec row {name!r} (known: {', '.join([*CODECS, *VARIANTS])})")
+    if sep and not (h.isdigit() and int(h) >= 1):
+        raise ValueError(f"codec row {text!r}: H after '@' must be an integer ≥ 1")
+    return name, (int(h),) if sep else hs
 
 
 def last_job(cluster: Cluster) -> dict[str, Any]:
@@ -57,28 +85,28 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
                hs: tuple[int, ...] = (1, 8)) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     fp32_job: dict[str, Any] = {}
-    for h in hs:
-        for codec in codecs:
-            label = f"{codec} H={h}"
-            spec = b.spec(codec=codec, local_steps=h, inner_lr=b.lr, publish_every_versions=0,
-                          promote="production" if (codec == "none" and h == 1) else None,
-                          register_as="digits-cnn" if (codec == "none" and h == 1) else None)
-            if codec in VARIANTS:
-                spec = {**spec, **VARIANTS[codec]}
-            try:
-                r = cluster.run(spec, b.row_timeout_s)
-            except Exception as e:  # noqa: BLE001 - a failing row is reported, not fatal
-                rows.append({"row": label, "error": f"{type(e).__name__}: {e}"})
-                continue
-            job = last_job(cluster)
-            up = int(job["bytes_up"])
-            state = int(job.get("bytes_state", 0))
-            rows.append({"row": label, "codec": codec, "H": h, "bytes_up": up, "samples": r["samples"],
-                         "bytes_per_sample": up / max(1, r["samples"]), "accuracy": r["accuracy"],
-                         "state_bytes_per_sample": state / max(1, r["samples"]), "seed": b.seed,
-                         "wall_s": r["wall_s"]})
-            if codec == "none" and h == 1:
-                fp32_job = job
+    plan = [(codec, h) for text in codecs for codec, row_hs in [parse_row(text, hs)] for h in row_hs]
+    for codec, h in sorted(plan, key=lambda ch: (ch[1], ch[0] != "none")):  # fp32 H=1 first: the artifacts' base
+        label = f"{codec} H={h}"
+        spec = b.spec(codec=codec, local_steps=h, inner_lr=b.lr, publish_every_versions=0,
+                      promote="production" if (codec == "none" and h == 1) else None,
+                      register_as="digits-cnn" if (codec == "none" and h == 1) else None)
+        if codec in VARIANTS:
+            spec = {**spec, **VARIANTS[codec]}
+        try:
+            r = cluster.run(spec, b.row_timeout_s)
+        except Exception as e:  # noqa: BLE001 - a failing row is reported, not fatal
+            rows.append({"row": label, "error": f"{type(e).__name__}: {e}"})
+            continue
+        job = last_job(cluster)
+        up = int(job["bytes_up"])
+        state = int(job.get("bytes_state", 0))
+        rows.append({"row": label, "codec": codec, "H": h, "bytes_up": up, "samples": r["samples"],
+                     "bytes_per_sample": up / max(1, r["samples"]), "accuracy": r["accuracy"],
+                     "state_bytes_per_sample": state / max(1, r["samples"]), "seed": b.seed,
+                     "wall_s": r["wall_s"]})
+        if codec == "none" and h == 1:
+            fp32_job = job
     base = next((r for r in rows if r.get("codec") == "none" and r.get("H") == 1), None)
     for r in rows:
         if base and "bytes_per_sample" in r:
@@ -128,56 +156,56 @@ def distill_row(cluster: Cluster, b: Budget, teacher_acc: float) -> dict[str, An
             "student_accuracy": r["accuracy"], "accuracy_drop_pts": 100 * (teacher_acc - r["accuracy"])}
 
 
-def markdown(result: dict[str, Any]) -> str:
-    out = ["### Gradient codecs (digits, 2 shards)", "",
-           "| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
-           "| state bytes / sample (store) | wall s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["codecs"]:
-        if "error" in r:
-            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | |")
-            continue
-        out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
-                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['accuracy']:.4f} "
-                   f"| {r.get('accuracy_delta_pts', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
-                   f"| {r['wall_s']:.1f} |")
-    out += ["", "### Serving artifacts (from the fp32 run's final checkpoint)", "",
-            "| chain | seed | stored bytes | × smaller than fp32 safetensors | test accuracy | drop pts |",
-            "|---|---:|---:|---:|---:|---:|"]
-    for r in result.get("artifacts", []):
-        out.append(f"| {r['chain']} | {r.get('seed', 0)} | {r['stored_bytes']:,} | {r['ratio']:.1f} "
-                   f"| {r['accuracy']:.4f} | {r['accuracy_drop_pts']:+.2f} |")
-    d = result.get("distill")
-    if d and "error" not in d:
-        out += ["", "### Distillation", "",
-                "| teacher params | student params | × fewer | teacher acc | student acc | drop pts |",
-                "|---:|---:|---:|---:|---:|---:|",
-                f"| {d['teacher_params']:,} | {d['student_params']:,} | {d['param_ratio']:.1f} | "
-                f"{d['teacher_accuracy']:.4f} | {d['student_accuracy']:.4f} | {d['accuracy_drop_pts']:+.2f} |"]
-    elif d:
-        out += ["", f"Distillation: error: {d['error']}"]
-    return "\n".join(out)
+def blob_anatomy(rows: list[str], density: float = 0.01) -> list[dict[str, Any]]:
+    """What one digits-cnn gradient blob is made of, per codec: the envelope's prelude + JSON header (the codec's
+    own part of it apart) and the payload (safetensors, zstd'd for every codec but ``none``), on a random
+    gradient with the shard worker's meta (a 32-hex job id, step 1000, unsigned as in this bench)."""
+    import torch
+
+    from pipeline import blobs, codecs
+    from pipeline.models import build_model
+
+    params = dict(build_model("digits-cnn").named_parameters())
+    gen = torch.Generator().manual_seed(0)
+    grads = {n: torch.randn(tuple(p.shape), generator=gen) for n, p in params.items()}
+    out = []
+    for text in rows:
+        name, _ = parse_row(text, (1,))
+        v = VARIANTS.get(name, {"codec": name})
+        cfg = codecs.CodecConfig(v["codec"], density=v.get("codec_density", density))
+        enc = codecs.encode(grads, cfg)
+        meta = {"kind": "gradient", "job": "0" * 32, "shard": 1, "base_version": 1000, "step": 1000, "attempt": 0,
+                "samples": 32, "loss": 0.12345678901234567, "codec": enc.meta}
+        data = blobs.encode(enc.tensors, meta, compress=cfg.name != "none")
+        header, payload = blobs.read_header(data)
+        codec_meta = len(json.dumps(enc.meta, sort_keys=True, separators=(",", ":")))
+        out.append({"row": name, "blob_bytes": len(data), "header_bytes": len(data) - len(payload),
+                    "codec_meta_bytes": codec_meta, "payload_bytes": len(payload)})
+    return out
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,), codecs: list[str] | None = None, hs: tuple[int, ...] = (1, 8),
-        distill: bool = True, speed: bool = True) -> dict[str, Any]:
-    result: dict[str, Any] = {"codecs": [], "artifacts": []}
+        distill: bool = True, speed: bool = True, epochs: int | None = None,
+        artifacts: bool = True) -> dict[str, Any]:
+    rows_wanted = codecs or (QUICK_CODECS if quick else CODECS)
+    anatomy_rows = list(dict.fromkeys(parse_row(text, hs)[0] for text in rows_wanted))
+    result: dict[str, Any] = {"codecs": [], "artifacts": [], "anatomy": blob_anatomy(anatomy_rows)}
     for seed in seeds:
-        b = Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=2 if quick else 5, lr=0.05,
-                   seed=seed, row_timeout_s=300 if quick else 900)
+        b = Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=epochs or (2 if quick else 5),
+                   lr=0.05, seed=seed, row_timeout_s=300 if quick else 900 * max(1, (epochs or 5) // 5))
         result["budget"] = {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size, "seeds": list(seeds)}
         with tempfile.TemporaryDirectory(prefix="aas-bench-compression-") as tmp, Cluster(Path(tmp), b.shards) as c:
-            rows, fp32_job = codec_rows(c, b, codecs or (QUICK_CODECS if quick else CODECS), hs)
+            rows, fp32_job = codec_rows(c, b, rows_wanted, hs)
             result["codecs"] += rows
-            if fp32_job:
+            if fp32_job and artifacts:
                 result["artifacts"] += [{**a, "seed": seed} for a in artifact_rows(c, fp32_job)]
-                if distill and seed == seeds[0]:
-                    try:
-                        teacher_acc = next(r["accuracy"] for r in rows if r.get("codec") == "none")
-                        result["distill"] = distill_row(c, b, teacher_acc)
-                    except Exception as e:  # noqa: BLE001
-                        traceback.print_exc()
-                        result["distill"] = {"error": f"{type(e).__name__}: {e}"}
+            if fp32_job and distill and seed == seeds[0]:
+                try:
+                    teacher_acc = next(r["accuracy"] for r in rows if r.get("codec") == "none")
+                    result["distill"] = distill_row(c, b, teacher_acc)
+                except Exception as e:  # noqa: BLE001
+                    traceback.print_exc()
+                    result["distill"] = {"error": f"{type(e).__name__}: {e}"}
     if not speed:
         return result
     try:
@@ -201,16 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", default="1,8", help="comma-separated H values")
     p.add_argument("--no-distill", action="store_true")
     p.add_argument("--no-speed", action="store_true")
+    p.add_argument("--no-artifacts", action="store_true", help="skip the serving-artifact rows")
+    p.add_argument("--epochs", type=int, help="epoch budget of every row (default 5, --quick 2; issue 14: 24)")
+    p.add_argument("--plot", metavar="PNG", help="accuracy against bytes per sample for every codec row")
     args = p.parse_args(argv)
     codecs = args.codecs.split(",") if args.codecs else None
-    unknown = [c for c in codecs or [] if c not in CODECS and c not in VARIANTS]
-    if unknown:
-        p.error(f"unknown codec rows {unknown} (known: {', '.join([*CODECS, *VARIANTS])})")
-    result = run(args.quick, tuple(int(x) for x in args.seeds.split(",")), codecs,
-                 tuple(int(x) for x in args.local_steps.split(",")), not args.no_distill, not args.no_speed)
-    print(markdown(result))
-    if args.json:
+    hs = tuple(int(x) for x in args.local_steps.split(","))
+    for text in codecs or []:
+        try:
+            parse_row(text, hs)
+        except ValueError as e:
+            p.error(str(e))
+    result = run(args.quick, tuple(int(x) for x in args.seeds.split(",")), codecs, hs, not args.no_distill,
+                 not args.no_speed, args.epochs, not args.no_artifacts)
+    if args.json:  # first: a failing plot must not lose an hour of training
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+    print(markdown(result))
+    if args.plot:
+        print(f"plot: {plot(result, args.plot)}")
     return 0
 
 

@@ -48,7 +48,7 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                    help="inner steps per shard task (DiLoCo when > 1)")
     p.add_argument("--batch-size", type=int, dest="batch_size", metavar="N", help="samples per mini-batch per shard")
     p.add_argument("--lr", type=float, help="learning rate (outer_lr with local steps)")
-    p.add_argument("--codec", help="gradient codec: none, fp16, bf16, int8, topk, topk+int8")
+    p.add_argument("--codec", help="gradient codec: none, fp16, bf16, int8, topk, topk+int8, topk+q8, topk+q4, topk+q2")
     p.add_argument("--seed", type=int, help="seed of the shuffle and the initial weights")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="any other spec field, e.g. --set target_accuracy=0.97 (repeatable)")

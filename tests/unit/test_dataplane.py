@@ -275,3 +275,5 @@ def test_aggregation_parts_are_for_sync_jobs() -> None:
 
     with pytest.raises(SpecError, match="aggregation_parts"):
         parse_spec({"mode": "async", "aggregation_parts": 2})
+    with pytest.raises(SpecError, match="cannot be split by parameter range"):
+        parse_spec({"codec": "topk+q4", "aggregation_parts": 2})

@@ -175,3 +175,28 @@ def test_a_redelivered_topk_task_reads_the_state_of_its_own_step_and_writes_the_
     assert again["sha256"] == first["sha256"]
     assert unit_ctx.store.get(keys.codec_state(job_id, 0, 1)) == state_1
     assert unit_ctx.residuals[(job_id, 0)].step == 2  # the redelivery did not roll the process's state back
+
+
+def test_in_process_mode_a_worker_continues_from_the_older_residual_it_still_holds_for_the_shard(unit_ctx) -> None:
+    """Shard 0 ran here at step 0, elsewhere at step 1, and comes back here at step 2: the step-0 residual was never
+    sent by anyone, so step 2 starts from it (as if step 1 had continued from zero) instead of dropping it."""
+    job_id = stage(unit_ctx, shards=1, codec="topk+q4", codec_density=0.01, codec_state="process")
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    held = unit_ctx.residuals[(job_id, 0)]
+    assert held.step == 0
+    back = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
+    unit_ctx.residuals.clear()
+    fresh = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
+    assert back["sha256"] != fresh["sha256"]
+    unit_ctx.residuals[(job_id, 0)] = held  # the same older state again: the same bytes
+    assert shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)["sha256"] == back["sha256"]
+
+
+def test_in_process_mode_a_newer_held_residual_is_never_sent_again(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=1, codec="topk+q4", codec_density=0.01, codec_state="process")
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)  # the process holds step 2's state
+    redelivered = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)  # step 1 again: step 2's residual is not its input
+    unit_ctx.residuals.clear()
+    assert redelivered["sha256"] == shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)["sha256"]

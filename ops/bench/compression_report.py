@@ -1,0 +1,176 @@
+"""Tables and the plot of ``ops/bench/run compression``: per-seed rows, a summary with the spread between seeds,
+and accuracy against bytes moved for every codec row (one PNG).
+
+    ops/bench/run compression_report --json FILE [FILE ...] [--plot PNG] [--out FILE]   # re-render saved runs
+
+Several files (one per seed, say) are merged: their codec rows in order, the first file's budget and anatomy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+
+def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One line per (row label, H) over its seeds: mean/min/max of accuracy, its change vs fp32, and bytes."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if "error" not in r:
+            groups[(r["codec"], r["H"])].append(r)
+    out = []
+    for (codec, h), rs in groups.items():
+        acc = [r["accuracy"] for r in rs]
+        delta = [r.get("accuracy_delta_pts", 0.0) for r in rs]
+        ratio = [r.get("ratio_vs_fp32_step", 0.0) for r in rs]
+        out.append({"codec": codec, "H": h, "seeds": sorted(r.get("seed", 0) for r in rs),
+                    "bytes_per_sample": sum(r["bytes_per_sample"] for r in rs) / len(rs),
+                    "ratio_min": min(ratio), "accuracy_mean": sum(acc) / len(acc),
+                    "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": min(delta),
+                    "delta_max": max(delta), "samples_vs_fp32": [r.get("samples_vs_fp32", 1.0) for r in rs]})
+    return out
+
+
+def codec_table(result: dict[str, Any]) -> list[str]:
+    out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
+           "| state bytes / sample (store) | wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["codecs"]:
+        if "error" in r:
+            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | |")
+            continue
+        out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
+                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['accuracy']:.4f} "
+                   f"| {r.get('accuracy_delta_pts', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
+                   f"| {r['wall_s']:.1f} |")
+    return out
+
+
+def summary_table(result: dict[str, Any]) -> list[str]:
+    out = ["| codec | H | seeds | bytes up / sample | × fewer (worst seed) | accuracy (mean) | spread between seeds "
+           "(pts) | Δ pts vs fp32 (worst … best) |", "|---|---:|---|---:|---:|---:|---:|---|"]
+    for s in summary(result["codecs"]):
+        out.append(f"| {s['codec']} | {s['H']} | {','.join(map(str, s['seeds']))} | {s['bytes_per_sample']:.1f} "
+                   f"| {s['ratio_min']:.1f} | {s['accuracy_mean']:.4f} | {s['accuracy_spread_pts']:.2f} "
+                   f"| {s['delta_min']:+.2f} … {s['delta_max']:+.2f} |")
+    return out
+
+
+def anatomy_table(result: dict[str, Any]) -> list[str]:
+    out = ["| row | blob bytes | envelope prelude + JSON header | of which the codec's meta | payload (zstd'd) |",
+           "|---|---:|---:|---:|---:|"]
+    for a in result.get("anatomy", []):
+        out.append(f"| {a['row']} | {a['blob_bytes']:,} | {a['header_bytes']:,} | {a['codec_meta_bytes']:,} "
+                   f"| {a['payload_bytes']:,} |")
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    out = ["### Gradient codecs (digits, 2 shards)", "", *codec_table(result), "",
+           "### Summary over seeds", "", *summary_table(result)]
+    if result.get("anatomy"):
+        out += ["", "### What one gradient blob is made of (digits-cnn, 1 step, density as in the row)", "",
+                *anatomy_table(result)]
+    if result.get("artifacts"):
+        out += ["", "### Serving artifacts (from the fp32 run's final checkpoint)", "",
+                "| chain | seed | stored bytes | × smaller than fp32 safetensors | test accuracy | drop pts |",
+                "|---|---:|---:|---:|---:|---:|"]
+        for r in result["artifacts"]:
+            out.append(f"| {r['chain']} | {r.get('seed', 0)} | {r['stored_bytes']:,} | {r['ratio']:.1f} "
+                       f"| {r['accuracy']:.4f} | {r['accuracy_drop_pts']:+.2f} |")
+    d = result.get("distill")
+    if d and "error" not in d:
+        out += ["", "### Distillation", "",
+                "| teacher params | student params | × fewer | teacher acc | student acc | drop pts |",
+                "|---:|---:|---:|---:|---:|---:|",
+                f"| {d['teacher_params']:,} | {d['student_params']:,} | {d['param_ratio']:.1f} | "
+                f"{d['teacher_accuracy']:.4f} | {d['student_accuracy']:.4f} | {d['accuracy_drop_pts']:+.2f} |"]
+    elif d:
+        out += ["", f"Distillation: error: {d['error']}"]
+    return "\n".join(out)
+
+
+def moved(row: dict[str, Any]) -> float:
+    """Bytes per sample a row uploads: its gradient blobs and, with ``codec_state="store"``, its codec state."""
+    return float(row["bytes_per_sample"]) + float(row.get("state_bytes_per_sample", 0.0))
+
+
+def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
+    """Test accuracy against bytes uploaded per training sample (log scale; gradients plus any codec state written
+    to the store), one marker per row and seed, a line joining each row's seeds (its spread), and fp32 sync's
+    accuracy band (its seeds, down to 1 point below the lowest) shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 5.5), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    rows = [r for r in result["codecs"] if "error" not in r]
+    base = [r["accuracy"] for r in rows if r["codec"] == "none" and r["H"] == 1]
+    if base:
+        ax.axhspan(min(base) - 0.01, max(base), color="0.9", label="fp32 sync (seeds) − 1 point")
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        groups[(r["codec"], r["H"])].append(r)
+    markers = "os^vD<>pPX*h"
+    for i, ((codec, h), rs) in enumerate(sorted(groups.items(), key=lambda kv: -moved(kv[1][0]))):
+        xs, ys = [moved(r) for r in rs], [r["accuracy"] for r in rs]
+        line = ax.plot(xs, ys, linestyle="-", marker=markers[i % len(markers)], markersize=6,
+                       label=f"{codec} H={h}")[0]
+        ax.annotate(f"{codec} H={h}", (xs[0], ys[0]), fontsize=7, xytext=(4, -10), textcoords="offset points",
+                    color=line.get_color())
+    ax.set_xscale("log")
+    if rows:  # room for the labels right of the largest row
+        xs_all = [moved(r) for r in rows]
+        ax.set_xlim(min(xs_all) / 1.5, max(xs_all) * 2.5)
+    ax.set_xlabel("bytes uploaded per training sample: gradient blobs (envelope included) + codec state in the store")
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
+    ax.set_title(title or "digits-cnn: accuracy against bytes moved, every codec row and seed", fontsize=10)
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from several runs: every run's codec rows (a row repeated for the same seed once: the first),
+    artifact rows, and the first run's other fields."""
+    out = {**results[0], "codecs": [], "artifacts": []}
+    seen: set[tuple[Any, Any, Any]] = set()
+    for r in results:
+        for row in r.get("codecs", []):
+            key = (row.get("codec", row.get("row")), row.get("H"), row.get("seed"))
+            if key not in seen:  # a run repeating a row (its fp32 base, say) keeps the first one
+                seen.add(key)
+                out["codecs"].append(row)
+        out["artifacts"] += r.get("artifacts", [])
+    seeds = sorted({row.get("seed", 0) for row in out["codecs"] if "error" not in row})
+    if "budget" in out:
+        out["budget"] = {**out["budget"], "seeds": seeds}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, nargs="+", metavar="FILE", help="results written by `compression --json`")
+    p.add_argument("--plot", metavar="PNG")
+    p.add_argument("--out", metavar="FILE", help="write the merged result here")
+    args = p.parse_args(argv)
+    result = merge([json.loads(Path(f).read_text()) for f in args.json])
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(markdown(result))
+    if args.plot:
+        print(f"plot: {plot(result, args.plot)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,85 @@
+"""ops/bench/compression: its row syntax, the blob anatomy, the summary over seeds and the plot (no training)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "ops" / "bench"
+
+
+def load(name: str) -> Any:
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"aas_bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def row(codec: str, h: int, seed: int, acc: float, delta: float, bps: float) -> dict[str, Any]:
+    return {"row": f"{codec} H={h}", "codec": codec, "H": h, "seed": seed, "samples": 100, "accuracy": acc,
+            "accuracy_delta_pts": delta, "bytes_per_sample": bps, "ratio_vs_fp32_step": 4941.0 / bps, "wall_s": 1.0}
+
+
+def test_a_row_names_a_codec_or_variant_and_optionally_its_local_steps() -> None:
+    bench = load("compression")
+    assert bench.parse_row("topk+q4", (1, 8)) == ("topk+q4", (1, 8))
+    assert bench.parse_row("topk+q4-dgc-3%@8", (1,)) == ("topk+q4-dgc-3%", (8,))
+    with pytest.raises(ValueError, match="unknown codec row 'zz'"):
+        bench.parse_row("zz@1", (1,))
+    with pytest.raises(ValueError, match="integer ≥ 1"):
+        bench.parse_row("none@0", (1,))
+
+
+def test_the_blob_anatomy_shows_the_packed_codec_header_is_a_few_dozen_bytes() -> None:
+    bench = load("compression")
+    by_row = {a["row"]: a for a in bench.blob_anatomy(["topk", "topk+q4"])}
+    assert by_row["topk"]["codec_meta_bytes"] > 400  # a JSON entry per tensor
+    assert by_row["topk+q4"]["codec_meta_bytes"] < 60
+    assert by_row["topk+q4"]["blob_bytes"] < by_row["topk"]["blob_bytes"] / 2
+    for a in by_row.values():
+        assert a["header_bytes"] + a["payload_bytes"] == a["blob_bytes"]
+
+
+def test_the_summary_gives_each_row_its_spread_between_seeds_and_worst_change() -> None:
+    report = load("compression_report")
+    rows = [row("none", 1, 0, 0.9777, 0.0, 4941.0), row("none", 1, 1, 0.9833, 0.0, 4941.0),
+            row("topk+q4", 1, 0, 0.9749, -0.28, 38.0), row("topk+q4", 1, 1, 0.9861, 0.28, 40.0),
+            {"row": "int8 H=1", "error": "boom"}]
+    s = {(x["codec"], x["H"]): x for x in report.summary(rows)}
+    assert set(s) == {("none", 1), ("topk+q4", 1)}
+    q4 = s[("topk+q4", 1)]
+    assert q4["accuracy_spread_pts"] == pytest.approx(1.12)
+    assert (q4["delta_min"], q4["delta_max"]) == (-0.28, 0.28)
+    assert q4["ratio_min"] == pytest.approx(4941.0 / 40.0) and q4["bytes_per_sample"] == pytest.approx(39.0)
+    text = report.markdown({"codecs": rows})
+    assert "| topk+q4 | 1 | 0,1 | 39.0 | 123.5 | 0.9805 | 1.12 | -0.28 … +0.28 |" in text
+    assert "error: boom" in text
+
+
+def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
+    report = load("compression_report")
+    rows = [row("none", 1, 0, 0.9777, 0.0, 4941.0), row("topk+q4", 1, 0, 0.9749, -0.28, 38.0),
+            row("topk+q4-dgc-3%", 8, 0, 0.98, 0.2, 9.0)]
+    rows.append({**row("topk+q4-store", 8, 0, 0.98, 0.2, 9.0), "state_bytes_per_sample": 1300.0})
+    assert report.moved(rows[-1]) == 1309.0  # codec state written to the store counts as bytes moved
+    out = report.plot({"codecs": rows}, tmp_path / "sub" / "acc.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_runs_of_one_seed_each_merge_into_one_result() -> None:
+    report = load("compression_report")
+    a = {"budget": {"epochs": 24, "seeds": [0]}, "anatomy": [{"row": "none"}],
+         "codecs": [row("none", 1, 0, 0.97, 0, 4941.0)]}
+    b = {"budget": {"epochs": 24, "seeds": [1]}, "anatomy": [], "codecs": [row("none", 1, 1, 0.98, 0, 4941.0)]}
+    again = {"codecs": [row("none", 1, 0, 0.97, 0, 4941.0), row("topk+q4", 1, 0, 0.97, 0, 38.0)]}
+    merged = report.merge([a, b, again])
+    assert [(r["codec"], r["seed"]) for r in merged["codecs"]] == [("none", 0), ("none", 1), ("topk+q4", 0)]
+    assert merged["budget"] == {"epochs": 24, "seeds": [0, 1]} and merged["anatomy"] == [{"row": "none"}]
