@@ -76,7 +76,9 @@ def test_aggregator_killed_between_read_and_commit_loses_nothing_and_applies_not
 
     group = start.group  # type: ignore[attr-defined]
     group.kill("aggregator")
-    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": point})
+    # The faulty one aggregates only: were it to evaluate too, the other aggregator could take every aggregation
+    # while it ran the evaluations, and the fault would never fire.
+    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": point, "AAS_AGGREGATOR_PUBLISHES": "false"})
     start("aggregator2", "aggregate")  # takes over once the faulty one is gone
     job = run_job(client)
     assert client.redis.exists(keys.fault_fired(point, job["job_id"])), "the fault never fired"
