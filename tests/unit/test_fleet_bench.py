@@ -1,0 +1,39 @@
+"""The fleet benchmark's bookkeeping (ops/fleet/bench.py): which rows a run names, and its compute shares."""
+
+from __future__ import annotations
+
+import pytest
+
+from ops.fleet.bench import Row, compute_shares, parse_row, select_rows
+
+
+def test_any_diloco_local_step_count_can_be_named_as_a_row() -> None:
+    assert parse_row("DiLoCo H=256") == Row("DiLoCo H=256", "pipeline", 256, "none")
+    assert parse_row("DiLoCo H=64 int8") == Row("DiLoCo H=64 int8", "pipeline", 64, "int8")
+    assert parse_row("DiLoCo H=1") is None  # one local step is sync mode, not DiLoCo
+    assert parse_row("DDP gloo") is None
+
+
+def test_row_selection_keeps_prefix_matches_and_adds_named_local_step_counts_once() -> None:
+    labels = [r.label for r in select_rows(["DDP", "DiLoCo H=128", "DiLoCo H=256 int8", "DiLoCo H=256 int8"])]
+    assert labels == ["DDP gloo", "DiLoCo H=128 int8", "DiLoCo H=128", "DiLoCo H=256 int8"]
+
+
+def test_an_unknown_row_name_stops_the_run_naming_the_known_ones() -> None:
+    with pytest.raises(SystemExit, match="'DiLoCo H=x': no such row .known: DDP gloo"):
+        select_rows(["DiLoCo H=x"])
+
+
+def test_compute_share_counts_the_whole_job_and_the_rounds_between_first_and_last_commit() -> None:
+    # Two workers, four rounds: each task computes 8 s; versions 1..4 committed at t = 20, 30, 40, 50 s after
+    # a submit at t = 0, the job ending at 52 s. Steady state: the tasks on versions 1..3 (6 × 8 s) over 30 s.
+    tasks = [(v, 8.0) for v in range(4) for _ in range(2)]
+    whole, steady = compute_shares(tasks, [20.0, 30.0, 40.0, 50.0], 0.0, 52.0, workers=2)
+    assert whole == pytest.approx(64.0 / 104.0)
+    assert steady == pytest.approx(48.0 / 60.0)
+
+
+def test_one_committed_version_has_no_steady_state() -> None:
+    whole, steady = compute_shares([(0, 5.0), (0, 5.0)], [12.0], 0.0, 12.5, workers=2)
+    assert whole == pytest.approx(10.0 / 25.0)
+    assert steady is None
