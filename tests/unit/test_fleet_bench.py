@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from ops.fleet.bench import Row, compute_shares, parse_row, select_rows
 
@@ -37,3 +38,17 @@ def test_one_committed_version_has_no_steady_state() -> None:
     whole, steady = compute_shares([(0, 5.0), (0, 5.0)], [12.0], 0.0, 12.5, workers=2)
     assert whole == pytest.approx(10.0 / 25.0)
     assert steady is None
+
+
+def test_one_worker_one_round_of_plain_averaging_is_that_workers_adamw_run() -> None:
+    # The sweep's DiLoCo math against its DDP math: with one worker, H = the whole budget and an outer SGD step
+    # of lr 1 without momentum, the new weights are the worker's own end weights, so both reach the same model.
+    from ops.fleet.sweep import ddp, diloco
+    from ops.fleet.workload import Workload
+
+    torch.manual_seed(0)
+    w = Workload(n_embd=32, n_layer=1, n_head=2, block_size=16, batch=8, steps=32, workers=1, outer_lr=1.0,
+                 outer_momentum=0.0)
+    (got,) = diloco(w, local_steps=32)
+    (want,) = ddp(w, every=32)
+    assert got == pytest.approx(want, rel=1e-4)
