@@ -107,8 +107,10 @@ def shard_task_compute(r: Any, job_id: str, below_version: int) -> list[tuple[in
         if raw is None:
             continue
         meta = json.loads(raw)
-        args, res = meta.get("args") or [], meta.get("result")
-        if meta.get("name") != "aas.train_shard" or not args or args[0] != job_id or not isinstance(res, dict):
+        res = meta.get("result")
+        # Shard tasks are sent with named arguments (workers/app.py shard_signature); positional ones are older.
+        job = (meta.get("kwargs") or {}).get("job_id") or next(iter(meta.get("args") or []), None)
+        if meta.get("name") != "aas.train_shard" or job != job_id or not isinstance(res, dict):
             continue
         if "compute_s" in res and 0 <= int(res.get("version", -1)) < below_version:
             out.append((int(res["version"]), float(res["compute_s"])))

@@ -52,3 +52,27 @@ def test_one_worker_one_round_of_plain_averaging_is_that_workers_adamw_run() -> 
     (got,) = diloco(w, local_steps=32)
     (want,) = ddp(w, every=32)
     assert got == pytest.approx(want, rel=1e-4)
+
+
+def test_task_compute_is_read_from_results_sent_with_named_or_positional_arguments() -> None:
+    import json
+
+    import fakeredis
+
+    from ops.fleet.bench import shard_task_compute
+
+    r = fakeredis.FakeRedis()
+    def meta(name: str, job: str, version: int, compute_s: float, positional: bool = False) -> dict[str, object]:
+        call = {"args": [job, 0, version]} if positional else {"kwargs": {"job_id": job, "shard_id": 0}}
+        return {"name": name, **call, "result": {"version": version, "compute_s": compute_s}}
+
+    metas = [
+        meta("aas.train_shard", "j1", 0, 2.0),
+        meta("aas.train_shard", "j1", 0, 3.0, positional=True),
+        meta("aas.train_shard", "j1", 1, 9.0),  # version 1 was not committed
+        meta("aas.train_shard", "j2", 0, 5.0),  # another job
+        meta("aas.aggregate", "j1", 0, 7.0),  # not a shard task
+    ]
+    for i, m in enumerate(metas):
+        r.set(f"celery-task-meta-{i}", json.dumps(m))
+    assert sorted(shard_task_compute(r, "j1", below_version=1)) == [(0, 2.0), (0, 3.0)]
