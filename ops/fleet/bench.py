@@ -284,7 +284,13 @@ def main(args: Any) -> int:
             Path(args.json).write_text(json.dumps({"workload": w.to_dict(), "cpus": os.cpu_count(),
                                                    "results": results, **extra}, indent=2, default=str))
 
-    with FleetCluster(workdir, workers=w.workers, bandwidth=bandwidths[0]) as cluster:
+    # The liveness monitor relaunches a shard slot that is "neither done, queued nor leased" after
+    # relaunch_grace_s (2 s by default). A shard task that a busy worker has taken from the queue but not started
+    # is neither (kombu keeps it unacked, the lease begins when it runs), so a DiLoCo round, whose tasks run for
+    # minutes, got the same task relaunched every few seconds and the workers ran stale duplicates for
+    # minutes. Lost leases (a worker that died) are still relaunched at once.
+    env = {"AAS_RELAUNCH_GRACE_S": str(args.relaunch_grace_s)}
+    with FleetCluster(workdir, workers=w.workers, bandwidth=bandwidths[0], extra_env=env) as cluster:
         print(f"[fleet-bench] fleet up: {w.workers} workers; reference (DDP's math, one process) ...",
               file=sys.stderr, flush=True)
         ref = {"perplexity": args.reference_ppl, "given": True} if args.reference_ppl else reference_adamw(w)

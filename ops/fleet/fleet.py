@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--batch", type=int, default=None, help="samples per worker and step, every row (default 4)")
     b.add_argument("--outer-lr", type=float, default=None, help="DiLoCo rows' outer learning rate (default 0.7)")
     b.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo rows' outer Nesterov momentum (0.9)")
+    b.add_argument("--relaunch-grace-s", type=float, default=900.0,
+                   help="the liveness monitor's grace for work neither queued nor leased (bench.py says why)")
     b.add_argument("--json", default=None)
     b.add_argument("--quick", action="store_true", help="a tiny model and 32 steps: checks the wiring only")
     b.add_argument("--workdir", default=None)
