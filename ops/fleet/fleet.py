@@ -132,7 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--ddp-cap-s", type=float, default=45.0, help="stop a DDP or sync row after this long (s)")
     b.add_argument("--reference-ppl", type=float, default=None,
                    help="DDP's perplexity from an earlier run's reference (skips the one-process run)")
-    b.add_argument("--rows", nargs="*", default=[], help="only rows whose label starts with one of these")
+    b.add_argument("--rows", nargs="*", default=[],
+                   help="only rows whose label starts with one of these; any 'DiLoCo H=<n>[ int8]' may be named")
+    b.add_argument("--steps", type=int, default=None, help="steps per worker, every row (default 128: one epoch)")
+    b.add_argument("--batch", type=int, default=None, help="samples per worker and step, every row (default 4)")
+    b.add_argument("--outer-lr", type=float, default=None, help="DiLoCo rows' outer learning rate (default 0.7)")
+    b.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo rows' outer Nesterov momentum (0.9)")
+    b.add_argument("--relaunch-grace-s", type=float, default=900.0,
+                   help="the liveness monitor's grace for work neither queued nor leased (bench.py says why)")
     b.add_argument("--json", default=None)
     b.add_argument("--quick", action="store_true", help="a tiny model and 32 steps: checks the wiring only")
     b.add_argument("--workdir", default=None)
