@@ -28,11 +28,13 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -189,6 +191,8 @@ def child_part(job: dict[str, Any], part: int) -> dict[str, Any]:
     b0 = job["results"][0]["parts"][part]
     fold_blob(ctx, job["job_id"], b0["key"], b0["sha256"], shapes,
               {"job": job["job_id"], "shard": 0, "base_version": 0, "part": part}, Accumulator(shapes))
+    print("ready", flush=True)
+    sys.stdin.readline()  # "go": every part starts together
     start = time.time()
     done = aggregate_part(ctx, job["job_id"], 0, job["results"], part)
     return {"start": start, "end": time.time(), "committed": done.committed,
@@ -200,9 +204,17 @@ def run_parts(job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "part", "--part", str(p)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, **env, "PYTHONPATH": str(REPO)}) for p in range(job["parts"])]
-    for p in procs:  # every child gets its input before any is waited for: they run at the same time
+    for p in procs:  # every child gets its input before any is waited for
+        assert p.stdin is not None and p.stdout is not None
+        p.stdin.write(json.dumps(job) + "\n")
+        p.stdin.flush()
+    for p in procs:  # ... and all are warmed up before any starts
+        assert p.stdout is not None
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError("a part child failed before it was ready")
+    for p in procs:
         assert p.stdin is not None
-        p.stdin.write(json.dumps(job))
+        p.stdin.write("go\n")
         p.stdin.close()
     outs = []
     for p in procs:
@@ -246,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
-        job = json.loads(sys.stdin.read())
+        job = json.loads(sys.stdin.readline() if a.child == "part" else sys.stdin.read())
         run = {"floor": child_floor, "aggregate": child_aggregate}.get(a.child)
         print(json.dumps(run(job) if run else child_part(job, a.part)))
         return 0
@@ -254,50 +266,45 @@ def main(argv: list[str] | None = None) -> int:
         return compare_parts(a)
 
     rows = []
-    with tempfile.TemporaryDirectory(prefix="aas-aggbench-") as tmp:
-        env = settings_env(Path(tmp))
-        os.environ.update(env)
-        for params_m in [float(x) for x in a.params_m.split(",")]:
-            for shards in [int(x) for x in a.shards.split(",")]:
-                print(f"[aggregation] {params_m:g}M parameters × {shards} shards: staging", file=sys.stderr, flush=True)
-                job = stage(params_m, shards)
-                row = {"params": job["params"], "model_mb": round(job["model_mb"], 1), "shards": shards}
-                row.update(run_child("floor", job, env))
-                row.update(run_child("aggregate", job, env))
-                row["fold_over_floor"] = row["fold_s"] / row["floor_fold_s"]
-                row["task_over_floor"] = row["task_s"] / row["floor_s"]
-                row["peak_over_model"] = row["task_peak_mb"] / row["model_mb"]
-                rows.append(row)
-                print(f"[aggregation]   floor {row['floor_s']:.2f} s, task {row['task_s']:.2f} s, "
-                      f"peak {row['task_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
-                import shutil
-
-                shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
+    for env, params_m, shards in configurations(a):
+        print(f"[aggregation] {params_m:g}M parameters × {shards} shards: staging", file=sys.stderr, flush=True)
+        job = stage(params_m, shards)
+        row = {"params": job["params"], "model_mb": round(job["model_mb"], 1), "shards": shards}
+        row.update(run_child("floor", job, env))
+        row.update(run_child("aggregate", job, env))
+        row["fold_over_floor"] = row["fold_s"] / row["floor_fold_s"]
+        row["task_over_floor"] = row["task_s"] / row["floor_s"]
+        row["peak_over_model"] = row["task_peak_mb"] / row["model_mb"]
+        rows.append(row)
+        print(f"[aggregation]   floor {row['floor_s']:.2f} s, task {row['task_s']:.2f} s, "
+              f"peak {row['task_peak_mb']:.0f} MB", file=sys.stderr, flush=True)
     print_table(rows)
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
-def compare_parts(a: argparse.Namespace) -> int:
-    rows = []
+def configurations(a: argparse.Namespace) -> Iterator[tuple[dict[str, str], float, int]]:
+    """(environment, millions of parameters, shards) for every requested pair, each on an emptied store."""
     with tempfile.TemporaryDirectory(prefix="aas-aggbench-") as tmp:
         env = settings_env(Path(tmp))
         os.environ.update(env)
         for params_m in [float(x) for x in a.params_m.split(",")]:
             for shards in [int(x) for x in a.shards.split(",")]:
-                for parts in [int(x) for x in a.parts.split(",")]:
-                    print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr,
-                          flush=True)
-                    job = stage(params_m, shards, parts)
-                    row = {"params": job["params"], "shards": shards, "parts": job["parts"]}
-                    row.update(run_parts(job, env) if job["parts"] > 1 else
-                               {k: v for k, v in run_child("aggregate", job, env).items()
-                                if k in ("task_s", "task_peak_mb")})
-                    rows.append(row)
-                    import shutil
+                yield env, params_m, shards
+                shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
 
-                    shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
+
+def compare_parts(a: argparse.Namespace) -> int:
+    rows = []
+    for env, params_m, shards in configurations(a):
+        for parts in [int(x) for x in a.parts.split(",")]:
+            print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr, flush=True)
+            job = stage(params_m, shards, parts)
+            row = {"params": job["params"], "shards": shards, "parts": job["parts"]}
+            row.update(run_parts(job, env) if job["parts"] > 1 else
+                       {k: v for k, v in run_child("aggregate", job, env).items() if k in ("task_s", "task_peak_mb")})
+            rows.append(row)
     print("| params | shards | parts | aggregation s | × one part | peak MB per process |")
     print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
