@@ -168,7 +168,9 @@ def _aggregators_publish(sender: Any = None, instance: Any = None, **_: object) 
         return
     consumed = set(queues.consume_from or queues)
     if QUEUE_AGGREGATE in consumed and QUEUE_PUBLISH not in consumed:
-        queues.select_add(QUEUE_PUBLISH, exchange=QUEUE_PUBLISH, routing_key=QUEUE_PUBLISH)  # as task_routes makes it
+        # The declared queue where there is one (RabbitMQ: a quorum queue on its topic exchange), else the one
+        # Celery makes for a missing queue (as routing a task to it does).
+        queues.select_add(queues[QUEUE_PUBLISH])
 
 
 @worker_process_init.connect
