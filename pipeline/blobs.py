@@ -160,23 +160,39 @@ def verify(data: bytes | bytearray | memoryview, where: str = "<bytes>", *, sign
            expect_digest: str | None = None) -> tuple[dict[str, Any], memoryview]:
     """Check the digest (one sha256 pass) and the signature; return the header and the payload."""
     header, payload = read_header(data, where)
-    declared = str(header.get("digest", ""))
-    if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
-        raise BlobError(where, "sha256 digest differs from what the writer reported")
+    _verify_parsed(header, payload, where, signing_key=signing_key, expect_digest=expect_digest)
+    return header, payload
+
+
+def _verify_parsed(header: dict[str, Any], payload: memoryview, where: str, *, signing_key: bytes | None,
+                   expect_digest: str | None) -> None:
     try:
         meta_bytes = _canonical(header["meta"])
     except ValueError as e:
         raise BlobError(where, f"meta is not canonical JSON: {e}") from None
-    if not hmac.compare_digest(declared, _digest(meta_bytes, (payload,))):
+    _check_digest_and_sig(header, _digest(meta_bytes, (payload,)), where, signing_key=signing_key,
+                          expect_digest=expect_digest, mac_v1=lambda key: _mac(key, meta_bytes, payload))
+
+
+def _check_digest_and_sig(header: dict[str, Any], actual: str, where: str, *, signing_key: bytes | None,
+                          expect_digest: str | None, mac_v1: Callable[[bytes], str] | None) -> None:
+    """The declared digest against what the writer reported and what the bytes hash to, then the signature
+    (format 2: of the digest; format 1: of the bytes, through `mac_v1`, which a stream cannot give)."""
+    declared = str(header.get("digest", ""))
+    if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
+        raise BlobError(where, "sha256 digest differs from what the writer reported")
+    if not hmac.compare_digest(declared, actual):
         raise BlobError(where, "sha256 mismatch: the blob is corrupt or was modified")
     if signing_key:
         sig = header.get("sig")
         if not sig:
             raise BlobError(where, "unsigned, but a signing key is configured", code="signature")
-        want = _mac_digest(signing_key, declared) if header["format"] >= 2 else _mac(signing_key, meta_bytes, payload)
-        if not hmac.compare_digest(str(sig), want):
+        if header["format"] >= 2:
+            want = _mac_digest(signing_key, declared)
+        else:
+            want = mac_v1(signing_key) if mac_v1 is not None else ""
+        if not want or not hmac.compare_digest(str(sig), want):
             raise BlobError(where, "bad signature (HMAC-SHA256 does not match the configured key)", code="signature")
-    return header, payload
 
 
 def decode(
@@ -196,7 +212,7 @@ def decode(
     header, payload = read_header(data, where)
     if header.get("compression") == "none":
         _check_plain_length(header, len(payload), where)
-    header, payload = verify(data, where, signing_key=signing_key, expect_digest=expect_digest)
+    _verify_parsed(header, payload, where, signing_key=signing_key, expect_digest=expect_digest)
     expected = header.get("payload_bytes")
     if not isinstance(expected, int) or expected < 0:
         raise BlobError(where, "header has no valid payload_bytes")
@@ -336,15 +352,5 @@ class BlobStream:
         """Check that the stream is at its end and the digest (and signature) hold; BlobError otherwise."""
         if self._at != self.size:
             raise BlobError(self.where, f"{self.size - self._at} bytes after the last tensor")
-        declared = str(self.header.get("digest", ""))
-        if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
-            raise BlobError(self.where, "sha256 digest differs from what the writer reported")
-        if not hmac.compare_digest(declared, self._hash.hexdigest()):
-            raise BlobError(self.where, "sha256 mismatch: the blob is corrupt or was modified")
-        if signing_key:
-            sig = self.header.get("sig")
-            if not sig:
-                raise BlobError(self.where, "unsigned, but a signing key is configured", code="signature")
-            if self.header["format"] < 2 or not hmac.compare_digest(str(sig), _mac_digest(signing_key, declared)):
-                raise BlobError(self.where, "bad signature (HMAC-SHA256 does not match the configured key)",
-                                code="signature")
+        _check_digest_and_sig(self.header, self._hash.hexdigest(), self.where, signing_key=signing_key,
+                              expect_digest=expect_digest, mac_v1=None)
