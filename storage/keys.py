@@ -199,6 +199,16 @@ def live_jobs() -> str:
     return "ops/live-jobs.json"
 
 
+def live_marker_prefix() -> str:
+    return "ops/live/"
+
+
+def live_marker(job_id: str) -> str:
+    """Empty: written when a job is submitted, before Redis knows it, and removed once it ended. The list above
+    lags the monitor's last sweep; a job submitted in that gap is found here after Redis lost its state."""
+    return f"{live_marker_prefix()}{job_id}"
+
+
 def dataset_prefix(dataset_id: str) -> str:
     return f"datasets/{dataset_id}"
 

@@ -162,12 +162,14 @@ class LocalStore:
         self._path(key).unlink(missing_ok=True)
 
     def list(self, prefix: str) -> Iterator[str]:
-        base = self.root
-        if not base.exists():
+        # Walk only the folder the prefix names (not the whole store: it holds every job's checkpoints).
+        folder = prefix.rpartition("/")[0]
+        base = self._path(folder) if folder else self.root
+        if not base.is_dir():
             return
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.startswith(".tmp-"):
-                key = p.relative_to(base).as_posix()
+                key = p.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     yield key
 

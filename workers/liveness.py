@@ -39,7 +39,7 @@ import redis
 from pipeline.spec import JobSpec
 from pipeline.stop_rule import is_finished
 from storage import keys
-from storage.jobstate import JobNotFound, JobState
+from storage.jobstate import TERMINAL, JobNotFound, JobState
 from storage.leases import LeaseBook
 from storage.objectstore import ObjectNotFound, StoreError
 from workers.app import (
@@ -467,10 +467,32 @@ def recover_lost_state(ctx: Context, now: float) -> list[Action] | None:
 
 
 def _read_live_jobs(ctx: Context) -> list[str]:
+    """The jobs running when Redis lost its state: the monitor's last list, and the markers of jobs submitted
+    since (or whose end nobody has seen yet)."""
     try:
-        return [str(j) for j in json.loads(ctx.store.get(keys.live_jobs()))]
+        listed = [str(j) for j in json.loads(ctx.store.get(keys.live_jobs()))]
     except ObjectNotFound:
-        return []
+        listed = []
+    return sorted(set(listed) | set(_live_markers(ctx)))
+
+
+def _live_markers(ctx: Context) -> list[str]:
+    prefix = keys.live_marker_prefix()
+    return [k[len(prefix):] for k in ctx.store.list(prefix) if "/" not in k[len(prefix):]]
+
+
+def _drop_ended_markers(ctx: Context, running: list[str]) -> None:
+    """Remove the markers of jobs Redis says have ended. A marker Redis knows nothing of stays: its job may be
+    being submitted right now (the marker is written first)."""
+    for job_id in _live_markers(ctx):
+        if job_id in running:
+            continue
+        try:
+            ended = ctx.jobs.get(job_id).status in TERMINAL
+        except JobNotFound:
+            continue
+        if ended:
+            ctx.store.delete(keys.live_marker(job_id))
 
 
 _mirrored: list[str] | None = None
@@ -484,6 +506,7 @@ def _mirror_live_jobs(ctx: Context, running: list[str]) -> None:
         return
     try:
         ctx.store.put(keys.live_jobs(), json.dumps(running).encode())
+        _drop_ended_markers(ctx, running)
         _mirrored = running
     except StoreError:
         log.warning("could not record the running jobs in the store", exc_info=True)

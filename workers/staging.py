@@ -81,6 +81,7 @@ def stage_job(svc: Services, spec: JobSpec | dict[str, Any]) -> str:
     record = {"job_id": job_id, "spec": spec.model_dump(mode="json"), "total_rounds": rounds, "fields": fields}
     try:
         svc.store.put(keys.job_record(job_id), json.dumps(record).encode())
+        svc.store.put(keys.live_marker(job_id), b"")
     except StoreError as e:
         raise ServiceUnavailable(f"object store unavailable: {e}") from None
     svc.jobs.create(job_id, record["spec"], total_rounds=rounds, fields=fields)

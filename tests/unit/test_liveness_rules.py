@@ -187,6 +187,31 @@ def test_a_job_whose_redis_state_was_lost_is_rebuilt_from_the_store_and_relaunch
     assert "resumed" in kinds(unit_ctx, job_id)
 
 
+def test_a_job_submitted_since_the_last_sweep_is_rebuilt_too(unit_ctx) -> None:
+    """Redis lost its state before any sweep listed the job: its submit-time marker names it."""
+    liveness._mirrored = None
+    assert liveness.sweep(unit_ctx, Probe(), now=1000.0) == []  # nothing running yet
+    job_id = stage(unit_ctx)  # submitted after that sweep
+    assert json.loads(unit_ctx.store.get(keys.live_jobs())) == []
+    unit_ctx.redis.flushall()
+    actions = liveness.sweep(unit_ctx, Probe(), now=1001.0)
+    assert [(a.job_id, a.kind) for a in actions] == [(job_id, "resumed")]
+    assert unit_ctx.jobs.get(job_id).status == "running"
+    assert unit_ctx.dispatch.of("round") == [{"job_id": job_id, "version": 0, "shards": 2, "step": 0}]
+
+
+def test_the_marker_of_an_ended_job_is_removed_and_an_unknown_one_kept(unit_ctx) -> None:
+    liveness._mirrored = None
+    ended, running = stage(unit_ctx), stage(unit_ctx)
+    unit_ctx.store.put(keys.live_marker("beingsubmit"), b"")  # marker written, Redis not yet told
+    unit_ctx.jobs.set_status(running, "running")
+    unit_ctx.jobs.set_status(ended, "succeeded")
+    probe = Probe()
+    probe.queued.slots |= {(running, "v0:s0"), (running, "v0:s1")}
+    liveness.sweep(unit_ctx, probe, now=1000.0)
+    assert sorted(liveness._live_markers(unit_ctx)) == sorted(["beingsubmit", running])
+
+
 def test_queued_redis_messages_are_read_as_job_slots() -> None:
     def message(task: str, args: list, kwargs: dict) -> bytes:
         body = base64.b64encode(json.dumps([args, kwargs, {}]).encode()).decode()
