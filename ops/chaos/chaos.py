@@ -336,7 +336,9 @@ class JobRun:
                         rec["progress_s"] = round(now - rec["_t"], 2)
             if state is not None and pending and state["version"] >= pending[0].at_version and self._may_fire():
                 due = due if due is not None else now + pending[0].delay_s
-                if now >= due:
+                # A fault that waited for the fleet while the job reached its last version has no next version
+                # to be timed by: it is not fired (it stays in "skipped").
+                if now >= due and state["version"] < state["total_rounds"]:
                     self._inject(pending.pop(0), state["version"])
                     due = None
                     continue
