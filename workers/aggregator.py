@@ -331,8 +331,9 @@ def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done
                   ranges: list[list[str]], t0: float) -> Commit:
     """Every part of version+1 is written: write its list of parts, then commit it with everything consumed."""
     job_id = job.job_id
-    base = ctx.checkpoint(keys.checkpoint_part(job_id, version + 1, 0), job_id)
-    manifest = Checkpoint(base.model, base.model_args, version + 1, {}, {},
+    # The model and its arguments are the spec's (every checkpoint of the job is built from them): no read of
+    # another process's part just to learn them.
+    manifest = Checkpoint(spec.model, spec.model_args, version + 1, {}, {},
                           {"job": job_id, "parts": [keys.checkpoint_part(job_id, version + 1, p)
                                                     for p in range(len(ranges))]})
     ckey = keys.checkpoint(job_id, version + 1)
