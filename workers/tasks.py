@@ -24,6 +24,7 @@ from celery.signals import worker_ready
 from pipeline import blobs
 from pipeline.spec import JobSpec
 from storage import keys
+from storage.jobstate import JobNotFound
 from storage.objectstore import StoreError
 from workers import aggregator, async_agg, liveness, publish, shard
 from workers.app import (TASK_AGGREGATE, TASK_AGGREGATE_PART, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_PUBLISH, TASK_TRAIN_SHARD,
@@ -87,6 +88,12 @@ def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[
             on_retry(ctx, e)
         # max_retries=None would mean Celery's default of 3 (not "unlimited"): pass ours, already checked above.
         raise task.retry(exc=e, countdown=_backoff_s(ctx, retries), max_retries=ctx.settings.task_max_retries) from None
+    except JobNotFound:
+        # Redis no longer knows the job (it lost its state, or the job was deleted): there is no job to fail.
+        # Marking it failed here raced the liveness monitor, which rebuilds such a job from the store and
+        # relaunches its work; a failed status written after that rebuild ended a job that was running again.
+        log.warning("%s: the job is not in Redis (lost with its state, or deleted); task dropped", what)
+        return {"skipped": "job not found"}
     except Exception as e:
         # A bug or a permanent defect: retrying cannot help. Fail the job now, with the reason, rather
         # than leave it waiting for a round that will never complete.
@@ -106,7 +113,7 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
             else f"shard {shard_id} of job {job_id} step {step}")
     out = _guarded(self, job_id, what, lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt),
                    slot=slot)
-    if "failed" not in out:
+    if "failed" not in out and "skipped" not in out:
         liveness.shard_finished(get_context(), job_id, shard_id, version, attempt)
     out["worker"] = self.request.hostname
     return out

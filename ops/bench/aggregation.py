@@ -76,9 +76,9 @@ def context() -> Any:
     return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs, dispatch=StubDispatcher())
 
 
-def stage(params_m: float, shards: int, parts: int = 1) -> dict[str, Any]:
-    """Stage a job and write every shard's update (one blob per range with `parts`); return what the children
-    need."""
+def stage(params_m: float, shards: int, parts: int = 1, rounds: int = 1) -> dict[str, Any]:
+    """Stage a job and write every shard's update (one blob per range with `parts`) for `rounds` rounds; return
+    what the children need (``results``: round 0's claim checks; ``results1``: round 1's, with 2 rounds)."""
     import torch
 
     from pipeline import codecs
@@ -99,14 +99,18 @@ def stage(params_m: float, shards: int, parts: int = 1) -> dict[str, Any]:
     n_params = sum(ckpt.state[n].numel() for n in names)
     ranges = partition([(n, ckpt.state[n].numel()) for n in names], parts)
     gen = torch.Generator().manual_seed(0)
-    results = []
-    for s in range(shards):
-        grads = {n: torch.randn(ckpt.state[n].shape, generator=gen) * 1e-3 for n in names}
-        enc = codecs.encode(grads, codecs.CodecConfig(name="none"))
-        results.append(upload_update(ctx, job_id, s, 0, 0, 0, enc, samples=4, loss=1.0, ranges=ranges))
-        del grads, enc
-    return {"job_id": job_id, "results": results, "params": n_params, "model_mb": 4 * n_params / MB,
-            "parts": len(ranges)}
+    per_round: list[list[dict[str, Any]]] = [[] for _ in range(rounds)]
+    for v in range(rounds):
+        for s in range(shards):
+            grads = {n: torch.randn(ckpt.state[n].shape, generator=gen) * 1e-3 for n in names}
+            enc = codecs.encode(grads, codecs.CodecConfig(name="none"))
+            per_round[v].append(upload_update(ctx, job_id, s, v, v, 0, enc, samples=4, loss=1.0, ranges=ranges))
+            del grads, enc
+    out = {"job_id": job_id, "results": per_round[0], "params": n_params, "model_mb": 4 * n_params / MB,
+           "parts": len(ranges)}
+    if rounds > 1:
+        out["results1"] = per_round[1]
+    return out
 
 
 def child_floor(job: dict[str, Any]) -> dict[str, Any]:
@@ -163,8 +167,12 @@ def child_aggregate(job: dict[str, Any]) -> dict[str, Any]:
     r0 = job["results"][0]
     fold_blob(ctx, job["job_id"], r0["key"], r0["sha256"], shapes, {"job": job["job_id"], "shard": 0,
                                                                        "base_version": 0}, Accumulator(shapes))
+    version = 0
+    if "results1" in job:  # the steady state: round 0 untimed (its version 1 stays in this process, as it does
+        aggregate_round(ctx, job["job_id"], 0, job["results"])  # in a running aggregator), round 1 timed
+        version = 1
     t0 = time.perf_counter()
-    done = aggregate_round(ctx, job["job_id"], 0, job["results"])
+    done = aggregate_round(ctx, job["job_id"], version, job["results1"] if version else job["results"])
     t1 = time.perf_counter()
     if not done.committed:
         raise RuntimeError("the aggregation did not commit")
@@ -191,10 +199,14 @@ def child_part(job: dict[str, Any], part: int) -> dict[str, Any]:
     b0 = job["results"][0]["parts"][part]
     fold_blob(ctx, job["job_id"], b0["key"], b0["sha256"], shapes,
               {"job": job["job_id"], "shard": 0, "base_version": 0, "part": part}, Accumulator(shapes))
+    version = 0
+    if "results1" in job:  # the steady state: round 0 untimed, each part's version 1 kept by its process
+        aggregate_part(ctx, job["job_id"], 0, job["results"], part)
+        version = 1
     print("ready", flush=True)
-    sys.stdin.readline()  # "go": every part starts together
+    sys.stdin.readline()  # "go": every part starts together (with 2 rounds, once version 1 is committed)
     start = time.time()
-    done = aggregate_part(ctx, job["job_id"], 0, job["results"], part)
+    done = aggregate_part(ctx, job["job_id"], version, job["results1"] if version else job["results"], part)
     return {"start": start, "end": time.time(), "committed": done.committed,
             "peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
 
@@ -253,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shards", default="2,8,32", help="comma-separated shard counts")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--parts", default="", help="comma-separated K to compare (e.g. 1,2): K aggregation "
-                    "processes in parallel against one; replaces the floor table")
+                    "processes in parallel against one, timed on round 1 (each process keeps its own version 1, as a "
+                    "running aggregator does); replaces the floor table")
     ap.add_argument("--child", choices=["floor", "aggregate", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -300,8 +313,8 @@ def compare_parts(a: argparse.Namespace) -> int:
     for env, params_m, shards in configurations(a):
         for parts in [int(x) for x in a.parts.split(",")]:
             print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr, flush=True)
-            job = stage(params_m, shards, parts)
-            row = {"params": job["params"], "shards": shards, "parts": job["parts"]}
+            job = stage(params_m, shards, parts, rounds=2)
+            row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1}
             row.update(run_parts(job, env) if job["parts"] > 1 else
                        {k: v for k, v in run_child("aggregate", job, env).items() if k in ("task_s", "task_peak_mb")})
             rows.append(row)

@@ -252,3 +252,23 @@ def test_top_and_status_show_time_since_progress_tasks_and_where_they_run_and_re
     assert sorted(t["worker"] for t in live["tasks"]) == ["shard0@host/12", "shard1@host/14"]
     assert [e["kind"] for e in client.events(job_id) if e["kind"] in ("lease_lost", "relaunch")] == ["lease_lost",
                                                                                                      "relaunch"]
+
+
+def test_a_task_that_finds_no_job_does_not_fail_the_job_the_monitor_rebuilt(unit_ctx) -> None:
+    """Redis lost the job while a task ran; the monitor rebuilt it before the task's error handler ran: the
+    task must not mark the rebuilt, running job failed (chaos found such a job failed at v26 by a v24 task)."""
+    from types import SimpleNamespace
+
+    from storage.jobstate import JobNotFound
+    from workers import tasks
+
+    job_id = stage(unit_ctx)
+    task = SimpleNamespace(request=SimpleNamespace(id="t-lost", retries=0, hostname="w@h"))
+
+    def lost(ctx):
+        raise JobNotFound(job_id)  # read before the rebuild; the job is back by the time this is handled
+
+    out = tasks._run_guarded(unit_ctx, task, job_id, f"aggregation of job {job_id} v0", lost, None)
+    assert out == {"skipped": "job not found"}
+    job = unit_ctx.jobs.get(job_id)
+    assert job.status == "running" and not job.error
