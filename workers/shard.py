@@ -43,7 +43,12 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     # A stable hash of the spec's seed (Python's hash() of a str is salted per process by PYTHONHASHSEED: a
     # redelivered task of a model with dropout drew other numbers on another worker). Not the job id: the same
     # spec trains to the same weights, whichever job, worker or fault.
-    torch.manual_seed(hash_seed(spec.seed, shard, version, step))
+    seed = hash_seed(spec.seed, shard, version, step)
+    # The CPU generator, and CUDA's only on CUDA: torch.manual_seed also queues a lazy CUDA seeding, which
+    # formats a stack trace every call (~1 ms a task on a small model).
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(seed)
     teacher = None
     if spec.kind == "distill":  # the teacher version was pinned at submit: an alias move does not change it
         name, _, version_text = job.fields["teacher"].rpartition("@")
