@@ -65,6 +65,9 @@ class JobState:
         for k in ("created_at", "started_at", "finished_at", "test_accuracy", "test_loss", "perplexity"):
             if k in self.fields:
                 out[k] = float(self.fields[k])
+        for k in ("state_local", "state_moved"):  # top-k shard tasks that found their codec state in-process, or not
+            if k in self.fields:
+                out[k] = int(self.fields[k])
         for k in ("checkpoint", "manifest", "registered_model"):
             if k in self.fields:
                 out[k] = self.fields[k]

@@ -40,6 +40,12 @@ class CodecState:
     velocity: dict[str, Tensor] | None
 
 
+def held(ctx: Context, job_id: str, shard: int, prev_step: int) -> bool:
+    """Whether this process holds the shard's state after exactly ``prev_step`` (its previous task ran here)."""
+    hit = ctx.residuals.get((job_id, shard))
+    return isinstance(hit, CodecState) and hit.step == prev_step
+
+
 def load(ctx: Context, job_id: str, shard: int, prev_step: int, mode: str) -> CodecState:
     """The state the shard's task at step ``prev_step`` left (empty when there is none)."""
     empty = CodecState(prev_step, None, None)
