@@ -68,11 +68,13 @@ def identity() -> tuple[str, str] | None:
     return f"{node}/{os.getpid()}", queue  # the name liveness.agent_for heartbeats under
 
 
-def record(ctx: Context, job_id: str, shard: int, step: int, *, local: bool | None) -> None:
-    """After the task at `step` kept the shard's codec state in this process: this worker holds it. `local` says
-    whether the task started from state this process held for exactly the previous step (None: the first step,
-    nothing to hold); counted in the job (``state_local`` / ``state_moved``) to show how often shards moved."""
-    me = identity()
+def record(ctx: Context, job_id: str, shard: int, step: int, *, local: bool | None,
+           me: tuple[str, str] | None = None) -> None:
+    """After the task at `step` kept the shard's codec state in this process: this worker (`me`, default
+    ``identity()``) holds it. `local` says whether the task started from state this process held for exactly the
+    previous step (None: the first step, nothing to hold); counted in the job (``state_local`` / ``state_moved``)
+    to show how often shards moved."""
+    me = me or identity()
     pipe = ctx.redis.pipeline()
     if local is not None:
         pipe.hincrby(keys.job(job_id), "state_local" if local else "state_moved", 1)
