@@ -1,0 +1,79 @@
+"""Shard-to-worker affinity on real `celery worker` processes: a top-k job's shards stay on the workers that hold
+their error-feedback state; when such a worker dies its shard moves to a live one and the job still commits every
+version exactly once."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections import defaultdict
+from typing import Any
+
+import pytest
+
+from storage import keys
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SPEC = {"shards": 2, "epochs": 1, "batch_size": 64, "seed": 3, "codec": "topk", "publish_every_versions": 0}
+
+
+def shard_runs(r: Any, job_id: str) -> dict[int, dict[int, str]]:
+    """shard → {version: the worker node that ran it}, from the shard tasks' results (``result_extended``)."""
+    out: dict[int, dict[int, str]] = defaultdict(dict)
+    for key in r.scan_iter(match="celery-task-meta-*", count=500):
+        raw = r.get(key)
+        meta = json.loads(raw) if raw else {}
+        res, kwargs = meta.get("result"), meta.get("kwargs") or {}
+        if meta.get("name") != "aas.train_shard" or kwargs.get("job_id") != job_id or not isinstance(res, dict):
+            continue
+        if "key" in res:
+            out[int(res["shard"])][int(res["version"])] = str(res["worker"]).split("@", 1)[0]
+    return out
+
+
+def test_a_top_k_jobs_shards_stay_on_the_workers_holding_their_state(workers) -> None:
+    from pipeline.client import Client
+
+    workers("aggregator", "aggregate")
+    workers("shard0")
+    workers("shard1")
+    client = Client()
+    job_id = client.submit(SPEC)
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    rounds = final["version"]
+    runs = shard_runs(client.redis, job_id)
+    assert sorted(runs) == [0, 1] and all(len(runs[s]) == rounds for s in runs), runs
+    # Round 0 goes to the shared queue (nobody holds anything yet); round 1 may hand one shard back when one worker
+    # took both. From round 2 on every shard runs where its state is, one worker per shard.
+    steady = {s: {w for v, w in runs[s].items() if v >= 2} for s in runs}
+    assert all(len(ws) == 1 for ws in steady.values()) and steady[0] != steady[1], runs
+    assert final["state_local"] >= 2 * (rounds - 2) and final["state_moved"] <= 2, final
+    for v in range(1, rounds + 1):
+        assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
+
+
+def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_every_version_is_committed_once(workers) -> None:
+    from pipeline.client import Client
+
+    slow = {"AAS_SLOW_FACTOR": "20"}  # a shard task computes for about a second: the kill lands mid-job
+    workers("aggregator", "aggregate")
+    workers("survivor", extra_env=slow)
+    workers("victim", extra_env=slow)
+    client = Client()
+    job_id = client.submit(SPEC)
+    deadline = time.monotonic() + 120
+    while not any("victim" in v.decode() for v in client.redis.hvals(keys.job_affinity(job_id))):
+        assert time.monotonic() < deadline, "the victim never held a shard"
+        time.sleep(0.05)
+    workers.group.kill("victim", signal.SIGKILL)  # type: ignore[attr-defined]
+    version = client.jobs.get(job_id).version
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    runs = shard_runs(client.redis, job_id)
+    late = {w for s in runs for v, w in runs[s].items() if v > version + 1}
+    assert late == {"survivor"}, runs  # the dead worker's shard came back to the live one
+    for v in range(1, final["version"] + 1):
+        assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
