@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import time
 from collections import defaultdict
 from typing import Any
@@ -33,13 +34,53 @@ def shard_runs(r: Any, job_id: str) -> dict[int, dict[int, str]]:
     return out
 
 
+@pytest.fixture
+def on_rabbitmq(rabbitmq_url: str, services_env: dict[str, str], monkeypatch: pytest.MonkeyPatch):
+    """RabbitMQ as the broker, with the shard workers' own queues of this test deleted before and after."""
+    from kombu import Connection
+
+    from pipeline.settings import get_settings
+    from workers.app import affinity_queue_name
+
+    def delete_own_queues() -> None:
+        with Connection(rabbitmq_url, connect_timeout=3) as conn:
+            for name in ("shard0", "shard1"):
+                ch = conn.channel()
+                try:
+                    ch.queue_delete(affinity_queue_name(f"{name}@{socket.gethostname()}"))
+                finally:
+                    ch.close()
+
+    monkeypatch.setenv("AAS_BROKER_URL", rabbitmq_url)
+    get_settings.cache_clear()
+    delete_own_queues()
+    yield {"AAS_BROKER_URL": rabbitmq_url}
+    delete_own_queues()
+
+
 def test_a_top_k_jobs_shards_stay_on_the_workers_holding_their_state(workers) -> None:
+    shards_stay_on_their_workers(workers, {})
+
+
+def test_on_rabbitmq_a_top_k_jobs_shards_stay_on_their_workers_through_quorum_queues(on_rabbitmq, workers) -> None:
+    from kombu import Connection
+
+    shards_stay_on_their_workers(workers, on_rabbitmq)
+    with Connection(on_rabbitmq["AAS_BROKER_URL"]) as conn:  # each worker's own queue is a quorum queue too
+        ch = conn.channel()
+        with pytest.raises(Exception, match="PRECONDITION_FAILED|inequivalent arg"):
+            ch.queue_declare(f"shards.shard0@{socket.gethostname()}", durable=True,
+                             arguments={"x-queue-type": "classic"})
+
+
+def shards_stay_on_their_workers(workers, env: dict[str, str]) -> None:
     from pipeline.client import Client
 
-    workers("aggregator", "aggregate")
-    workers("shard0")
-    workers("shard1")
+    workers("aggregator", "aggregate", extra_env=env)
+    workers("shard0", extra_env=env)
+    workers("shard1", extra_env=env)
     client = Client()
+    assert client.settings.broker_kind() == ("rabbitmq" if env else "redis")
     job_id = client.submit(SPEC)
     final = client.wait(job_id, timeout=240)
     assert final["status"] == "succeeded", final.get("error")
