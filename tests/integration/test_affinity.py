@@ -1,6 +1,6 @@
 """Shard-to-worker affinity on real `celery worker` processes: a top-k job's shards stay on the workers that hold
-their error-feedback state; when such a worker dies its shard moves to a live one and the job still commits every
-version exactly once."""
+their error-feedback state (on Redis and on RabbitMQ); when such a worker dies its shard moves to a live one, every
+version is committed exactly once, and with the state in the store the weights equal a fault-free run's."""
 
 from __future__ import annotations
 
@@ -96,15 +96,25 @@ def shards_stay_on_their_workers(workers, env: dict[str, str]) -> None:
         assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
 
 
-def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_every_version_is_committed_once(workers) -> None:
+def final_state(client, job_id: str) -> dict[str, Any]:
+    from pipeline.checkpoint import decode_checkpoint
+
+    v = client.jobs.get(job_id).version
+    return decode_checkpoint(client.store.get(keys.checkpoint(job_id, v)), f"v{v}").state
+
+
+def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_the_weights_match_a_fault_free_run(workers) -> None:
     from pipeline.client import Client
 
+    spec = {**SPEC, "codec_state": "store"}  # exact state: the weights must not depend on the kill
     slow = {"AAS_SLOW_FACTOR": "20"}  # a shard task computes for about a second: the kill lands mid-job
     workers("aggregator", "aggregate")
     workers("survivor", extra_env=slow)
     workers("victim", extra_env=slow)
     client = Client()
-    job_id = client.submit(SPEC)
+    clean = client.wait(client.submit(spec), timeout=240)
+    assert clean["status"] == "succeeded", clean.get("error")
+    job_id = client.submit(spec)
     deadline = time.monotonic() + 120
     while not any("victim" in v.decode() for v in client.redis.hvals(keys.job_affinity(job_id))):
         assert time.monotonic() < deadline, "the victim never held a shard"
@@ -116,5 +126,10 @@ def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_every_version_
     runs = shard_runs(client.redis, job_id)
     late = {w for s in runs for v, w in runs[s].items() if v > version + 1}
     assert late == {"survivor"}, runs  # the dead worker's shard came back to the live one
+    assert final["version"] == clean["version"]
     for v in range(1, final["version"] + 1):
         assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
+    reference, got = final_state(client, clean["job_id"]), final_state(client, job_id)
+    assert reference.keys() == got.keys()
+    for name in reference:
+        assert (reference[name] - got[name]).abs().max().item() <= 1e-6, name
