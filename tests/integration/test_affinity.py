@@ -21,7 +21,7 @@ SPEC = {"shards": 2, "epochs": 1, "batch_size": 64, "seed": 3, "codec": "topk", 
 
 
 def shard_runs(r: Any, job_id: str) -> dict[int, dict[int, str]]:
-    """shard → {version: the worker node that ran it}, from the shard tasks' results (``result_extended``)."""
+    """shard → {data step: the worker node that ran it}, from the shard tasks' results (``result_extended``)."""
     out: dict[int, dict[int, str]] = defaultdict(dict)
     for key in r.scan_iter(match="celery-task-meta-*", count=500):
         raw = r.get(key)
@@ -30,7 +30,7 @@ def shard_runs(r: Any, job_id: str) -> dict[int, dict[int, str]]:
         if meta.get("name") != "aas.train_shard" or kwargs.get("job_id") != job_id or not isinstance(res, dict):
             continue
         if "key" in res:
-            out[int(res["shard"])][int(res["version"])] = str(res["worker"]).split("@", 1)[0]
+            out[int(res["shard"])][int(res["step"])] = str(res["worker"]).split("@", 1)[0]
     return out
 
 
@@ -88,8 +88,8 @@ def shards_stay_on_their_workers(workers, env: dict[str, str]) -> None:
     runs = shard_runs(client.redis, job_id)
     assert sorted(runs) == [0, 1] and all(len(runs[s]) == rounds for s in runs), runs
     # Round 0 goes to the shared queue (nobody holds anything yet); round 1 may hand one shard back when one worker
-    # took both. From round 2 on every shard runs where its state is, one worker per shard.
-    steady = {s: {w for v, w in runs[s].items() if v >= 2} for s in runs}
+    # took both. From round 2 on (H=1: step = round) every shard runs where its state is, one worker per shard.
+    steady = {s: {w for step, w in runs[s].items() if step >= 2} for s in runs}
     assert all(len(ws) == 1 for ws in steady.values()) and steady[0] != steady[1], runs
     assert final["state_local"] >= 2 * (rounds - 2) and final["state_moved"] <= 2, final
     for v in range(1, rounds + 1):
@@ -101,6 +101,22 @@ def final_state(client, job_id: str) -> dict[str, Any]:
 
     v = client.jobs.get(job_id).version
     return decode_checkpoint(client.store.get(keys.checkpoint(job_id, v)), f"v{v}").state
+
+
+def test_an_async_top_k_jobs_shards_stay_on_their_workers(workers) -> None:
+    from pipeline.client import Client
+
+    workers("aggregator", "aggregate")
+    workers("shard0")
+    workers("shard1")
+    client = Client()
+    job_id = client.submit({**SPEC, "mode": "async", "max_staleness": 8})
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    runs = shard_runs(client.redis, job_id)
+    steady = {s: {w for step, w in runs[s].items() if step >= 2} for s in runs}
+    assert sorted(steady) == [0, 1] and all(len(ws) == 1 for ws in steady.values()) and steady[0] != steady[1], runs
+    assert final["state_moved"] <= 2, final
 
 
 def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_the_weights_match_a_fault_free_run(workers) -> None:
@@ -124,7 +140,7 @@ def test_when_the_worker_holding_a_shard_dies_the_shard_moves_and_the_weights_ma
     final = client.wait(job_id, timeout=240)
     assert final["status"] == "succeeded", final.get("error")
     runs = shard_runs(client.redis, job_id)
-    late = {w for s in runs for v, w in runs[s].items() if v > version + 1}
+    late = {w for s in runs for step, w in runs[s].items() if step > version + 1}  # H=1: step = round
     assert late == {"survivor"}, runs  # the dead worker's shard came back to the live one
     assert final["version"] == clean["version"]
     for v in range(1, final["version"] + 1):
