@@ -37,7 +37,7 @@ from pipeline import codecs
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.leases import LeaseBook
-from workers.app import own_shard_queue
+from workers.app import node_of_affinity_queue, own_shard_queue
 from workers.context import Context
 
 AFFINITY_TTL_S = 7 * 24 * 3600  # renewed by every record; retention shortens it when the job ends
@@ -102,8 +102,9 @@ def holders(ctx: Context, job_id: str) -> dict[int, Holder]:
 
 
 def live_queues(alive: Mapping[str, Mapping[str, Any]]) -> set[str]:
-    """The own shard queues of the live workers (heartbeats from ``LeaseBook.workers``)."""
-    return {str(q) for info in alive.values() if (q := info.get(HEARTBEAT_QUEUE))}
+    """The own shard queues of the live workers (heartbeats from ``LeaseBook.workers``); a heartbeat naming any other
+    queue (``aggregate``, say) is ignored: a hint in Redis never sends shard work elsewhere."""
+    return {q for info in alive.values() if node_of_affinity_queue(q := str(info.get(HEARTBEAT_QUEUE) or ""))}
 
 
 def plan(held: Mapping[int, Holder], alive: Mapping[str, Mapping[str, Any]], shards: int) -> dict[int, str]:
@@ -118,7 +119,8 @@ def plan(held: Mapping[int, Holder], alive: Mapping[str, Mapping[str, Any]], sha
     out = {}
     for s in range(shards):
         h = held.get(s)
-        if h is None or alive.get(h.worker, {}).get(HEARTBEAT_QUEUE) != h.queue or load[h.queue] >= cap:
+        if h is None or h.queue not in queues or alive.get(h.worker, {}).get(HEARTBEAT_QUEUE) != h.queue \
+                or load[h.queue] >= cap:
             continue
         load[h.queue] += 1
         out[s] = h.queue

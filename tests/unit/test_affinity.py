@@ -47,6 +47,8 @@ def test_a_shard_goes_to_its_holder_while_that_process_heartbeats_else_to_the_sh
     restarted = {"a@host/99": {"shard_queue": QA}, B[0]: {"shard_queue": QB}}  # same node, a new process: no state
     assert affinity.plan(held, restarted, 3) == {1: QB}
     assert affinity.plan(held, {}, 3) == {}
+    odd = {0: Holder("x@host/1", "aggregate", 8)}  # a record naming another queue is never followed
+    assert affinity.plan(odd, {"x@host/1": {"shard_queue": "aggregate"}}, 1) == {}
 
 
 def test_a_worker_holding_every_shard_keeps_only_its_share_and_the_rest_go_to_the_shared_queue() -> None:
