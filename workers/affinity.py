@@ -82,7 +82,11 @@ def record(ctx: Context, job_id: str, shard: int, step: int, *, local: bool | No
         # A redelivered older task must not take the record from the newer one's worker. Read, then write: a race
         # between two tasks of one shard leaves a record one of them wrote, and a stale record costs one move.
         old = ctx.redis.hget(keys.job_affinity(job_id), str(shard))
-        if old is None or int(json.loads(old).get("step", -1)) <= step:
+        try:
+            old_step = int(json.loads(old)["step"]) if old is not None else -1
+        except (ValueError, KeyError, TypeError):
+            old_step = -1  # a malformed record is replaced, never fatal to the task
+        if old_step <= step:
             pipe.hset(keys.job_affinity(job_id), str(shard), json.dumps({"worker": me[0], "queue": me[1],
                                                                          "step": step}))
             pipe.expire(keys.job_affinity(job_id), AFFINITY_TTL_S)

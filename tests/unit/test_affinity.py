@@ -128,6 +128,10 @@ def test_a_redelivered_older_task_does_not_take_the_record_from_the_newer_one(un
     assert affinity.holders(unit_ctx, job_id) == {0: Holder(*B, 16)}
     hold(unit_ctx, job_id, 0, A, step=24)
     assert affinity.holders(unit_ctx, job_id) == {0: Holder(*A, 24)}
+    unit_ctx.redis.hset(keys.job_affinity(job_id), "0", "not json")
+    assert affinity.holders(unit_ctx, job_id) == {}  # skipped, and replaced by the next record
+    hold(unit_ctx, job_id, 0, B, step=32)
+    assert affinity.holders(unit_ctx, job_id) == {0: Holder(*B, 32)}
 
 
 def test_a_top_k_shard_task_records_its_worker_and_counts_whether_it_found_its_state(unit_ctx, monkeypatch) -> None:
