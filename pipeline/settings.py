@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     # A worker consuming the aggregate queue also evaluates and publishes committed versions (queue "publish").
     aggregator_publishes: bool = True
     slow_factor: float = Field(default=1.0, ge=1.0)  # tests/benchmarks only: stretch each task's compute time
+    # Shard-to-worker affinity (workers/affinity.py): a shard whose codec keeps error-feedback state in the worker
+    # process (top-k) is sent to the queue of the worker that holds its state, while that worker's heartbeat lives;
+    # else, and for relaunches, to the shared ``shards`` queue. Each shard worker also consumes a queue of its own.
+    shard_affinity: bool = True
 
     # Celery reliability. The visibility timeout must exceed the longest task, or Redis redelivers
     # a running task to a second worker; tasks are idempotent regardless.

@@ -65,6 +65,9 @@ class JobState:
         for k in ("created_at", "started_at", "finished_at", "test_accuracy", "test_loss", "perplexity"):
             if k in self.fields:
                 out[k] = float(self.fields[k])
+        if "state_local" in self.fields or "state_moved" in self.fields:  # top-k tasks that found their codec
+            out["state_local"] = int(self.num("state_local"))                # state in-process, or not
+            out["state_moved"] = int(self.num("state_moved"))
         for k in ("checkpoint", "manifest", "registered_model"):
             if k in self.fields:
                 out[k] = self.fields[k]

@@ -118,6 +118,13 @@ def job_lost(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:lost"
 
 
+def job_affinity(job_id: str) -> str:
+    """Hash shard → JSON {worker, queue, step}: the worker process that holds the shard's codec state (top-k
+    error feedback) and the data step it follows; its queue is where the shard's next task goes
+    (workers/affinity.py). A hint: expires with the job."""
+    return f"{PREFIX}:job:{job_id}:affinity"
+
+
 def liveness_lock() -> str:
     """Lock: one liveness sweep at a time across every worker."""
     return f"{PREFIX}:liveness:lock"

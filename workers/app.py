@@ -5,6 +5,9 @@ Start workers with::
     celery -A workers.app worker -Q shards --pool=solo -E        # one shard worker per process/GPU
     celery -A workers.app worker -Q aggregate --pool=solo -E -c 1  # the aggregator
 
+Each shard worker also consumes a queue of its own, ``shards.<node name>`` (unless AAS_SHARD_AFFINITY=false):
+the queue a shard's task goes to when this worker holds the shard's codec state (``workers/affinity.py``).
+
 GPU workers must use ``--pool=solo`` (or threads): a prefork child that inherits an initialised CUDA
 context fails ("Cannot re-initialize CUDA in forked subprocess"). CPU workers may use prefork; each
 process sets torch's thread count from ``AAS_TORCH_THREADS`` when it starts.
@@ -44,13 +47,53 @@ TASK_RETRAIN = "aas.retrain"
 TASK_WATCHDOG = "aas.watchdog"
 
 
+# A worker's own shard queue that nobody consumes (its worker is gone, under another name) is deleted by RabbitMQ
+# after this long unused (ms). Its messages were relaunched to the shared queue once the worker's heartbeat ended.
+AFFINITY_QUEUE_EXPIRES_MS = 24 * 3600 * 1000
+
+
+def _rabbitmq_queue(s: Settings, name: str, **extra: int) -> Queue:
+    args = {"x-queue-type": "quorum", "x-delivery-limit": max(0, s.max_deliveries - 1), **extra}
+    return Queue(name, Exchange(name, type="topic", durable=True), routing_key=name, durable=True,
+                 queue_arguments=args)
+
+
 def rabbitmq_queues(s: Settings) -> list[Queue]:
     """Quorum queues, each on its own topic exchange (Celery's native delayed delivery, which carries retry
     countdowns on quorum queues, binds topic exchanges only). A message delivered `max_deliveries` times is
     dropped by the broker (``x-delivery-limit`` counts redeliveries: the first delivery is not one)."""
-    args = {"x-queue-type": "quorum", "x-delivery-limit": max(0, s.max_deliveries - 1)}
-    return [Queue(q, Exchange(q, type="topic", durable=True), routing_key=q, durable=True, queue_arguments=args)
-            for q in QUEUES]
+    return [_rabbitmq_queue(s, q) for q in QUEUES]
+
+
+def affinity_queue_name(node: str) -> str:
+    """The shard queue of one worker node (its Celery node name, ``shard0@host``)."""
+    return f"{QUEUE_SHARDS}.{node}"
+
+
+def node_of_affinity_queue(name: str) -> str | None:
+    """Inverse of ``affinity_queue_name``; None for any other queue."""
+    prefix = f"{QUEUE_SHARDS}."
+    return name[len(prefix):] if name.startswith(prefix) and len(name) > len(prefix) else None
+
+
+def affinity_queue(s: Settings, name: str) -> Queue:
+    """A worker's own shard queue, declared as its other queues are: on RabbitMQ a quorum queue on its own topic
+    exchange (expiring once unused for a day), on Redis a plain list. The worker and every sender declare it
+    with exactly these arguments (RabbitMQ refuses a declaration whose arguments differ)."""
+    if s.broker_kind() == "rabbitmq":
+        return _rabbitmq_queue(s, name, **{"x-expires": AFFINITY_QUEUE_EXPIRES_MS})
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def ensure_affinity_queue(capp: Celery, s: Settings, name: str) -> str:
+    """Make `name` (a worker's own shard queue) known to this sender's app, so a task can be routed to it by
+    name on either broker (RabbitMQ here does not create missing queues); returns the name."""
+    if node_of_affinity_queue(name) is None:
+        raise ValueError(f"not a worker's shard queue: {name!r} (expected {affinity_queue_name('<node>')!r})")
+    queues = capp.amqp.queues
+    if name not in queues:
+        queues.add(affinity_queue(s, name))  # known for routing; consumed only by the worker that selected it
+    return name
 
 
 def make_app(settings: Settings | None = None) -> Celery:
@@ -157,6 +200,31 @@ def _declare_rabbitmq_queues(sender: Any = None, **_: object) -> None:
     with capp.connection_for_write() as conn:
         for q in capp.conf.task_queues or ():
             q.bind(conn.default_channel).declare()
+
+
+_own_queue: dict[str, str] = {}  # "node", "queue": this worker's own shard queue (set at start, kept by forks)
+
+
+def own_shard_queue() -> tuple[str, str] | None:
+    """(node name, queue) of this worker process's own shard queue; None outside a shard worker with affinity."""
+    return (_own_queue["node"], _own_queue["queue"]) if _own_queue else None
+
+
+@celeryd_after_setup.connect
+def _consume_own_shard_queue(sender: Any = None, instance: Any = None, **_: object) -> None:
+    """A worker consuming ``shards`` also consumes ``shards.<node name>``: the tasks of the shards whose codec
+    state it holds (``workers/affinity.py``). Celery's ``worker_direct`` queue is not used: it is an auto-delete
+    queue on its own exchange, where a dead worker's messages vanish, and RabbitMQ here wants quorum queues."""
+    capp = getattr(instance, "app", None)
+    queues = getattr(getattr(capp, "amqp", None), "queues", None)
+    s = get_settings()
+    if queues is None or not sender or not s.shard_affinity:
+        return
+    if QUEUE_SHARDS not in set(queues.consume_from or queues):
+        return
+    name = affinity_queue_name(str(sender))
+    queues.select_add(affinity_queue(s, name))
+    _own_queue.update(node=str(sender), queue=name)
 
 
 @celeryd_after_setup.connect

@@ -5,6 +5,15 @@ in the worker process (``Context.residuals``) and, with ``codec_state="store"``,
 blob under ``keys.codec_state(job, shard, s)`` — so a shard that moves to another worker process continues
 from the same state, and the run's weights do not depend on which worker ran which task.
 
+Shards mostly do not move (``workers/affinity.py``, on unless AAS_SHARD_AFFINITY=false): the worker that kept a
+shard's state records it, and the shard's next task goes to that worker's own queue while its heartbeat lives;
+a dead worker's shards, relaunches, and a worker's share beyond ceil(shards / workers) go to the shared queue,
+where this module's fallbacks below apply. Each task counts in its job whether it found the state of exactly its
+previous step in its process (``state_local``) or not (``state_moved``). Measured (docs/benchmarks.md, issue 14):
+``topk+q4-dgc-3%`` at H=8 on digits (24 epochs, 2 shards, 2 workers; seeds 0 / 1): with affinity 0 of 136 tasks
+moved and the accuracy equals the store mode's (+0.56 / −0.56 points vs fp32 sync, ~600× fewer bytes, no state
+bytes); without it 40 / 52 of 136 moved and it lost 1.1 / 1.4 points.
+
 Exactness (``codec_state="store"``): the task at step s reads the state its shard wrote at s − H (never "the
 latest"), so a redelivered task reads the same state and writes the same bytes. The process cache is used only
 when it holds exactly step s − H. A missing state (step 0, or the shard's previous update was rejected) starts
@@ -38,6 +47,12 @@ class CodecState:
     step: int
     residual: dict[str, Tensor] | None
     velocity: dict[str, Tensor] | None
+
+
+def held(ctx: Context, job_id: str, shard: int, prev_step: int) -> bool:
+    """Whether this process holds the shard's state after exactly ``prev_step`` (its previous task ran here)."""
+    hit = ctx.residuals.get((job_id, shard))
+    return isinstance(hit, CodecState) and hit.step == prev_step
 
 
 def load(ctx: Context, job_id: str, shard: int, prev_step: int, mode: str) -> CodecState:

@@ -3,6 +3,9 @@
 ``CeleryDispatcher`` sends real messages; ``StubDispatcher`` records them in memory for unit tests (the
 way dramatiq's ``StubBroker`` stands in for a broker). Tests inject it into a Context instead of
 patching dotted paths.
+
+Shard tasks go to the shared ``shards`` queue unless the caller names another: the queue of the worker that
+holds a shard's codec state (``workers/affinity.py`` decides; relaunches never name one).
 """
 
 from __future__ import annotations
@@ -14,11 +17,15 @@ from pipeline.settings import Settings
 
 
 class Dispatcher(Protocol):
-    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
-        """Sync: one shard task per shard on `version`, then the aggregation of their results (a chord)."""
+    def round(self, job_id: str, version: int, shards: int, step: int, *, queues: dict[int, str] | None = None
+              ) -> None:
+        """Sync: one shard task per shard on `version`, then the aggregation of their results (a chord). Shard s
+        goes to ``queues[s]`` where given (a worker's own queue), else to the shared queue."""
 
-    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
-        """One shard task; with `apply` (async mode) its result is applied on arrival."""
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool,
+              queue: str | None = None) -> None:
+        """One shard task, to `queue` (a worker's own) or the shared queue; with `apply` (async mode) its result
+        is applied on arrival."""
 
     def aggregate(self, job_id: str, version: int) -> None:
         """Sync: the aggregation of round `version` on its own (it finds the shards' blobs in the store)."""
@@ -39,21 +46,30 @@ class CeleryDispatcher:
 
         return app_for(self.settings)
 
-    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
+    def _routed(self, capp: Any, sig: Any, queue: str | None) -> Any:
+        from workers.app import ensure_affinity_queue
+
+        return sig.set(queue=ensure_affinity_queue(capp, self.settings, queue)) if queue else sig
+
+    def round(self, job_id: str, version: int, shards: int, step: int, *, queues: dict[int, str] | None = None
+              ) -> None:
         from celery import chord, group
 
         from workers.app import TASK_AGGREGATE, shard_signature
 
         capp = self._app()
-        header = group(shard_signature(capp, job_id, s, version, step, 0) for s in range(shards))
+        queues = queues or {}
+        header = group(self._routed(capp, shard_signature(capp, job_id, s, version, step, 0), queues.get(s))
+                       for s in range(shards))
         chord(header, app=capp)(capp.signature(TASK_AGGREGATE, kwargs={"job_id": job_id, "version": version}))
 
-    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool,
+              queue: str | None = None) -> None:
         from workers.app import TASK_APPLY_UPDATE, shard_signature
 
         capp = self._app()
         link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
-        shard_signature(capp, job_id, shard, version, step, attempt, link=link).apply_async()
+        self._routed(capp, shard_signature(capp, job_id, shard, version, step, attempt, link=link), queue).apply_async()
 
     def aggregate(self, job_id: str, version: int) -> None:
         from workers.app import TASK_AGGREGATE
@@ -76,16 +92,22 @@ class CeleryDispatcher:
 
 @dataclass
 class StubDispatcher:
-    """Records what would have been enqueued: ("round", {...}), ("shard", {...}), ("aggregate", {...}) in order."""
+    """Records what would have been enqueued: ("round", {...}), ("shard", {...}), ("aggregate", {...}) in order.
+    A round's or shard's record names its queues (``queues`` / ``queue``) only when some go to a worker's own
+    queue: a record without them is all on the shared queue."""
 
     sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
-    def round(self, job_id: str, version: int, shards: int, step: int) -> None:
-        self.sent.append(("round", {"job_id": job_id, "version": version, "shards": shards, "step": step}))
+    def round(self, job_id: str, version: int, shards: int, step: int, *, queues: dict[int, str] | None = None
+              ) -> None:
+        routed = {"queues": dict(queues)} if queues else {}
+        self.sent.append(("round", {"job_id": job_id, "version": version, "shards": shards, "step": step, **routed}))
 
-    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool) -> None:
+    def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool,
+              queue: str | None = None) -> None:
+        routed = {"queue": queue} if queue else {}
         self.sent.append(("shard", {"job_id": job_id, "shard": shard, "version": version, "step": step,
-                                    "attempt": attempt, "apply": apply}))
+                                    "attempt": attempt, "apply": apply, **routed}))
 
     def aggregate(self, job_id: str, version: int) -> None:
         self.sent.append(("aggregate", {"job_id": job_id, "version": version}))

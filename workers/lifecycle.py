@@ -15,6 +15,7 @@ from pipeline.spec import JobSpec
 from pipeline.stop_rule import Progress, is_finished
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
+from workers import affinity
 from workers.context import Context
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,8 @@ def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, forc
     marker = keys.job_launched(job_id, version)
     if not force and ctx.redis.exists(marker):
         return False
-    ctx.dispatch.round(job_id, version, spec.shards, version * spec.local_steps)
+    queues = affinity.routes(ctx, job_id, spec)  # shards to the workers holding their codec state, if any
+    ctx.dispatch.round(job_id, version, spec.shards, version * spec.local_steps, queues=queues)
     ctx.redis.set(marker, 1, ex=LAUNCH_MARKER_TTL_S)
     return True
 
@@ -89,12 +91,14 @@ def issue_async_steps(ctx: Context, job_id: str, spec: JobSpec) -> None:
         return  # the budget is spent: what is pending gets published, nothing more is computed
     progress = ctx.jobs.progress(job_id)
     issued = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(keys.job_issued(job_id)).items()}
+    routes: dict[int, str] | None = None
     for shard in range(spec.shards):
         step = progress.get(shard, 0)
         gen = int(issued.get(f"{shard}:gen", 0))
         want = f"{step}:{gen}"
         if issued.get(str(shard)) != want:
-            ctx.dispatch.shard(job_id, shard, NEWEST, step, gen, apply=True)
+            routes = affinity.routes(ctx, job_id, spec) if routes is None else routes  # once per call, if needed
+            ctx.dispatch.shard(job_id, shard, NEWEST, step, gen, apply=True, queue=routes.get(shard))
             ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
 
 

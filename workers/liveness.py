@@ -8,9 +8,11 @@ starts a new one. A SIGKILLed or SIGSTOPped worker renews nothing, so its lease 
 ``sweep`` (the monitor; one process at a time under a Redis lock, every ``liveness_interval_s``) looks at each
 running job's *slots*: the pieces of work the job needs next (a sync round's missing shards, then its
 aggregation; each async shard's next data step). A slot is alive while a task for it holds a lease or waits in
-the broker's queue. A slot whose lease was lost (worker dead or hung) is relaunched at once; a slot that is
-neither done, queued nor leased (kombu's Redis transport lost its message between BRPOP and the unacked
-record, or a chord's body was never sent) is relaunched once it has stayed so for ``relaunch_grace_s``. Only
+the broker's queues: the shared ones, and the own shard queue of each live worker (``workers/affinity.py``; a
+task waiting in a dead worker's queue is not queued). A slot whose lease was lost (worker dead or hung) is
+relaunched at once; a slot that is neither done, queued nor leased (kombu's Redis transport lost its message
+between BRPOP and the unacked record, a chord's body was never sent, or the message waits in a dead worker's own
+queue) is relaunched once it has stayed so for ``relaunch_grace_s``. Relaunches go to the shared queues. Only
 the missing slots are relaunched; duplicates are harmless by design (deterministic shard work, guarded
 commits). A slot whose worker died ``max_deliveries`` times is a poison message: the job fails, naming it.
 
@@ -42,6 +44,7 @@ from storage import keys
 from storage.jobstate import TERMINAL, JobNotFound, JobState
 from storage.leases import LeaseBook
 from storage.objectstore import ObjectNotFound, StoreError
+from workers.affinity import HEARTBEAT_QUEUE, live_queues
 from workers.app import (
     QUEUE_AGGREGATE,
     QUEUE_PUBLISH,
@@ -52,6 +55,7 @@ from workers.app import (
     TASK_APPLY_UPDATE,
     TASK_PUBLISH,
     TASK_TRAIN_SHARD,
+    own_shard_queue,
 )
 from workers.context import Context
 from workers.lifecycle import NEWEST, progress_of, relaunch
@@ -117,7 +121,9 @@ class WorkerAgent:
         with self._lock:
             running = dict(self.running)
         now = self.clock()
+        own = own_shard_queue()  # where the tasks of the shards whose state this process holds are sent
         self.book.heartbeat(self.worker, {"host": socket.gethostname(), "pid": os.getpid(), "since": self.started,
+                                          **({HEARTBEAT_QUEUE: own[1]} if own else {}),
                                           "tasks": [{"what": r.what, "job": r.job_id, "running_s": round(now - r.t0, 1)}
                                                     for r in running.values()]})
         self.book.renew(running)
@@ -231,6 +237,9 @@ def queue_of(slot: str) -> str:
     return QUEUE_SHARDS if kind == "shard" else QUEUE_PUBLISH if kind == "publish" else QUEUE_AGGREGATE
 
 
+ExtraQueues = Callable[[], Iterable[str]]  # the own shard queues of the live workers, asked at each snapshot
+
+
 @dataclass
 class Queued:
     """What the broker holds at one moment: exact slots where the broker can be read (Redis), else only which
@@ -250,29 +259,34 @@ class Queued:
 
 
 class RedisProbe:
-    """Reads kombu's Redis lists: every waiting message, parsed to its job and slot."""
+    """Reads kombu's Redis lists: every waiting message, parsed to its job and slot; `shard_queues` names the
+    live workers' own shard queues, read too (a busy one counts as a busy ``shards``)."""
 
-    def __init__(self, r: redis.Redis, queues: Iterable[str] = QUEUES) -> None:
+    def __init__(self, r: redis.Redis, queues: Iterable[str] = QUEUES, shard_queues: ExtraQueues | None = None
+                 ) -> None:
         self.r = r
         self.queues = tuple(queues)
+        self.shard_queues = shard_queues
 
     def _lists(self, q: str) -> list[str]:
         return [q] + [f"{q}{REDIS_PRIORITY_SEP}{p}" for p in REDIS_PRIORITY_STEPS]
 
-    def depths(self) -> dict[str, int]:
+    def depths(self, queues: Iterable[str] | None = None) -> dict[str, int]:
+        names = tuple(self.queues if queues is None else queues)
         pipe = self.r.pipeline()
-        for q in self.queues:
+        for q in names:
             for name in self._lists(q):
                 pipe.llen(name)
         counts = pipe.execute()
         per = 1 + len(REDIS_PRIORITY_STEPS)
-        return {q: int(sum(counts[i * per:(i + 1) * per])) for i, q in enumerate(self.queues)}
+        return {q: int(sum(counts[i * per:(i + 1) * per])) for i, q in enumerate(names)}
 
     def snapshot(self) -> Queued:
-        out = Queued(depths=self.depths())
-        for q in self.queues:
+        own = sorted(set(self.shard_queues()) - set(self.queues)) if self.shard_queues else []
+        out = Queued(depths=self.depths([*self.queues, *own]))
+        for q in [*self.queues, *own]:
             if out.depths[q] > PROBE_MAX_MESSAGES:
-                out.busy.add(q)
+                out.busy.add(QUEUE_SHARDS if q in own else q)
                 continue
             for name in self._lists(q):
                 for raw in self.r.lrange(name, 0, -1):
@@ -297,23 +311,27 @@ def parse_redis_message(raw: bytes) -> tuple[str, str] | None:
 
 
 class RabbitProbe:
-    """RabbitMQ: the number of ready messages per queue (a passive declare); messages are never read."""
+    """RabbitMQ: the number of ready messages per queue (a passive declare); messages are never read. A message in
+    a live worker's own shard queue (`shard_queues`) makes ``shards`` busy."""
 
-    def __init__(self, broker_url: str, queues: Iterable[str] = QUEUES) -> None:
+    def __init__(self, broker_url: str, queues: Iterable[str] = QUEUES, shard_queues: ExtraQueues | None = None
+                 ) -> None:
         self.url = broker_url
         self.queues = tuple(queues)
+        self.shard_queues = shard_queues
         self._conn: Any = None
 
-    def depths(self) -> dict[str, int]:
+    def depths(self, queues: Iterable[str] | None = None) -> dict[str, int]:
         from kombu import Connection
 
+        names = tuple(self.queues if queues is None else queues)
         out = {}
         for attempt in range(2):
             try:
                 if self._conn is None:
                     self._conn = Connection(self.url, connect_timeout=3)
                     self._conn.connect()
-                for q in self.queues:
+                for q in names:
                     ch = self._conn.channel()
                     try:
                         out[q] = int(ch.queue_declare(queue=q, passive=True).message_count)
@@ -332,8 +350,9 @@ class RabbitProbe:
         return out
 
     def snapshot(self) -> Queued:
-        depths = self.depths()
-        return Queued(busy={q for q, n in depths.items() if n > 0}, depths=depths)
+        own = sorted(set(self.shard_queues()) - set(self.queues)) if self.shard_queues else []
+        depths = self.depths([*self.queues, *own])
+        return Queued(busy={QUEUE_SHARDS if q in own else q for q, n in depths.items() if n > 0}, depths=depths)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -344,13 +363,21 @@ class RabbitProbe:
         self._conn = None
 
 
+def shard_queues_of(ctx: Context) -> ExtraQueues | None:
+    """The own shard queues of the live workers, from their heartbeats (None with affinity off: none exist)."""
+    if not ctx.settings.shard_affinity:
+        return None
+    return lambda: live_queues(book_of(ctx).workers())
+
+
 def probe_for(ctx: Context) -> RedisProbe | RabbitProbe:
     s = ctx.settings
+    own = shard_queues_of(ctx)
     if s.broker_kind() == "rabbitmq":
-        return RabbitProbe(s.broker())
+        return RabbitProbe(s.broker(), shard_queues=own)
     if s.broker() == s.redis_url:
-        return RedisProbe(ctx.redis)
-    return RedisProbe(redis.Redis.from_url(s.broker(), socket_connect_timeout=3, socket_timeout=10))
+        return RedisProbe(ctx.redis, shard_queues=own)
+    return RedisProbe(redis.Redis.from_url(s.broker(), socket_connect_timeout=3, socket_timeout=10), shard_queues=own)
 
 
 # ---------------------------------------------------------------- the monitor

@@ -18,7 +18,7 @@ from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
 from storage.jobstate import TERMINAL
-from workers import codec_state, faults
+from workers import affinity, codec_state, faults
 from workers.context import Context
 from workers.metrics import observe_shard_task
 
@@ -82,13 +82,17 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
                 "samples": 0, "loss": float("nan"), "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
 
     # Top-k error feedback: the state the shard's previous task (step − H) left, from this process or the store
-    # (workers/codec_state.py); the density warms up over the first codec_warmup_epochs (DGC).
+    # (workers/codec_state.py); the density warms up over the first codec_warmup_epochs (DGC). This worker then
+    # holds the shard's state: its next task is routed here while this process lives (workers/affinity.py).
     cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, density=codecs.warmup_density(
         spec.codec_density, step, round(spec.codec_warmup_epochs * bpe)))
     prev_step = step - spec.local_steps if cfg.name in codecs.ERROR_FEEDBACK else -1
+    local = codec_state.held(ctx, job_id, shard, prev_step) if prev_step >= 0 else None
     state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)
     enc = codecs.encode(result.update, cfg, state.residual, state.velocity)
     codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state)
+    if enc.residual is not None:
+        affinity.record(ctx, job_id, shard, step, local=local)
     t2 = time.perf_counter()
     ranges = partition([(n, t.numel()) for n, t in result.update.items()], spec.aggregation_parts)
     out = upload_update(ctx, job_id, shard, version, step, attempt, enc, samples=result.samples, loss=result.loss,

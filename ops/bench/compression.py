@@ -105,6 +105,8 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
                      "bytes_per_sample": up / max(1, r["samples"]), "accuracy": r["accuracy"],
                      "state_bytes_per_sample": state / max(1, r["samples"]), "seed": b.seed,
                      "wall_s": r["wall_s"]})
+        if "state_local" in job or "state_moved" in job:  # top-k tasks that found their state in-process, or not
+            rows[-1] |= {"state_local": int(job.get("state_local", 0)), "state_moved": int(job.get("state_moved", 0))}
         if codec == "none" and h == 1:
             fp32_job = job
     base = next((r for r in rows if r.get("codec") == "none" and r.get("H") == 1), None)

@@ -36,16 +36,18 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def codec_table(result: dict[str, Any]) -> list[str]:
     out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
-           "| state bytes / sample (store) | wall s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           "| state bytes / sample (store) | shard tasks off their state (moved / with state) | wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["codecs"]:
         if "error" in r:
-            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | |")
+            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | | |")
             continue
+        moved = (f"{r['state_moved']} / {r['state_moved'] + r['state_local']}" if r.get("state_local") is not None
+                 else "")
         out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
                    f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['accuracy']:.4f} "
                    f"| {r.get('accuracy_delta_pts', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
-                   f"| {r['wall_s']:.1f} |")
+                   f"| {moved} | {r['wall_s']:.1f} |")
     return out
 
 
