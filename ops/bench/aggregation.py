@@ -38,6 +38,7 @@ from collections.abc import Iterator
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
+PIN_ENV = "AAS_BENCH_PIN_CPU"  # a child's core (--pin)
 sys.path.insert(0, str(REPO))
 MB = 1e6
 
@@ -207,15 +208,21 @@ def child_part(job: dict[str, Any], part: int) -> dict[str, Any]:
     sys.stdin.readline()  # "go": every part starts together (with 2 rounds, once version 1 is committed)
     start = time.time()
     done = aggregate_part(ctx, job["job_id"], version, job["results1"] if version else job["results"], part)
-    return {"start": start, "end": time.time(), "committed": done.committed,
-            "peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB}
+    end = time.time()
+    mine = ctx.jobs.parts_done(job["job_id"], version).get(str(part), {})
+    return {"start": start, "end": end, "committed": done.committed,
+            "peak_mb": (proc_kb("VmHWM") - base) * 1024 / MB,
+            **{k: mine[k] for k in ("fold_s", "step_s", "write_s") if k in mine}}
 
 
-def run_parts(job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
-    """K part processes at once; the aggregation's time runs from the first start to the last end."""
+def run_parts(job: dict[str, Any], env: dict[str, str], pin: bool = False) -> dict[str, Any]:
+    """K part processes at once; the aggregation's time runs from the first start to the last end. With `pin`,
+    part p runs on core p alone (K aggregator hosts of one core each)."""
     procs = [subprocess.Popen([sys.executable, __file__, "--child", "part", "--part", str(p)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **env, "PYTHONPATH": str(REPO)}) for p in range(job["parts"])]
+                              env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                                   **({PIN_ENV: str(p % (os.cpu_count() or 1))} if pin else {})})
+             for p in range(job["parts"])]
     for p in procs:  # every child gets its input before any is waited for
         assert p.stdin is not None and p.stdout is not None
         p.stdin.write(json.dumps(job) + "\n")
@@ -239,12 +246,15 @@ def run_parts(job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
     if sum(o["committed"] for o in outs) != 1:
         raise RuntimeError(f"expected exactly one committing part, got {outs}")
     return {"task_s": max(o["end"] for o in outs) - min(o["start"] for o in outs),
-            "task_peak_mb": max(o["peak_mb"] for o in outs)}
+            "task_peak_mb": max(o["peak_mb"] for o in outs),
+            "per_part": [{k: o.get(k) for k in ("fold_s", "step_s", "write_s", "committed")}
+                         | {"s": round(o["end"] - o["start"], 3)} for o in outs]}
 
 
-def run_child(kind: str, job: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+def run_child(kind: str, job: dict[str, Any], env: dict[str, str], pin: bool = False) -> dict[str, Any]:
     out = subprocess.run([sys.executable, __file__, "--child", kind], input=json.dumps(job), text=True,
-                         capture_output=True, env={**os.environ, **env, "PYTHONPATH": str(REPO)}, check=False)
+                         capture_output=True, env={**os.environ, **env, "PYTHONPATH": str(REPO),
+                                                   **({PIN_ENV: "0"} if pin else {})}, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{kind} child failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -267,10 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default="", help="comma-separated K to compare (e.g. 1,2): K aggregation "
                     "processes in parallel against one, timed on round 1 (each process keeps its own version 1, as a "
                     "running aggregator does); replaces the floor table")
+    ap.add_argument("--pin", action="store_true", help="with --parts: one core per aggregation process (core p for "
+                    "part p; core 0 for K=1), as K aggregator hosts of one core each")
     ap.add_argument("--child", choices=["floor", "aggregate", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
+        if os.environ.get(PIN_ENV):
+            os.sched_setaffinity(0, {int(os.environ[PIN_ENV])})  # this process and the threads it starts
         job = json.loads(sys.stdin.readline() if a.child == "part" else sys.stdin.read())
         run = {"floor": child_floor, "aggregate": child_aggregate}.get(a.child)
         print(json.dumps(run(job) if run else child_part(job, a.part)))
@@ -314,9 +328,10 @@ def compare_parts(a: argparse.Namespace) -> int:
         for parts in [int(x) for x in a.parts.split(",")]:
             print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr, flush=True)
             job = stage(params_m, shards, parts, rounds=2)
-            row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1}
-            row.update(run_parts(job, env) if job["parts"] > 1 else
-                       {k: v for k, v in run_child("aggregate", job, env).items() if k in ("task_s", "task_peak_mb")})
+            row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1, "pinned": a.pin}
+            row.update(run_parts(job, env, a.pin) if job["parts"] > 1 else
+                       {k: v for k, v in run_child("aggregate", job, env, a.pin).items()
+                        if k in ("task_s", "task_peak_mb", "fold_s", "step_s", "write_s")})
             rows.append(row)
     print("| params | shards | parts | aggregation s | × one part | peak MB per process |")
     print("|---:|---:|---:|---:|---:|---:|")
