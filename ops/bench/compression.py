@@ -227,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every row runs once per seed")
-    p.add_argument("--codecs", help=f"comma-separated codecs or variants ({', '.join([*CODECS, *VARIANTS])})")
+    # argparse formats help with %: the variants' "3%" must be escaped
+    p.add_argument("--codecs", help=f"comma-separated codecs or variants ({', '.join([*CODECS, *VARIANTS])})"
+                   .replace("%", "%%"))
     p.add_argument("--local-steps", default="1,8", help="comma-separated H values")
     p.add_argument("--no-distill", action="store_true")
     p.add_argument("--no-speed", action="store_true")
