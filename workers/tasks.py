@@ -93,7 +93,7 @@ def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[
         # Marking it failed here raced the liveness monitor, which rebuilds such a job from the store and
         # relaunches its work; a failed status written after that rebuild ended a job that was running again.
         log.warning("%s: the job is not in Redis (lost with its state, or deleted); task dropped", what)
-        return {"skipped": "job not found"}
+        return {"ignored": "job not found"}
     except Exception as e:
         # A bug or a permanent defect: retrying cannot help. Fail the job now, with the reason, rather
         # than leave it waiting for a round that will never complete.
@@ -113,7 +113,7 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
             else f"shard {shard_id} of job {job_id} step {step}")
     out = _guarded(self, job_id, what, lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt),
                    slot=slot)
-    if "failed" not in out and "skipped" not in out:
+    if "failed" not in out and "ignored" not in out:
         liveness.shard_finished(get_context(), job_id, shard_id, version, attempt)
     out["worker"] = self.request.hostname
     return out

@@ -269,6 +269,6 @@ def test_a_task_that_finds_no_job_does_not_fail_the_job_the_monitor_rebuilt(unit
         raise JobNotFound(job_id)  # read before the rebuild; the job is back by the time this is handled
 
     out = tasks._run_guarded(unit_ctx, task, job_id, f"aggregation of job {job_id} v0", lost, None)
-    assert out == {"skipped": "job not found"}
+    assert out == {"ignored": "job not found"}
     job = unit_ctx.jobs.get(job_id)
     assert job.status == "running" and not job.error
