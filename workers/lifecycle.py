@@ -17,6 +17,7 @@ from storage import keys
 from storage.jobstate import TERMINAL, JobState
 from workers import affinity
 from workers.context import Context
+from workers.publish import evaluation_due
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def advance(ctx: Context, job_id: str) -> str:
         issue_async_steps(ctx, job_id, spec)
     else:
         launch_round(ctx, job_id, spec, job.version)
-    if evaluated < job.version:
+    if evaluated < job.version and evaluation_due(spec, job.version, job.total_rounds):
         request_publish(ctx, job_id, job.version)
     return "running"
 

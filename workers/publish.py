@@ -2,8 +2,12 @@
 
 Off the commit path: the aggregator commits version N and launches round N at once; this task then
 evaluates N on the test split and registers its serving artifact while the shards compute. Only the
-newest version is evaluated: a task for N finding N+1 already committed leaves it to N+1's task. The
-registry's idempotency key ``{job}:{version}`` makes the registration happen once, whatever crashes.
+versions ``publish_every_versions`` asks for are evaluated (every Nth, 0: the last only) — every version
+when the job has a ``target_accuracy`` (its stop rule reads the test accuracy), and always the last. Of
+those, only the newest: a task for N finding a newer due version committed leaves it to that one's task.
+Evaluation costs CPU the shards could use (on a small machine it is most of the aggregator's time), so a job
+that registers only its final version is evaluated only then. The registry's idempotency key
+``{job}:{version}`` makes the registration happen once, whatever crashes.
 """
 
 from __future__ import annotations
@@ -29,12 +33,32 @@ def model_name(spec: JobSpec) -> str:
     return registry_name(spec.model, spec.register_as)
 
 
+def evaluation_due(spec: JobSpec, version: int, total_rounds: int) -> bool:
+    """Whether committed `version` is to be evaluated (and, when due there too, registered)."""
+    if version <= 0:
+        return False
+    if version >= total_rounds or spec.target_accuracy is not None:
+        return True
+    n = spec.publish_every_versions
+    return n > 0 and version % n == 0
+
+
+def newer_due(spec: JobSpec, version: int, newest: int, total_rounds: int) -> bool:
+    """Whether a version after `version`, up to the newest committed one, is due for evaluation."""
+    if newest <= version:
+        return False
+    if newest >= total_rounds or spec.target_accuracy is not None:
+        return True
+    n = spec.publish_every_versions
+    return n > 0 and (newest // n) * n > version
+
+
 def evaluate_and_publish(ctx: Context, job_id: str, version: int) -> dict[str, Any]:
-    """Evaluate committed `version` (unless a newer one is committed) and register it when due."""
+    """Evaluate committed `version` (unless a newer due one is committed) and register it when due."""
     job = ctx.jobs.get(job_id)
     if job.status in TERMINAL or version > job.version or version <= 0:
         return {"job": job_id, "version": version, "skipped": job.status if job.status in TERMINAL else "not committed"}
-    if version < job.version:
+    if newer_due(JobSpec.model_validate(job.spec), version, job.version, job.total_rounds):
         return {"job": job_id, "version": version, "skipped": f"v{job.version} is newer"}
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id)
     manifest = ctx.manifest(job.fields["manifest"])

@@ -277,3 +277,40 @@ def test_aggregation_parts_are_for_sync_jobs() -> None:
         parse_spec({"mode": "async", "aggregation_parts": 2})
     with pytest.raises(SpecError, match="cannot be split by parameter range"):
         parse_spec({"codec": "topk+q4", "aggregation_parts": 2})
+
+
+# ---------------------------------------------------------------- which versions are evaluated
+
+
+@pytest.mark.parametrize(("every", "target", "due"), [
+    (1, None, [1, 2, 3, 4, 5, 6]),
+    (0, None, [6]),  # only the last: a job that registers only its final version is evaluated only then
+    (4, None, [4, 6]),
+    (0, 0.9, [1, 2, 3, 4, 5, 6]),  # the stop rule reads the test accuracy of every version
+])
+def test_versions_are_evaluated_as_publish_every_versions_says_and_always_the_last(every, target, due) -> None:
+    from workers.publish import evaluation_due
+
+    spec = JobSpec.model_validate({"publish_every_versions": every, "target_accuracy": target})
+    assert [v for v in range(0, 7) if evaluation_due(spec, v, 6)] == due
+
+
+def test_an_evaluation_is_skipped_only_for_a_newer_version_that_is_due() -> None:
+    from workers.publish import newer_due
+
+    every4 = JobSpec.model_validate({"publish_every_versions": 4})
+    assert not newer_due(every4, 4, 7, 10)  # 5..7 are not due: v4 is still evaluated
+    assert newer_due(every4, 4, 8, 10)
+    assert newer_due(every4, 4, 10, 10)  # the last
+    assert not newer_due(JobSpec.model_validate({"publish_every_versions": 0}), 3, 9, 10)
+
+
+def test_advance_requests_the_evaluation_of_due_versions_only(unit_ctx) -> None:
+    client = Client(unit_ctx.settings, store=unit_ctx.store, redis_client=unit_ctx.redis, dispatch=unit_ctx.dispatch)
+    job_id = client.stage({"shards": 2, "epochs": 1, "batch_size": 512, "publish_every_versions": 0})
+    total = unit_ctx.jobs.get(job_id).total_rounds
+    assert total > 1
+    for v in range(1, total + 1):
+        unit_ctx.redis.hset(keys.job(job_id), "version", v)  # as if version v had just been committed
+        advance(unit_ctx, job_id)
+    assert unit_ctx.dispatch.of("publish") == [{"job_id": job_id, "version": total}]
