@@ -47,9 +47,9 @@ def newer_due(spec: JobSpec, version: int, newest: int, total_rounds: int) -> bo
     """Whether a version after `version`, up to the newest committed one, is due for evaluation."""
     if newest <= version:
         return False
-    if newest >= total_rounds or spec.target_accuracy is not None:
+    if evaluation_due(spec, newest, total_rounds):
         return True
-    n = spec.publish_every_versions
+    n = spec.publish_every_versions  # else the last multiple of n before `newest`, if after `version`
     return n > 0 and (newest // n) * n > version
 
 
