@@ -51,7 +51,8 @@ class JobSpec(BaseModel):
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
     max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
-    publish_every: int = Field(default=1, ge=1, le=100_000)  # async: publish a version every K applied updates
+    # async: a version every K accepted updates, one step on their mean (default for async jobs: `shards`)
+    publish_every: int = Field(default=1, ge=1, le=100_000)
     codec: str = "none"
     codec_density: float = Field(default=0.01, gt=0, le=1)  # topk: fraction kept
     # topk, Deep Gradient Compression (Lin et al. 2018): worker-side momentum with momentum-factor masking
@@ -174,12 +175,11 @@ class JobSpec(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _async_defaults(cls, data: Any) -> Any:
-        # Asynchrony acts as implicit momentum (Mitliagkas et al. 2016: about 1 − 1/workers), and the
-        # staleness rule divides η by 1+s; so async jobs default to less momentum and a larger η.
-        # Measured on digits (4 shards, staleness ≈ 1, 2 epochs): momentum 0.9/η 0.05 → 72% test
-        # accuracy, momentum 0.5/η 0.1 → 84%. Explicit values always win.
+        # Async publishes a version every `shards` accepted updates by default: one optimizer step on their
+        # mean, as a sync round takes (FedBuff's buffer; workers/async_agg.py), so lr and momentum mean the
+        # same in both modes and need no retuning. Explicit values always win.
         if isinstance(data, dict) and data.get("mode") == "async":
-            data = {"momentum": 0.5, "lr": 0.1, **data}
+            data = {"publish_every": data.get("shards", 2), **data}
         if isinstance(data, dict) and data.get("codec_momentum"):  # DGC: the momentum moves to the workers
             # (with local steps the aggregator's momentum is the outer one: it moves too, unless set)
             data = {"momentum": 0.0, "outer_momentum": 0.0, **data}

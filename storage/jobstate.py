@@ -15,6 +15,7 @@ from typing import Any
 
 import redis
 
+from pipeline import async_plan
 from storage import keys
 from storage.retention import Retention, compact_finished_job, prune_finished_jobs
 
@@ -217,13 +218,15 @@ class JobStore:
 
         return self._check_and_write(key, newest, lambda pipe: pipe.hset(key, mapping=fields))
 
-    def _check_and_write(self, key: str, check: Callable[[Any], bool], write: Callable[[Any], None]) -> bool:
-        """WATCH `key`; when check(pipe) holds, run write(pipe) in one MULTI/EXEC. Retries on a concurrent
-        change of `key`; returns False (writing nothing) when the check fails."""
+    def _check_and_write(self, key: str | tuple[str, ...], check: Callable[[Any], bool],
+                         write: Callable[[Any], None]) -> bool:
+        """WATCH `key` (or keys); when check(pipe) holds, run write(pipe) in one MULTI/EXEC. Retries on a
+        concurrent change of a watched key; returns False (writing nothing) when the check fails."""
+        watched = (key,) if isinstance(key, str) else key
         with self.r.pipeline() as pipe:
             while True:
                 try:
-                    pipe.watch(key)
+                    pipe.watch(*watched)
                     if not check(pipe):
                         pipe.unwatch()
                         return False
@@ -242,24 +245,54 @@ class JobStore:
     def pending(self, job_id: str) -> list[dict[str, Any]]:
         return [json.loads(e) for e in self.r.lrange(keys.job_pending(job_id), 0, -1)]
 
-    def accept_update(self, job_id: str, *, shard: int, step: int, next_step: int, entry: dict[str, Any]) -> bool:
-        """Record an accepted async update and advance the shard's expected step, atomically.
+    def ahead(self, job_id: str) -> set[tuple[int, int]]:
+        """Async: the (shard, step) results accepted above their shard's mark (out of order)."""
+        out = set()
+        for m in self.r.smembers(keys.job_ahead(job_id)):
+            s, step = m.decode().split(":")
+            out.add((int(s), int(step)))
+        return out
 
-        Refuses (returns False) unless the shard's expected step is `step`: a redelivered or duplicate
-        result for a step already accepted is never recorded twice.
+    def awaits(self, job_id: str, shard: int, step: int) -> bool:
+        """Async: whether the job still awaits this step's result (not accepted, in or out of order)."""
+        mark = int(self.r.hget(keys.job_progress(job_id), str(shard)) or 0)
+        return async_plan.awaited(mark, self._ahead_of(self.r, job_id, shard), step)
+
+    @staticmethod
+    def _ahead_of(r: Any, job_id: str, shard: int) -> set[int]:
+        return {int(m.decode().split(":")[1]) for m in r.smembers(keys.job_ahead(job_id))
+                if m.decode().split(":")[0] == str(shard)}
+
+    def accept_update(self, job_id: str, *, shard: int, step: int, local_steps: int,
+                      entry: dict[str, Any] | None) -> bool:
+        """Record an accepted async step (with its update `entry`, appended to ``pending``; None for a step
+        consumed without an update) and move the shard's mark, atomically.
+
+        Refuses (returns False) unless the job still awaits the step: a redelivered or duplicate result for a
+        step already accepted is never recorded twice, whatever order the steps arrive in.
         """
-        pkey = keys.job_progress(job_id)
+        pkey, akey = keys.job_progress(job_id), keys.job_ahead(job_id)
+        seen: dict[str, Any] = {}
 
-        def expects_step(pipe: Any) -> bool:
-            return int(pipe.hget(pkey, str(shard)) or 0) == step
+        def awaited(pipe: Any) -> bool:
+            seen["mark"] = int(pipe.hget(pkey, str(shard)) or 0)
+            seen["ahead"] = self._ahead_of(pipe, job_id, shard)
+            return async_plan.awaited(seen["mark"], seen["ahead"], step)
 
         def write(pipe: Any) -> None:
-            pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
-            pipe.hset(pkey, str(shard), str(next_step))
+            mark, rest = async_plan.accept(seen["mark"], seen["ahead"], step, local_steps)
+            if entry is not None:
+                pipe.rpush(keys.job_pending(job_id), json.dumps(entry))
+            pipe.hset(pkey, str(shard), str(mark))
+            gone = (seen["ahead"] | {step}) - rest
+            if gone - {step}:
+                pipe.srem(akey, *(f"{shard}:{k}" for k in sorted(gone - {step})))
+            if step in rest:
+                pipe.sadd(akey, f"{shard}:{step}")
             pipe.hincrby(keys.job(job_id), "accepted", 1)
             pipe.hset(keys.job(job_id), "progress_at", str(time.time()))
 
-        return self._check_and_write(pkey, expects_step, write)
+        return self._check_and_write((pkey, akey), awaited, write)
 
     def consumed(self, job_id: str, version: int) -> set[str]:
         return {m.decode() for m in self.r.smembers(keys.job_consumed(job_id, version))}

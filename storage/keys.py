@@ -409,8 +409,14 @@ def job_progress(job_id: str) -> str:
     return f"{PREFIX}:job:{job_id}:progress"
 
 
+def job_ahead(job_id: str) -> str:
+    """Set of "shard:step": async steps accepted above their shard's mark (results that arrived out of order)."""
+    return f"{PREFIX}:job:{job_id}:ahead"
+
+
 def job_issued(job_id: str) -> str:
-    """Hash shard → "step:generation" of the last shard task enqueued (idempotent reissue)."""
+    """Hash "shard@step" → attempt of each async shard task in flight (idempotent issue), and "shard:n" → the
+    shard's count of attempts issued (each task's blob gets a key of its own)."""
     return f"{PREFIX}:job:{job_id}:issued"
 
 

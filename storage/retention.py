@@ -40,7 +40,7 @@ def compact_finished_job(r: Any, job_id: str, status: str, policy: Retention) ->
     """Expire (or delete) the per-version and working keys of a job that just ended; returns how many."""
     doomed = [*_version_keys(r, job_id), keys.job_affinity(job_id).encode()]  # a placement hint: never kept
     if status != "failed":  # a failed job may be resumed: its async progress must survive
-        doomed += [k.encode() for k in (keys.job_pending(job_id), keys.job_progress(job_id),
+        doomed += [k.encode() for k in (keys.job_pending(job_id), keys.job_progress(job_id), keys.job_ahead(job_id),
                                         keys.job_issued(job_id), keys.job_lock(job_id))]
     pipe = r.pipeline(transaction=False)
     for k in doomed:
@@ -56,7 +56,8 @@ def forget_job(r: Any, job_id: str) -> None:
     """Remove every Redis key of a job (its object-store record and checkpoints stay)."""
     doomed = [*_version_keys(r, job_id), *(k.encode() for k in (
         keys.job(job_id), keys.job_metrics(job_id), keys.job_events(job_id), keys.job_pending(job_id),
-        keys.job_progress(job_id), keys.job_issued(job_id), keys.job_lock(job_id), keys.job_affinity(job_id)))]
+        keys.job_progress(job_id), keys.job_ahead(job_id), keys.job_issued(job_id), keys.job_lock(job_id),
+        keys.job_affinity(job_id)))]
     pipe = r.pipeline(transaction=False)
     pipe.delete(*doomed)
     pipe.zrem(keys.jobs_index(), job_id)

@@ -1,13 +1,21 @@
-"""The aggregator's work in async mode: apply each shard result on arrival, one at a time per job.
+"""The aggregator's work in async mode: accept each shard result on arrival, one at a time per job.
 
-Bounded staleness (Ho et al. 2013; Zhang et al. 2016): s = current version − the version the update
-was computed on; s > max_staleness → dropped and the shard's step reissued on the newest version;
-otherwise the update is applied with η/(1+s) (or η; the rule is in the spec).
+Buffered asynchronous aggregation (FedBuff, Nguyen et al. 2022): accepted updates collect in ``pending``;
+every K of them (``publish_every``, by default the number of shards) make version N+1 by ONE optimizer step
+on their sample-weighted mean, so a version moves the weights as far as a sync round does and async runs at
+the sync job's learning rate. Bounded staleness (Ho et al. 2013): s = current version − the version the
+update was computed on; s > max_staleness → dropped and the step issued again on the newest version;
+otherwise the update's weight in the mean is scaled by the staleness rule (1/(1+s), Zhang et al. 2016;
+1/√(1+s), FedBuff's; or 1).
 
-Exactly once: the job records, per shard, the next data step it expects (``progress``). An update is
-accepted only for that step, atomically with advancing it and appending the update to ``pending``; a
-version is published (checkpoint, then ``commit_version``, which also trims ``pending``) every K
-accepted updates. A crash anywhere re-derives the same state from the last checkpoint plus
+Which steps are computed, and in which order, is ``pipeline/async_plan.py``: one global order over the
+shards' steps, a few in flight at once on whichever workers are free, so a slow worker neither holds back
+the others nor skews which data the model sees.
+
+Exactly once: the job records, per shard, the steps it still awaits (a mark, and the steps accepted above
+it). An update is accepted only for an awaited step, atomically with recording it and appending the update
+to ``pending``; a version is published (checkpoint, then ``commit_version``, which also trims ``pending``)
+every K accepted updates. A crash anywhere re-derives the same state from the last checkpoint plus
 ``pending``, whose blobs stay in the store; a redelivered result finds its step already accepted.
 """
 
@@ -20,7 +28,7 @@ import redis
 import torch
 
 from pipeline import blobs
-from pipeline.aggregate import UpdateRejected, sgd_step, staleness_lr
+from pipeline.aggregate import Accumulator, UpdateRejected, sgd_step, staleness_lr
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
@@ -61,13 +69,8 @@ def skip_rejected(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
     """A shard refused its own update (NaN/Inf): move that shard past the step, apply nothing."""
     spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
     shard, step = int(result["shard"]), int(result["step"])
-    pkey = keys.job_progress(job_id)
-    if int(ctx.redis.hget(pkey, str(shard)) or 0) == step:
-        # The step is consumed (it counts towards the budget, so a diverged model cannot loop forever).
-        pipe = ctx.redis.pipeline()
-        pipe.hset(pkey, str(shard), str(step + spec.local_steps))
-        pipe.hincrby(keys.job(job_id), "accepted", 1)
-        pipe.execute()
+    # The step is consumed (it counts towards the budget, so a diverged model cannot loop forever).
+    ctx.jobs.accept_update(job_id, shard=shard, step=step, local_steps=spec.local_steps, entry=None)
     advance(ctx, job_id)
     return {"shard": shard, "step": step, "outcome": "rejected", "reason": result["rejected"]}
 
@@ -78,16 +81,15 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         return {"ignored": job.status}
     spec = JobSpec.model_validate(job.spec)
     shard, step, base, key = int(result["shard"]), int(result["step"]), int(result["version"]), str(result["key"])
-    expected = ctx.jobs.progress(job_id).get(shard, 0)
     budget = int(job.fields.get("budget", 0))
-    if step != expected or int(job.fields.get("accepted", 0)) >= budget:
+    if not ctx.jobs.awaits(job_id, shard, step) or int(job.fields.get("accepted", 0)) >= budget:
         return {"shard": shard, "step": step, "outcome": "duplicate"}
     staleness = job.version - base
     if staleness > spec.max_staleness or staleness < 0:
         reason = f"staleness {staleness} exceeds max_staleness {spec.max_staleness}"
         ctx.jobs.event(job_id, "dropped", shard=shard, step=step, base_version=base, reason=reason)
         observe_rejected("stale")
-        _bump_generation(ctx, job_id, shard)
+        _reissue(ctx, job_id, shard, step)
         return {"shard": shard, "step": step, "outcome": "stale", "staleness": staleness}
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, job.version), job_id)
     params = {n: t for n, t in ckpt.state.items() if n in ctx.param_names(ckpt)}
@@ -99,13 +101,12 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         observe_rejected(reason_code(e))
         if not isinstance(e, KeyRefused):  # never delete what a result merely named outside its job
             ctx.store.delete(key)
-        _bump_generation(ctx, job_id, shard)
+        _reissue(ctx, job_id, shard, step)
         return {"shard": shard, "step": step, "outcome": "rejected", "reason": str(e)}
     entry = {"identity": upd.identity, "key": key, "sha256": result.get("sha256"), "shard": shard, "step": step,
              "base_version": base, "staleness": staleness, "scale": staleness_lr(1.0, staleness, spec.staleness_rule),
              "samples": upd.samples, "loss": upd.loss}
-    accepted = ctx.jobs.accept_update(job_id, shard=shard, step=step, next_step=step + spec.local_steps,
-                                      entry=entry)
+    accepted = ctx.jobs.accept_update(job_id, shard=shard, step=step, local_steps=spec.local_steps, entry=entry)
     if accepted:
         ctx.update_cache.put(upd.identity, upd)
     faults.point("aggregator.after_accept", ctx.redis, job_id)
@@ -116,8 +117,9 @@ def _shapes(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {n: tuple(t.shape) for n, t in params.items()}
 
 
-def _bump_generation(ctx: Context, job_id: str, shard: int) -> None:
-    ctx.redis.hincrby(keys.job_issued(job_id), f"{shard}:gen", 1)
+def _reissue(ctx: Context, job_id: str, shard: int, step: int) -> None:
+    """The step's result was dropped: forget that it is in flight, so it is issued again (a new attempt)."""
+    ctx.redis.hdel(keys.job_issued(job_id), f"{shard}@{step}")
 
 
 def publish_if_due(ctx: Context, job_id: str) -> bool:
@@ -136,13 +138,17 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     names = ctx.param_names(ckpt)
     params = {n: t for n, t in ckpt.state.items() if n in names}
     bufs = dict(ckpt.opt.get("momentum", {}))
-    hp = opt_hparams(spec)
+    acc = Accumulator(_shapes(params))
     for e in pending:
         upd = ctx.update_cache.get(e["identity"])
         if upd is None:  # a restarted aggregator: re-read (and re-verify) the recorded blob
             upd = load_update(ctx, job_id, e["key"], e.get("sha256"), _shapes(params),
                               {"job": job_id, "shard": e["shard"], "base_version": e["base_version"]})
-        params, bufs = sgd_step(params, upd.tensors, bufs, **{**hp, "lr": hp["lr"] * float(e["scale"])})
+        for name, t in upd.tensors.items():  # Σ scale_i·n_i·g_i: a stale update weighs less (FedBuff)
+            acc.fold(name, 0, t.reshape(-1), float(e["scale"]) * upd.samples)
+        acc.count(upd)
+    mean, _, _ = acc.mean()
+    params, bufs = sgd_step(params, mean, bufs, **opt_hparams(spec))
     staleness = [int(e["staleness"]) for e in pending]
     samples = sum(int(e["samples"]) for e in pending)
     extra = {"train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),

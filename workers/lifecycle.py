@@ -11,6 +11,8 @@ import logging
 import threading
 import time
 
+from pipeline import async_plan
+from pipeline.codecs import ERROR_FEEDBACK
 from pipeline.spec import JobSpec
 from pipeline.stop_rule import Progress, is_finished
 from storage import keys
@@ -85,29 +87,47 @@ def launch_round(ctx: Context, job_id: str, spec: JobSpec, version: int, *, forc
     return True
 
 
+def async_steps(ctx: Context, job: JobState, spec: JobSpec) -> list[tuple[int, int]]:
+    """Async: the (shard, step) pairs that should be in flight now (``pipeline/async_plan.py``)."""
+    budget = int(job.fields.get("budget", 0))
+    if int(job.fields.get("accepted", 0)) >= budget:
+        return []  # the budget is spent: what is pending gets published, nothing more is computed
+    return async_plan.frontier(ctx.jobs.progress(job.job_id), ctx.jobs.ahead(job.job_id), shards=spec.shards,
+                               local_steps=spec.local_steps, steps_per_shard=budget // spec.shards * spec.local_steps,
+                               lookahead=spec.codec not in ERROR_FEEDBACK)
+
+
+def next_attempt(ctx: Context, job_id: str, shard: int) -> int:
+    """A fresh attempt number for an async task of `shard`: its blob's key and identity are (shard, base
+    version, attempt), and several steps of one shard may compute on the same version."""
+    return int(ctx.redis.hincrby(keys.job_issued(job_id), f"{shard}:n", 1)) - 1
+
+
 def issue_async_steps(ctx: Context, job_id: str, spec: JobSpec) -> None:
-    """Async: keep every shard busy with its next data step (each step issued once per generation)."""
-    job = ctx.jobs.get(job_id)
-    if int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0)):
-        return  # the budget is spent: what is pending gets published, nothing more is computed
-    progress = ctx.jobs.progress(job_id)
+    """Async: keep the steps of the frontier in flight (each issued once, until dropped or relaunched)."""
+    todo = async_steps(ctx, ctx.jobs.get(job_id), spec)
     issued = {k.decode(): v.decode() for k, v in ctx.redis.hgetall(keys.job_issued(job_id)).items()}
+    want = {f"{s}@{step}" for s, step in todo}
+    gone = [f for f in issued if "@" in f and f not in want]  # accepted since: no longer in flight
+    if gone:
+        ctx.redis.hdel(keys.job_issued(job_id), *gone)
     routes: dict[int, str] | None = None
-    for shard in range(spec.shards):
-        step = progress.get(shard, 0)
-        gen = int(issued.get(f"{shard}:gen", 0))
-        want = f"{step}:{gen}"
-        if issued.get(str(shard)) != want:
-            routes = affinity.routes(ctx, job_id, spec) if routes is None else routes  # once per call, if needed
-            ctx.dispatch.shard(job_id, shard, NEWEST, step, gen, apply=True, queue=routes.get(shard))
-            ctx.redis.hset(keys.job_issued(job_id), str(shard), want)
+    for shard, step in todo:
+        if f"{shard}@{step}" in issued:
+            continue
+        attempt = next_attempt(ctx, job_id, shard)
+        routes = affinity.routes(ctx, job_id, spec) if routes is None else routes  # once per call, if needed
+        ctx.dispatch.shard(job_id, shard, NEWEST, step, attempt, apply=True, queue=routes.get(shard))
+        ctx.redis.hset(keys.job_issued(job_id), f"{shard}@{step}", str(attempt))
 
 
 def relaunch(ctx: Context, job_id: str) -> str:
     """Enqueue a job's current work again, whatever was enqueued before (watchdog, resume)."""
     job = ctx.jobs.get(job_id)
-    if JobSpec.model_validate(job.spec).mode == "async":
-        ctx.redis.delete(keys.job_issued(job_id))  # reissue every shard's current step
+    if JobSpec.model_validate(job.spec).mode == "async":  # reissue every step in flight (attempt counters stay)
+        in_flight = [f for f in ctx.redis.hkeys(keys.job_issued(job_id)) if b"@" in f]
+        if in_flight:
+            ctx.redis.hdel(keys.job_issued(job_id), *in_flight)
     else:
         ctx.redis.delete(keys.job_launched(job_id, job.version))  # launch the current round again
     ctx.redis.delete(keys.job_publish_requested(job_id, job.version))  # and its evaluation, if still due

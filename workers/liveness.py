@@ -58,7 +58,7 @@ from workers.app import (
     own_shard_queue,
 )
 from workers.context import Context
-from workers.lifecycle import NEWEST, progress_of, relaunch
+from workers.lifecycle import NEWEST, async_steps, next_attempt, progress_of, relaunch
 from workers.staging import rebuild_job
 
 log = logging.getLogger(__name__)
@@ -398,10 +398,7 @@ def needed_slots(ctx: Context, book: LeaseBook, job: JobState, spec: JobSpec) ->
         evaluated = int(job.fields.get("evaluated_version", 0))
         return [] if evaluated >= job.version else [keys.slot_publish(job.version)]
     if spec.mode == "async":
-        if int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0)):
-            return []
-        progress = ctx.jobs.progress(job.job_id)
-        return [keys.slot_step(s, progress.get(s, 0)) for s in range(spec.shards)]
+        return [keys.slot_step(s, step) for s, step in async_steps(ctx, job, spec)]
     done = book.done(job.job_id, job.version)
     missing = [keys.slot_shard(job.version, s) for s in range(spec.shards) if s not in done]
     return missing or [keys.slot_aggregate(job.version)]
@@ -419,8 +416,7 @@ def relaunch_slot(ctx: Context, job: JobState, spec: JobSpec, slot: str) -> None
     elif s.kind == "publish":
         ctx.dispatch.publish(job.job_id, s.version)
     else:
-        gen = int(ctx.redis.hget(keys.job_issued(job.job_id), f"{s.shard}:gen") or 0)
-        ctx.dispatch.shard(job.job_id, s.shard, NEWEST, s.step, gen, apply=True)
+        ctx.dispatch.shard(job.job_id, s.shard, NEWEST, s.step, next_attempt(ctx, job.job_id, s.shard), apply=True)
 
 
 def check_job(ctx: Context, book: LeaseBook, queued: Queued, job: JobState, now: float) -> list[Action]:

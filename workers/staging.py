@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pipeline import async_plan
 from pipeline.checkpoint import checkpoint_parts, initial_checkpoint
 from pipeline.data import OBJECTS, DataError, load_dataset, total_rounds
 from pipeline.models import ModelError, build_model
@@ -184,9 +185,8 @@ def rebuild_job(svc: Services, job_id: str) -> JobState:
     fields.update(version=version, checkpoint=keys.checkpoint(job_id, version), rebuilt_from_store="1")
     svc.jobs.create(job_id, record["spec"], total_rounds=int(record["total_rounds"]), fields=fields)
     if spec.mode == "async":
-        accepted = version * spec.publish_every
-        per_shard = accepted // spec.shards
+        accepted = version * spec.publish_every  # the updates folded into the newest version, in the global order
         svc.redis.hset(keys.job(job_id), "accepted", accepted)
-        svc.redis.hset(keys.job_progress(job_id),
-                        mapping={str(s): per_shard * spec.local_steps for s in range(spec.shards)})
+        marks = async_plan.marks_after(accepted, spec.shards, spec.local_steps)
+        svc.redis.hset(keys.job_progress(job_id), mapping={str(s): m for s, m in marks.items()})
     return svc.jobs.get(job_id)

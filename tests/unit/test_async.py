@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
 from storage import keys
-from workers import async_agg, lifecycle, shard
+from workers import aggregator, async_agg, lifecycle, shard
 
 
 class Enqueued:
@@ -45,16 +47,50 @@ def compute(unit_ctx, job_id: str, shard_id: int, version: int, step: int, attem
     return shard.train_shard(unit_ctx, job_id, shard_id, version, step, attempt)
 
 
-def test_async_start_issues_every_shard_on_version_zero_once(unit_ctx, enqueued) -> None:
+def test_async_start_issues_the_first_steps_of_the_global_order_once(unit_ctx, enqueued) -> None:
     job_id = stage(unit_ctx)
     lifecycle.advance(unit_ctx, job_id)
     lifecycle.advance(unit_ctx, job_id)
-    assert sorted(enqueued) == [(job_id, 0, -1, 0, 0), (job_id, 1, -1, 0, 0)]
+    # One step per shard, plus one queued for the next free worker: shard 0's second step (its blob needs a key
+    # of its own: both may compute on version 0, so it is the shard's attempt 1).
+    assert sorted(enqueued) == [(job_id, 0, -1, 0, 0), (job_id, 0, -1, 1, 1), (job_id, 1, -1, 0, 0)]
     assert unit_ctx.jobs.get(job_id).status == "running"
 
 
-def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enqueued) -> None:
+def test_a_shards_steps_are_accepted_out_of_order_each_exactly_once(unit_ctx, enqueued) -> None:
     job_id = stage(unit_ctx)
+    step1 = compute(unit_ctx, job_id, 0, 0, 1, attempt=1)  # a fast worker finishes shard 0's second step first
+    step0 = compute(unit_ctx, job_id, 0, 0, 0, attempt=0)  # ... while a slow one still computes its first
+    assert async_agg.apply_update(unit_ctx, job_id, step1)["outcome"] == "applied"
+    assert unit_ctx.jobs.progress(job_id).get(0, 0) == 0 and unit_ctx.jobs.ahead(job_id) == {(0, 1)}
+    assert async_agg.apply_update(unit_ctx, job_id, step1)["outcome"] == "duplicate"
+    assert async_agg.apply_update(unit_ctx, job_id, step0)["outcome"] == "applied"
+    assert unit_ctx.jobs.progress(job_id)[0] == 2 and unit_ctx.jobs.ahead(job_id) == set()
+    for again in (step0, step1):  # redelivered after the mark moved past them
+        assert async_agg.apply_update(unit_ctx, job_id, again)["outcome"] == "duplicate"
+    assert unit_ctx.jobs.get(job_id).fields["accepted"] == "2"
+    # Shard 0's third step and shard 1's first two are in flight: the window of the global order.
+    assert {(s, step) for _, s, _, step, _ in enqueued} >= {(0, 2), (1, 0), (1, 1)}
+
+
+def test_a_version_is_one_step_on_the_mean_of_shards_updates_as_a_sync_round(unit_ctx, enqueued) -> None:
+    spec = {"shards": 2, "batch_size": 64, "epochs": 1, "publish_every_versions": 0}
+    a = stage(unit_ctx, **spec)
+    s = stage(unit_ctx, **{**spec, "mode": "sync"})
+    for shard_id in range(2):
+        out = async_agg.apply_update(unit_ctx, a, compute(unit_ctx, a, shard_id, 0, 0))
+        assert out["outcome"] == "applied" and out["staleness"] == 0
+    assert unit_ctx.jobs.get(a).version == 1  # publish_every defaults to the number of shards
+    aggregator.aggregate_round(unit_ctx, s, 0, [compute(unit_ctx, s, i, 0, 0) for i in range(2)])
+    got = decode_checkpoint(unit_ctx.store.get(keys.checkpoint(a, 1)), "a").state
+    want = decode_checkpoint(unit_ctx.store.get(keys.checkpoint(s, 1)), "s").state
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-6), name
+
+
+def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, publish_every=1)
     result = compute(unit_ctx, job_id, 0, 0, 0)
     first = async_agg.apply_update(unit_ctx, job_id, result)
     second = async_agg.apply_update(unit_ctx, job_id, result)
@@ -67,7 +103,7 @@ def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enq
 
 
 def test_updates_staler_than_the_bound_are_dropped_and_the_shard_reissued(unit_ctx, enqueued) -> None:
-    job_id = stage(unit_ctx, max_staleness=1)
+    job_id = stage(unit_ctx, max_staleness=1, publish_every=1)
     old = compute(unit_ctx, job_id, 1, 0, 0)  # shard 1 computes on version 0 ...
     for step in range(2):  # ... while shard 0 moves the job to version 2
         v = unit_ctx.jobs.get(job_id).version
@@ -76,13 +112,14 @@ def test_updates_staler_than_the_bound_are_dropped_and_the_shard_reissued(unit_c
     out = async_agg.apply_update(unit_ctx, job_id, old)
     assert out["outcome"] == "stale" and out["staleness"] == 2
     assert unit_ctx.jobs.get(job_id).version == 2
-    assert (job_id, 1, -1, 0, 1) in enqueued  # same step, newest version, next attempt
+    # The same step again, on the newest version, as a new attempt of its shard.
+    assert [a for _, s, _, step, a in enqueued if (s, step) == (1, 0)] == [0, 2]
     dropped = [e for e in unit_ctx.jobs.events(job_id) if e["kind"] == "dropped"]
     assert "staleness 2 exceeds max_staleness 1" in dropped[0]["reason"]
 
 
 def test_accepted_stale_update_is_scaled_by_one_over_one_plus_staleness(unit_ctx, enqueued) -> None:
-    job_id = stage(unit_ctx, max_staleness=4)
+    job_id = stage(unit_ctx, max_staleness=4, publish_every=1)
     old = compute(unit_ctx, job_id, 1, 0, 0)
     async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))
     async_agg.apply_update(unit_ctx, job_id, old)
@@ -103,7 +140,7 @@ def test_versions_publish_every_k_updates_and_a_restarted_aggregator_replays_pen
 
 
 def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued, run_published) -> None:
-    job_id = stage(unit_ctx, batch_size=512)  # 2 shards x 2 steps = a budget of 4 updates
+    job_id = stage(unit_ctx, batch_size=512)  # 2 shards x 2 steps = a budget of 4 updates, 2 versions
     budget = int(unit_ctx.jobs.get(job_id).fields["budget"])
     assert budget == 4
     for _ in range(budget):
@@ -114,4 +151,10 @@ def test_async_job_finishes_when_its_update_budget_is_applied(unit_ctx, enqueued
     assert unit_ctx.jobs.get(job_id).status == "running"  # until its last version is evaluated
     run_published(unit_ctx)
     job = unit_ctx.jobs.get(job_id)
-    assert job.status == "succeeded" and job.version == 4
+    assert job.status == "succeeded" and job.version == 2
+
+
+def test_a_top_k_shard_computes_its_steps_one_at_a_time(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, codec="topk")  # step k+1 needs step k's error-feedback residual
+    lifecycle.advance(unit_ctx, job_id)
+    assert sorted(enqueued) == [(job_id, 0, -1, 0, 0), (job_id, 1, -1, 0, 0)]

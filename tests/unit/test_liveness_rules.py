@@ -127,15 +127,17 @@ def test_a_task_whose_workers_keep_dying_fails_the_job_with_a_reason_naming_it(u
 
 
 def test_an_async_job_gets_exactly_its_missing_steps_reissued(unit_ctx) -> None:
-    job_id = stage(unit_ctx, mode="async")
+    job_id = stage(unit_ctx, mode="async", batch_size=64)  # 14 steps per shard
     unit_ctx.redis.hset(keys.job_progress(job_id), mapping={"0": 3, "1": 2})
     probe = Probe()
     probe.queued.slots.add((job_id, keys.slot_step(0, 3)))
     liveness.sweep(unit_ctx, probe, now=1000.0)
     actions = liveness.sweep(unit_ctx, probe, now=1000.0 + unit_ctx.settings.relaunch_grace_s)
-    assert [a.slot for a in actions] == ["s1:t2"]
-    assert unit_ctx.dispatch.of("shard") == [{"job_id": job_id, "shard": 1, "version": lifecycle.NEWEST, "step": 2,
-                                              "attempt": 0, "apply": True}]
+    # In flight should be the first shards + 1 steps not accepted, in the global order: (1, 2), (0, 3), (1, 3).
+    assert [a.slot for a in actions] == ["s1:t2", "s1:t3"]
+    assert unit_ctx.dispatch.of("shard") == [
+        {"job_id": job_id, "shard": 1, "version": lifecycle.NEWEST, "step": step, "attempt": attempt, "apply": True}
+        for step, attempt in ((2, 1), (3, 2))]  # shard 1's attempt 0 was its first step, issued at the start
 
 
 def test_a_hung_task_ends_its_worker_process_and_is_relaunched_elsewhere_at_once(unit_ctx) -> None:
