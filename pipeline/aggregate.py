@@ -167,11 +167,51 @@ def partition(sizes: Sequence[tuple[str, int]], parts: int) -> list[list[str]]:
     return out
 
 
+def staleness_momentum(momentum: float, staleness: Sequence[int], fraction: float = 1.0) -> float:
+    """The explicit momentum for a step on updates this stale (versions behind): asynchrony acts as momentum
+    1 − 1/(1+s̄) of its own (Mitliagkas et al. 2016, "Asynchrony begets momentum"); `fraction` of it is taken
+    off, never below 0. Fresh updates (s̄ = 0) keep the momentum whole."""
+    if not staleness:
+        return momentum
+    mean = sum(staleness) / len(staleness)
+    return max(0.0, momentum - fraction * mean / (1 + mean))
+
+
 def staleness_lr(lr: float, staleness: int, rule: str) -> float:
     """Learning rate for an update computed `staleness` versions ago (Zhang et al. 2016: η/(1+s))."""
     if staleness < 0:
         raise UpdateRejected(f"update from a future version (staleness {staleness})", code="stale")
     return lr / (1 + staleness) if rule == "inverse" else lr
+
+
+DC_DECAY = 0.95  # the mean square's moving-average factor (Zheng et al. 2017, DC-ASGD-a)
+
+
+def delay_compensated(grad: Mapping[str, torch.Tensor], now: Mapping[str, torch.Tensor],
+                      base: Mapping[str, torch.Tensor], mean_square: Tensors, lam: float) -> Tensors:
+    """Delay compensation, DC-ASGD-a (Zheng et al., ICML 2017): a gradient computed on weights `base` but
+    applied to `now` is corrected by the first-order term of its Taylor expansion, the Hessian approximated
+    by the gradient's outer product (its diagonal, g⊙g), scaled adaptively:
+
+        g̃ = g + λ0 · g⊙g / √(MeanSquare) ⊙ (w_now − w_base),  MeanSquare ← 0.95·MeanSquare + 0.05·g⊙g
+
+    `mean_square` (the job's optimizer state, one tensor per parameter) is updated in place with every
+    update, stale or not; returns new tensors (`grad` is left as it is: it may be cached). λ0 = 0 or
+    identical weights (staleness 0) leave the gradient unchanged.
+    """
+    out: Tensors = {}
+    for name, g in grad.items():
+        g32 = g.float()
+        sq = g32 * g32
+        ms = mean_square.get(name)
+        ms = sq.clone() if ms is None else ms.mul_(DC_DECAY).add_(sq, alpha=1 - DC_DECAY)
+        mean_square[name] = ms
+        drift = now[name].float() - base[name].float()
+        if lam == 0 or not bool(drift.any()):
+            out[name] = g
+            continue
+        out[name] = (g32 + lam * sq / ms.sqrt().add_(1e-12) * drift).to(g.dtype)
+    return out
 
 
 def select_round(

@@ -5,8 +5,11 @@ every K of them (``publish_every``, by default the number of shards) make versio
 on their sample-weighted mean, so a version moves the weights as far as a sync round does and async runs at
 the sync job's learning rate. Bounded staleness (Ho et al. 2013): s = current version − the version the
 update was computed on; s > max_staleness → dropped and the step issued again on the newest version;
-otherwise the update's weight in the mean is scaled by the staleness rule (1/(1+s), Zhang et al. 2016;
-1/√(1+s), FedBuff's; or 1).
+otherwise the update's weight in the mean is scaled by the staleness rule (1/(1+s), Zhang et al. 2016, or 1).
+Two more corrections keep async close to sync with stragglers (measured in docs/benchmarks.md): delay
+compensation (DC-ASGD-a, Zheng et al. 2017; ``delay_compensation``) corrects a stale gradient by the weights'
+drift since it was computed, and the step's momentum loses the implicit momentum asynchrony adds, s̄/(1+s̄)
+(Mitliagkas et al. 2016; ``staleness_momentum``).
 
 Which steps are computed, and in which order, is ``pipeline/async_plan.py``: one global order over the
 shards' steps, a few in flight at once on whichever workers are free, so a slow worker neither holds back
@@ -28,7 +31,14 @@ import redis
 import torch
 
 from pipeline import blobs
-from pipeline.aggregate import Accumulator, UpdateRejected, sgd_step, staleness_lr
+from pipeline.aggregate import (
+    Accumulator,
+    UpdateRejected,
+    delay_compensated,
+    sgd_step,
+    staleness_lr,
+    staleness_momentum,
+)
 from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
@@ -39,6 +49,9 @@ from workers.commit import commit_next_version
 from workers.context import Context
 from workers.lifecycle import advance
 from workers.metrics import observe_rejected
+
+
+DC_SLOT = "dc_mean_square"  # the optimizer slot of delay compensation's moving mean square
 
 
 class JobBusy(Exception):
@@ -138,22 +151,39 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     names = ctx.param_names(ckpt)
     params = {n: t for n, t in ckpt.state.items() if n in names}
     bufs = dict(ckpt.opt.get("momentum", {}))
+    lam = spec.delay_compensation
+    mean_square = {n: t.clone() for n, t in ckpt.opt.get(DC_SLOT, {}).items()} if lam else {}
     acc = Accumulator(_shapes(params))
     for e in pending:
         upd = ctx.update_cache.get(e["identity"])
         if upd is None:  # a restarted aggregator: re-read (and re-verify) the recorded blob
             upd = load_update(ctx, job_id, e["key"], e.get("sha256"), _shapes(params),
                               {"job": job_id, "shard": e["shard"], "base_version": e["base_version"]})
-        for name, t in upd.tensors.items():  # Σ scale_i·n_i·g_i: a stale update weighs less (FedBuff)
+        tensors = upd.tensors
+        if lam:
+            tensors = delay_compensated(tensors, params, _weights_at(ctx, job_id, int(e["base_version"]), version,
+                                                                     params), mean_square, lam)
+        for name, t in tensors.items():  # Σ scale_i·n_i·g_i: a stale update weighs less (FedBuff)
             acc.fold(name, 0, t.reshape(-1), float(e["scale"]) * upd.samples)
         acc.count(upd)
     mean, _, _ = acc.mean()
-    params, bufs = sgd_step(params, mean, bufs, **opt_hparams(spec))
     staleness = [int(e["staleness"]) for e in pending]
+    hp = opt_hparams(spec)
+    hp["momentum"] = staleness_momentum(float(hp["momentum"]), staleness, spec.staleness_momentum)
+    params, bufs = sgd_step(params, mean, bufs, **hp)
     samples = sum(int(e["samples"]) for e in pending)
     extra = {"train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
              "samples": samples, "updates": len(pending), "staleness_mean": sum(staleness) / len(pending)}
     done = commit_next_version(ctx, job, ckpt, {**ckpt.state, **params}, bufs, [e["identity"] for e in pending],
                                mode="async", started=t0, extra_metrics=extra, pending_consumed=len(pending),
-                               staleness=staleness)
+                               staleness=staleness, extra_opt={DC_SLOT: mean_square})
     return done.committed
+
+
+def _weights_at(ctx: Context, job_id: str, base: int, version: int, now: dict[str, torch.Tensor]
+                ) -> dict[str, torch.Tensor]:
+    """The weights an update was computed on: version `base`'s (the current ones when it is `version`)."""
+    if base == version:
+        return now
+    ckpt = ctx.checkpoint(keys.checkpoint(job_id, base), job_id)
+    return {n: ckpt.state[n] for n in now}

@@ -31,15 +31,17 @@ class Commit:
 def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: dict[str, torch.Tensor],
                         momentum: dict[str, torch.Tensor], identities: list[str], *, mode: str, started: float,
                         extra_metrics: dict[str, Any], pending_consumed: int = 0,
-                        staleness: list[int] | None = None) -> Commit:
-    """Write and commit version ``job.version + 1`` with these weights and momentum buffers.
+                        staleness: list[int] | None = None,
+                        extra_opt: dict[str, dict[str, torch.Tensor]] | None = None) -> Commit:
+    """Write and commit version ``job.version + 1`` with these weights and momentum buffers (and any other
+    optimizer slots in `extra_opt`, e.g. async delay compensation's mean square).
 
     Nothing else sits on this path: the evaluation and the registry run afterwards, on the ``publish``
     queue (``workers/publish.py``), while the next round computes.
     """
     job_id, version = job.job_id, job.version
-    new = Checkpoint(base.model, base.model_args, version + 1, state, {"momentum": momentum} if momentum else {},
-                     {"job": job_id})
+    opt = {**({"momentum": momentum} if momentum else {}), **{k: v for k, v in (extra_opt or {}).items() if v}}
+    new = Checkpoint(base.model, base.model_args, version + 1, state, opt, {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
     t_write = time.perf_counter()
     ctx.write_checkpoint(ckey, new)

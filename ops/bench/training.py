@@ -12,6 +12,8 @@ shards walk (``pipeline.data.batch_rows``), so sync H=1 should reach the referen
     f  async slow  async, shard worker 0 is 3× slower│ submits with pipeline.client.Client
     g  sync slow   sync, shard worker 0 is 3× slower ┘ (AAS_SLOW_FACTOR=3 for that worker only)
 
+Async rows submit the sync rows' spec with mode "async" (the same lr and momentum: nothing tuned by hand).
+
 Time shares of the pipeline rows are of shard-worker time (wall × workers): compute and io are the
 sums of the shard tasks' own compute_s / io_s, read back from the Celery result backend; "other" is
 the rest: queueing, the round barrier, waiting for the aggregator, encoding blobs, Celery's overhead.
@@ -61,15 +63,7 @@ class Budget:
     local_steps: int = 8  # row e
     seed: int = 0
     row_timeout_s: float = 600.0
-    # Async applies each shard's gradient as its own step where sync applies their mean: at the same η,
-    # an epoch's total step is `shards` times larger (at η=0.1 the full char-lm run diverged to NaN).
-    # η/shards gives both modes the same total step per epoch; --async-lr same keeps η.
-    async_lr_scaled: bool = True
-
-    @property
-    def async_lr(self) -> float:
-        return self.lr / self.shards if self.async_lr_scaled else self.lr
-
+    async_spec: dict[str, Any] = field(default_factory=dict)  # --async-spec: fields set on the async rows only
     def spec(self, **overrides: Any) -> dict[str, Any]:
         base = {"model": self.model, "model_args": self.model_args, "dataset": self.dataset,
                 "dataset_args": self.dataset_args, "shards": self.shards, "batch_size": self.batch_size,
@@ -277,7 +271,14 @@ class Cluster:
                 "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"), "loss": last.get("loss"),
                 "bytes": final["bytes_up"] + final["bytes_down"], "compute": compute / busy, "io": io / busy,
                 "agg": sum(float(m.get("round_s", 0)) for m in metrics) / wall,
-                "note": f"{final['version']} versions, {tasks} shard tasks"}
+                "note": f"{final['version']} versions, {tasks} shard tasks{staleness_note(metrics)}"}
+
+
+def staleness_note(metrics: list[dict[str, Any]]) -> str:
+    """Async: the updates' mean staleness (versions behind when applied), weighted by updates per version."""
+    per = [(float(m["staleness_mean"]), int(m.get("updates", 1))) for m in metrics if "staleness_mean" in m]
+    n = sum(u for _, u in per)
+    return f", staleness {sum(s * u for s, u in per) / n:.2f}" if n else ""
 
 
 def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
@@ -310,13 +311,12 @@ def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
 
 def pipeline_rows(b: Budget, workdir: Path) -> list[tuple[str, str, bool, Callable[[Cluster], dict[str, Any]]]]:
     t = b.row_timeout_s
-    lr = f" (η={b.async_lr:g})"
     return [
         ("c", "pipeline sync", False, lambda c: c.run(b.spec(mode="sync"), t)),
-        ("d", "pipeline async" + lr, False, lambda c: c.run(b.spec(mode="async", lr=b.async_lr), t)),
+        ("d", "pipeline async", False, lambda c: c.run(b.spec(mode="async", **b.async_spec), t)),
         ("e", f"pipeline sync H={b.local_steps}", False, lambda c: c.run(b.spec(local_steps=b.local_steps), t)),
-        ("f", f"async, 1 worker {SLOW_FACTOR}× slower" + lr, True,
-         lambda c: c.run(b.spec(mode="async", lr=b.async_lr), t)),
+        ("f", f"async, 1 worker {SLOW_FACTOR}× slower", True,
+         lambda c: c.run(b.spec(mode="async", **b.async_spec), t)),
         ("g", f"sync, 1 worker {SLOW_FACTOR}× slower", True, lambda c: c.run(b.spec(mode="sync"), t)),
     ]
 
@@ -374,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="char-lm", choices=["char-lm", "digits-cnn"])
     ap.add_argument("--rows", default="", help="only these rows, e.g. 'abce' (default: all)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
-    ap.add_argument("--async-lr", choices=["scaled", "same"], default="scaled",
-                    help="async rows: η/shards (default; the same total step per epoch as sync) or η")
+    ap.add_argument("--async-spec", default="{}", type=json.loads, metavar="JSON",
+                    help='spec fields for the async rows only, e.g. \'{"delay_compensation": 0}\' (default: none)')
+    ap.add_argument("--epochs", type=int, default=0, help="epochs of every row (default: the budget's)")
+    ap.add_argument("--seed", type=int, default=0, help="the job seed: initial weights and data order (default 0)")
     args = ap.parse_args(argv)
-    b = replace(budget_for(args.model, args.quick), async_lr_scaled=args.async_lr == "scaled")
+    b = budget_for(args.model, args.quick)
+    b = replace(b, async_spec=args.async_spec, epochs=args.epochs or b.epochs, seed=args.seed)
     t0 = time.perf_counter()
     rows = run_all(b, set(args.rows) or None)
     table = markdown(rows, b)

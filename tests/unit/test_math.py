@@ -7,9 +7,11 @@ from pipeline.aggregate import (
     Update,
     UpdateRejected,
     check_update,
+    delay_compensated,
     select_round,
     sgd_step,
     staleness_lr,
+    staleness_momentum,
     weighted_mean,
 )
 
@@ -70,3 +72,29 @@ def test_staleness_scales_the_learning_rate_and_refuses_future_updates() -> None
     assert staleness_lr(0.1, 3, "constant") == pytest.approx(0.1)
     with pytest.raises(UpdateRejected, match="future"):
         staleness_lr(0.1, -1, "inverse")
+
+
+def test_delay_compensation_adds_the_scaled_hessian_diagonal_times_the_weights_drift() -> None:
+    g = {"w": torch.tensor([1.0, -2.0, 0.5])}
+    base = {"w": torch.tensor([0.0, 0.0, 0.0])}
+    now = {"w": torch.tensor([0.1, 0.2, -0.4])}
+    ms: dict[str, torch.Tensor] = {}
+    out = delay_compensated(g, now, base, ms, lam=2.0)
+    # The first mean square is g⊙g itself: g + λ0·g⊙g/|g|⊙drift = g + 2·|g|⊙drift.
+    assert torch.allclose(out["w"], torch.tensor([1.0 + 2 * 1.0 * 0.1, -2.0 + 2 * 2.0 * 0.2, 0.5 - 2 * 0.5 * 0.4]))
+    assert torch.allclose(ms["w"], g["w"] ** 2)
+    assert torch.equal(g["w"], torch.tensor([1.0, -2.0, 0.5]))  # the input (maybe cached) is left alone
+    # A second gradient moves the mean square by 5%; with no drift (staleness 0) it passes unchanged.
+    g2 = {"w": torch.tensor([3.0, 0.0, 0.5])}
+    same = delay_compensated(g2, now, now, ms, lam=2.0)
+    assert torch.equal(same["w"], g2["w"])
+    assert torch.allclose(ms["w"], 0.95 * g["w"] ** 2 + 0.05 * g2["w"] ** 2)
+
+
+def test_staleness_takes_asynchronys_implicit_momentum_off_the_explicit_one() -> None:
+    assert staleness_momentum(0.9, []) == 0.9 and staleness_momentum(0.9, [0, 0]) == 0.9
+    assert staleness_momentum(0.9, [0, 2]) == pytest.approx(0.9 - 1 / 2)  # s̄ = 1: implicit 1 − 1/2
+    assert staleness_momentum(0.9, [3]) == pytest.approx(0.9 - 3 / 4)
+    assert staleness_momentum(0.5, [9]) == 0.0  # never negative
+    assert staleness_momentum(0.9, [1], fraction=0.5) == pytest.approx(0.9 - 0.25)
+    assert staleness_momentum(0.9, [1], fraction=0.0) == 0.9
