@@ -2,7 +2,7 @@
 
 A job's data is `shards` streams of steps (shard s, step k·H → a fixed mini-batch, ``pipeline/data.py``).
 In async mode the steps are computed in one global order, round by round — (shard 0, step 0), (shard 1,
-step 0), …, (shard 0, step H), … — and the first `shards` steps not yet accepted are in flight at
+step 0), …, (shard 0, step H), … — and the first `shards` steps (at most one per live shard worker) not yet accepted are in flight at
 once, on whichever workers are free. A fast worker therefore also computes the steps of a shard whose
 previous step a slow worker still holds: every shard's data is consumed at the same pace whatever the
 workers' speeds, and no worker waits while a step is left.
@@ -20,16 +20,18 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 
 
-def window_for(shards: int) -> int:
-    """Steps in flight at once: one per shard. Not one more, queued for the next worker to come free: that
-    worker would start it before its previous result is applied, one version staler (measured on char-lm with
-    a 3×-slow worker: mean staleness 0.99 against 0.50, perplexity +30–60% for a few % of speed)."""
-    return shards
+def window_for(shards: int, workers: int = 0) -> int:
+    """Steps in flight at once: one per shard, and no more than there are shard workers (when known). A step
+    queued for the next worker to come free would be started before that worker's previous result is applied,
+    one version staler (measured on char-lm with a 3×-slow worker: mean staleness 0.99 against 0.50, perplexity
+    +30–60% for a few % of speed)."""
+    return max(1, min(shards, workers) if workers > 0 else shards)
 
 
 def frontier(marks: Mapping[int, int], ahead: Collection[tuple[int, int]], *, shards: int, local_steps: int,
-             steps_per_shard: int, lookahead: bool) -> list[tuple[int, int]]:
-    """The (shard, step) pairs that should be in flight now, in the global order.
+             steps_per_shard: int, lookahead: bool, workers: int = 0) -> list[tuple[int, int]]:
+    """The (shard, step) pairs that should be in flight now, in the global order (`workers`: the live shard
+    workers, 0 when unknown).
 
     `marks`: shard → its first step not accepted (0 when absent); `ahead`: (shard, step) accepted above the
     mark; `steps_per_shard`: the budget of data steps per shard (a multiple of `local_steps`), reached by
@@ -40,7 +42,7 @@ def frontier(marks: Mapping[int, int], ahead: Collection[tuple[int, int]], *, sh
     if not lookahead:
         return [(s, int(marks.get(s, 0))) for s in range(shards)]
     out: list[tuple[int, int]] = []
-    want = window_for(shards)
+    want = window_for(shards, workers)
     done = set(ahead)
     k = min((int(marks.get(s, 0)) for s in range(shards)), default=0) // h
     while len(out) < want and k * h < steps_per_shard:

@@ -17,6 +17,7 @@ from pipeline.spec import JobSpec
 from pipeline.stop_rule import Progress, is_finished
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
+from storage.leases import LeaseBook
 from workers import affinity
 from workers.context import Context
 from workers.publish import evaluation_due
@@ -92,9 +93,10 @@ def async_steps(ctx: Context, job: JobState, spec: JobSpec) -> list[tuple[int, i
     budget = int(job.fields.get("budget", 0))
     if int(job.fields.get("accepted", 0)) >= budget:
         return []  # the budget is spent: what is pending gets published, nothing more is computed
+    workers = len(affinity.live_queues(LeaseBook(ctx.redis, ctx.settings.lease_ttl_s).workers()))
     return async_plan.frontier(ctx.jobs.progress(job.job_id), ctx.jobs.ahead(job.job_id), shards=spec.shards,
                                local_steps=spec.local_steps, steps_per_shard=budget // spec.shards * spec.local_steps,
-                               lookahead=spec.codec not in ERROR_FEEDBACK)
+                               lookahead=spec.codec not in ERROR_FEEDBACK, workers=workers)
 
 
 def next_attempt(ctx: Context, job_id: str, shard: int) -> int:

@@ -181,6 +181,23 @@ def test_a_stale_update_is_delay_compensated_with_the_mean_square_kept_in_the_ch
     assert "dc_mean_square" not in plain[2].opt
 
 
+def test_staleness_momentum_lowers_the_momentum_of_a_step_on_stale_updates_only(unit_ctx, enqueued) -> None:
+    def run(fraction: float) -> dict:
+        job_id = stage(unit_ctx, publish_every=1, delay_compensation=0, staleness_momentum=fraction)
+        old = compute(unit_ctx, job_id, 1, 0, 0)
+        async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))
+        async_agg.apply_update(unit_ctx, job_id, old)  # staleness 1: momentum 0.9 - fraction * 1/2
+        return {v: decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, v)), str(v),
+                                     opt_data=_opt(unit_ctx, job_id, v)) for v in (1, 2)}
+
+    off, on = run(0.0), run(1.0)
+    for name, buf in off[1].opt["momentum"].items():  # a fresh update: the momentum is whole either way
+        assert torch.equal(on[1].opt["momentum"][name], buf), name
+        # buf2 = μ·buf1 + g: the same g, so the two runs' buffers differ by (0.9 - 0.4)·buf1
+        gap = off[2].opt["momentum"][name] - on[2].opt["momentum"][name]
+        assert torch.allclose(gap, 0.5 * buf, atol=1e-6), name
+
+
 def _opt(unit_ctx, job_id: str, version: int) -> bytes | None:
     try:
         return unit_ctx.store.get(keys.optimizer_state(keys.checkpoint(job_id, version)))

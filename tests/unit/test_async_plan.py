@@ -37,3 +37,10 @@ def test_marks_after_a_count_of_accepted_steps_follow_the_global_order() -> None
     assert async_plan.marks_after(0, 3, 1) == {0: 0, 1: 0, 2: 0}
     assert async_plan.marks_after(7, 3, 2) == {0: 6, 1: 4, 2: 4}  # steps 0..6 of the order: 3, 2, 2 per shard
     assert sum(m // 2 for m in async_plan.marks_after(7, 3, 2).values()) == 7
+
+
+def test_no_more_steps_are_in_flight_than_there_are_live_shard_workers() -> None:
+    plan = dict(shards=4, local_steps=1, steps_per_shard=10, lookahead=True)
+    assert async_plan.frontier({}, set(), **plan) == [(0, 0), (1, 0), (2, 0), (3, 0)]  # workers unknown
+    assert async_plan.frontier({}, set(), **plan, workers=2) == [(0, 0), (1, 0)]
+    assert async_plan.frontier({}, set(), **plan, workers=9) == [(0, 0), (1, 0), (2, 0), (3, 0)]
