@@ -1,17 +1,20 @@
-"""Benchmark: bytes moved and accuracy for every gradient codec, serving artifacts, and distillation.
+"""Benchmark: bytes moved and accuracy (or perplexity) for every gradient codec, serving artifacts, and distillation.
 
-On digits, same seed and epoch budget in every row, 2 shard workers + 1 aggregator as real processes
-(an embedded Redis and a local-folder store, ``training.Cluster``):
+On digits (``--model digits-cnn``, the default) or char-lm (``--model char-lm``), same seed and epoch budget in
+every row, 2 shard workers + 1 aggregator as real processes (an embedded Redis and a local-folder store,
+``training.Cluster``):
 
 * every gradient codec, alone (H=1) and with DiLoCo local steps (H=8): bytes uploaded per training
-  sample, ratio against per-step fp32 (codec ``none``, H=1), final test accuracy and its change;
-* serving artifacts derived from the fp32 run's final checkpoint by several chains: stored bytes,
+  sample, ratio against per-step fp32 (codec ``none``, H=1), final test accuracy and its change (char-lm: also
+  the test perplexity and its change in percent);
+* digits only: serving artifacts derived from the fp32 run's final checkpoint by several chains: stored bytes,
   ratio against fp32 safetensors, test accuracy of the served (dequantised) model;
-* knowledge distillation of ``digits-cnn-small`` from the fp32 run's registered model;
+* digits only: knowledge distillation of ``digits-cnn-small`` from the fp32 run's registered model;
 * codec speed (encode + decode MB/s on ~10M parameters) from ``ops/bench/codecs.py``.
 
-    ops/bench/run compression [--quick] [--json FILE] [--seeds 0,1] [--codecs none,topk,topk-dgc] [--local-steps 1]
-                              [--epochs N] [--no-distill] [--no-speed] [--no-artifacts] [--plot PNG]
+    ops/bench/run compression [--model digits-cnn|char-lm] [--quick] [--json FILE] [--seeds 0,1]
+                              [--codecs none,topk,topk-dgc] [--local-steps 1] [--epochs N] [--no-distill]
+                              [--no-speed] [--no-artifacts] [--plot PNG]
 
 Codec rows are a codec name or a variant in ``VARIANTS`` (the DGC top-k rows: momentum correction with
 momentum-factor masking, a 1-epoch density warm-up, the server's momentum moved to the workers), optionally
@@ -21,6 +24,10 @@ per ``--local-steps`` value. Every row is compared with ``none`` at H=1 of the s
 The issue-14 budget is ``--epochs 24``: fp32 sync has converged there (97.8% / 98.3% on seeds 0 / 1, the same as
 at 10-20 epochs), and 24 × 23 batches per epoch is a multiple of 8, so H=8 rows process exactly the samples of
 H=1 rows (at 5 or 20 epochs they process 0.3-0.9% more).
+
+char-lm takes ``training.budget_for("char-lm", quick)``: the byte-level transformer on ``chars``, 2 shards × batch 32,
+1 epoch (146 steps), SGD lr 0.1 momentum 0.9 (``--quick``: 60k chars, batch 16). 146 is not a multiple of 8: H=8
+rows run 19 rounds, 152 steps, 4% more samples than H=1 (``samples_vs_fp32`` in each row).
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import json
 import sys
 import tempfile
 import traceback
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compression_report import markdown, plot  # noqa: E402  (sibling bench module)
-from training import Budget, Cluster  # noqa: E402  (sibling bench module)
+from training import Budget, Cluster, budget_for  # noqa: E402  (sibling bench module)
 
 CODECS = ["none", "fp16", "bf16", "int8", "topk", "topk+int8", "topk+q8", "topk+q4", "topk+q2"]
 QUICK_CODECS = ["none", "int8", "topk", "topk+int8"]
@@ -90,7 +98,7 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
         label = f"{codec} H={h}"
         spec = b.spec(codec=codec, local_steps=h, inner_lr=b.lr, publish_every_versions=0,
                       promote="production" if (codec == "none" and h == 1) else None,
-                      register_as="digits-cnn" if (codec == "none" and h == 1) else None)
+                      register_as=b.model if (codec == "none" and h == 1) else None)
         if codec in VARIANTS:
             spec = {**spec, **VARIANTS[codec]}
         try:
@@ -105,6 +113,8 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
                      "bytes_per_sample": up / max(1, r["samples"]), "accuracy": r["accuracy"],
                      "state_bytes_per_sample": state / max(1, r["samples"]), "seed": b.seed,
                      "wall_s": r["wall_s"]})
+        if r.get("perplexity") is not None:  # lm tasks: the metric the rows are judged by
+            rows[-1]["perplexity"] = r["perplexity"]
         if "state_local" in job or "state_moved" in job:  # top-k tasks that found their state in-process, or not
             rows[-1] |= {"state_local": int(job.get("state_local", 0)), "state_moved": int(job.get("state_moved", 0))}
         if codec == "none" and h == 1:
@@ -115,6 +125,8 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
             r["samples_vs_fp32"] = r["samples"] / max(1, base["samples"])
             r["ratio_vs_fp32_step"] = base["bytes_per_sample"] / r["bytes_per_sample"]
             r["accuracy_delta_pts"] = 100 * (r["accuracy"] - base["accuracy"])
+            if "perplexity" in r and "perplexity" in base:
+                r["perplexity_delta_pct"] = 100 * (r["perplexity"] / base["perplexity"] - 1)
     return rows, fp32_job
 
 
@@ -158,8 +170,9 @@ def distill_row(cluster: Cluster, b: Budget, teacher_acc: float) -> dict[str, An
             "student_accuracy": r["accuracy"], "accuracy_drop_pts": 100 * (teacher_acc - r["accuracy"])}
 
 
-def blob_anatomy(rows: list[str], density: float = 0.01) -> list[dict[str, Any]]:
-    """What one digits-cnn gradient blob is made of, per codec: the envelope's prelude + JSON header (the codec's
+def blob_anatomy(rows: list[str], density: float = 0.01, model: str = "digits-cnn",
+                 model_args: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """What one gradient blob of ``model`` is made of, per codec: the envelope's prelude + JSON header (the codec's
     own part of it apart) and the payload (safetensors, zstd'd for every codec but ``none``), on a random
     gradient with the shard worker's meta (a 32-hex job id, step 1000, unsigned as in this bench)."""
     import torch
@@ -167,7 +180,7 @@ def blob_anatomy(rows: list[str], density: float = 0.01) -> list[dict[str, Any]]
     from pipeline import blobs, codecs
     from pipeline.models import build_model
 
-    params = dict(build_model("digits-cnn").named_parameters())
+    params = dict(build_model(model, model_args).named_parameters())
     gen = torch.Generator().manual_seed(0)
     grads = {n: torch.randn(tuple(p.shape), generator=gen) for n, p in params.items()}
     out = []
@@ -186,16 +199,31 @@ def blob_anatomy(rows: list[str], density: float = 0.01) -> list[dict[str, Any]]
     return out
 
 
+def budget(model: str, quick: bool, seed: int, epochs: int | None) -> Budget:
+    """Every row's budget: digits as issue 14 set it (5 epochs, 2 quick), any other model the training bench's."""
+    if model == "digits-cnn":
+        return Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=epochs or (2 if quick else 5),
+                      lr=0.05, seed=seed, row_timeout_s=300 if quick else 900 * max(1, (epochs or 5) // 5))
+    b = budget_for(model, quick)
+    return replace(b, epochs=epochs or b.epochs, seed=seed, row_timeout_s=b.row_timeout_s * (epochs or b.epochs))
+
+
 def run(quick: bool, seeds: tuple[int, ...] = (0,), codecs: list[str] | None = None, hs: tuple[int, ...] = (1, 8),
         distill: bool = True, speed: bool = True, epochs: int | None = None,
-        artifacts: bool = True) -> dict[str, Any]:
+        artifacts: bool = True, model: str = "digits-cnn") -> dict[str, Any]:
     rows_wanted = codecs or (QUICK_CODECS if quick else CODECS)
     anatomy_rows = list(dict.fromkeys(parse_row(text, hs)[0] for text in rows_wanted))
-    result: dict[str, Any] = {"codecs": [], "artifacts": [], "anatomy": blob_anatomy(anatomy_rows)}
+    if model != "digits-cnn":  # the artifact and distillation rows evaluate digits classifiers
+        artifacts = distill = False
+    b0 = budget(model, quick, seeds[0], epochs)
+    result: dict[str, Any] = {"codecs": [], "artifacts": [],
+                              "anatomy": blob_anatomy(anatomy_rows, model=b0.model, model_args=b0.model_args)}
     for seed in seeds:
-        b = Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=epochs or (2 if quick else 5),
-                   lr=0.05, seed=seed, row_timeout_s=300 if quick else 900 * max(1, (epochs or 5) // 5))
+        b = budget(model, quick, seed, epochs)
         result["budget"] = {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size, "seeds": list(seeds)}
+        if model != "digits-cnn":
+            result["budget"] |= {"model": b.model, "dataset": b.dataset, "dataset_args": b.dataset_args, "lr": b.lr,
+                                 "momentum": b.momentum}
         with tempfile.TemporaryDirectory(prefix="aas-bench-compression-") as tmp, Cluster(Path(tmp), b.shards) as c:
             rows, fp32_job = codec_rows(c, b, rows_wanted, hs)
             result["codecs"] += rows
@@ -224,6 +252,9 @@ def run(quick: bool, seeds: tuple[int, ...] = (0,), codecs: list[str] | None = N
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="digits-cnn", choices=["digits-cnn", "char-lm"],
+                   help="digits-cnn (default) or char-lm (rows also report perplexity; no artifact or distillation "
+                        "rows: they are digits-specific)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json", metavar="FILE")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every row runs once per seed")
@@ -231,11 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--codecs", help=f"comma-separated codecs or variants ({', '.join([*CODECS, *VARIANTS])})"
                    .replace("%", "%%"))
     p.add_argument("--local-steps", default="1,8", help="comma-separated H values")
-    p.add_argument("--no-distill", action="store_true")
+    p.add_argument("--no-distill", action="store_true",
+                   help="skip the distillation row (always skipped for char-lm)")
     p.add_argument("--no-speed", action="store_true")
-    p.add_argument("--no-artifacts", action="store_true", help="skip the serving-artifact rows")
-    p.add_argument("--epochs", type=int, help="epoch budget of every row (default 5, --quick 2; issue 14: 24)")
-    p.add_argument("--plot", metavar="PNG", help="accuracy against bytes per sample for every codec row")
+    p.add_argument("--no-artifacts", action="store_true",
+                   help="skip the serving-artifact rows (always skipped for char-lm)")
+    p.add_argument("--epochs", type=int, help="epoch budget of every row (digits: default 5, --quick 2, issue 14: 24; "
+                                                "char-lm: default 1)")
+    p.add_argument("--plot", metavar="PNG",
+                   help="accuracy (char-lm: perplexity) against bytes per sample for every codec row")
     args = p.parse_args(argv)
     codecs = args.codecs.split(",") if args.codecs else None
     hs = tuple(int(x) for x in args.local_steps.split(","))
@@ -245,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(str(e))
     result = run(args.quick, tuple(int(x) for x in args.seeds.split(",")), codecs, hs, not args.no_distill,
-                 not args.no_speed, args.epochs, not args.no_artifacts)
+                 not args.no_speed, args.epochs, not args.no_artifacts, args.model)
     if args.json:  # first: a failing plot must not lose an hour of training
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result))

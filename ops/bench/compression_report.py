@@ -1,5 +1,6 @@
 """Tables and the plot of ``ops/bench/run compression``: per-seed rows, a summary with the spread between seeds,
-and accuracy against bytes moved for every codec row (one PNG).
+and accuracy against bytes moved for every codec row (one PNG). Rows that carry a perplexity (char-lm) are judged
+by it instead: perplexity and its change in percent against fp32 sync in the tables, perplexity on the plot's y axis.
 
     ops/bench/run compression_report --json FILE [FILE ...] [--plot PNG] [--out FILE]   # re-render saved runs
 
@@ -15,8 +16,14 @@ from pathlib import Path
 from typing import Any
 
 
+def is_lm(rows: list[dict[str, Any]]) -> bool:
+    """Whether the rows are a language model's: they carry a perplexity, the metric to judge them by."""
+    return any(r.get("perplexity") is not None for r in rows if "error" not in r)
+
+
 def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One line per (row label, H) over its seeds: mean/min/max of accuracy, its change vs fp32, and bytes."""
+    """One line per (row label, H) over its seeds: mean/min/max of accuracy, its change vs fp32, and bytes; for rows
+    with a perplexity also its mean, per-seed values and the range of its change in percent vs fp32."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         if "error" not in r:
@@ -31,10 +38,17 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "ratio_min": min(ratio), "accuracy_mean": sum(acc) / len(acc),
                     "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": min(delta),
                     "delta_max": max(delta), "samples_vs_fp32": [r.get("samples_vs_fp32", 1.0) for r in rs]})
+        if all(r.get("perplexity") is not None for r in rs):
+            ppl = [r["perplexity"] for r in rs]
+            pct = [r.get("perplexity_delta_pct", 0.0) for r in rs]
+            out[-1] |= {"perplexity_mean": sum(ppl) / len(ppl), "perplexity_by_seed": ppl,
+                        "ppl_delta_pct_min": min(pct), "ppl_delta_pct_max": max(pct)}
     return out
 
 
 def codec_table(result: dict[str, Any]) -> list[str]:
+    if is_lm(result["codecs"]):
+        return lm_codec_table(result)
     out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
            "| state bytes / sample (store) | shard tasks off their state (moved / with state) | wall s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -51,13 +65,45 @@ def codec_table(result: dict[str, Any]) -> list[str]:
     return out
 
 
+def lm_codec_table(result: dict[str, Any]) -> list[str]:
+    """``codec_table`` for a language model: test perplexity and its change in percent vs fp32 sync."""
+    out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test perplexity "
+           "| Δ % vs fp32 | state bytes / sample (store) | shard tasks off their state (moved / with state) | wall s |",
+           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["codecs"]:
+        if "error" in r:
+            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | | |")
+            continue
+        moved = (f"{r['state_moved']} / {r['state_moved'] + r['state_local']}" if r.get("state_local") is not None
+                 else "")
+        out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
+                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['perplexity']:.3f} "
+                   f"| {r.get('perplexity_delta_pct', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
+                   f"| {moved} | {r['wall_s']:.1f} |")
+    return out
+
+
 def summary_table(result: dict[str, Any]) -> list[str]:
+    if is_lm(result["codecs"]):
+        return lm_summary_table(result)
     out = ["| codec | H | seeds | bytes up / sample | × fewer (worst seed) | accuracy (mean) | spread between seeds "
            "(pts) | Δ pts vs fp32 (worst … best) |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for s in summary(result["codecs"]):
         out.append(f"| {s['codec']} | {s['H']} | {','.join(map(str, s['seeds']))} | {s['bytes_per_sample']:.1f} "
                    f"| {s['ratio_min']:.1f} | {s['accuracy_mean']:.4f} | {s['accuracy_spread_pts']:.2f} "
                    f"| {s['delta_min']:+.2f} … {s['delta_max']:+.2f} |")
+    return out
+
+
+def lm_summary_table(result: dict[str, Any]) -> list[str]:
+    """``summary_table`` for a language model; the worst change is the largest rise in perplexity."""
+    out = ["| codec | H | seeds | bytes up / sample | × fewer (worst seed) | perplexity (mean) | perplexity by seed "
+           "| Δ % vs fp32 (worst … best) |", "|---|---:|---|---:|---:|---:|---|---|"]
+    for s in summary(result["codecs"]):
+        by_seed = " / ".join(f"{p:.3f}" for p in s["perplexity_by_seed"])
+        out.append(f"| {s['codec']} | {s['H']} | {','.join(map(str, s['seeds']))} | {s['bytes_per_sample']:.1f} "
+                   f"| {s['ratio_min']:.1f} | {s['perplexity_mean']:.3f} | {by_seed} "
+                   f"| {s['ppl_delta_pct_max']:+.2f} … {s['ppl_delta_pct_min']:+.2f} |")
     return out
 
 
@@ -71,10 +117,12 @@ def anatomy_table(result: dict[str, Any]) -> list[str]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    out = ["### Gradient codecs (digits, 2 shards)", "", *codec_table(result), "",
+    lm = is_lm(result["codecs"])
+    model = result.get("budget", {}).get("model", "char-lm") if lm else "digits-cnn"
+    out = [f"### Gradient codecs ({model if lm else 'digits'}, 2 shards)", "", *codec_table(result), "",
            "### Summary over seeds", "", *summary_table(result)]
     if result.get("anatomy"):
-        out += ["", "### What one gradient blob is made of (digits-cnn, 1 step, density as in the row)", "",
+        out += ["", f"### What one gradient blob is made of ({model}, 1 step, density as in the row)", "",
                 *anatomy_table(result)]
     if result.get("artifacts"):
         out += ["", "### Serving artifacts (from the fp32 run's final checkpoint)", "",
@@ -103,7 +151,8 @@ def moved(row: dict[str, Any]) -> float:
 def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     """Test accuracy against bytes uploaded per training sample (log scale; gradients plus any codec state written
     to the store), one marker per row and seed, a line joining each row's seeds (its spread), and fp32 sync's
-    accuracy band (its seeds, down to 1 point below the lowest) shaded."""
+    accuracy band (its seeds, down to 1 point below the lowest) shaded. Rows with a perplexity plot it instead,
+    with fp32 sync's band running up to 2% above its highest seed."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -112,15 +161,19 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     fig = Figure(figsize=(11, 5.5), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     rows = [r for r in result["codecs"] if "error" not in r]
-    base = [r["accuracy"] for r in rows if r["codec"] == "none" and r["H"] == 1]
-    if base:
+    lm = is_lm(rows)
+    metric = "perplexity" if lm else "accuracy"
+    base = [r[metric] for r in rows if r["codec"] == "none" and r["H"] == 1]
+    if base and lm:
+        ax.axhspan(min(base), 1.02 * max(base), color="0.9", label="fp32 sync (seeds) + 2%")
+    elif base:
         ax.axhspan(min(base) - 0.01, max(base), color="0.9", label="fp32 sync (seeds) − 1 point")
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
         groups[(r["codec"], r["H"])].append(r)
     markers = "os^vD<>pPX*h"
     for i, ((codec, h), rs) in enumerate(sorted(groups.items(), key=lambda kv: -moved(kv[1][0]))):
-        xs, ys = [moved(r) for r in rs], [r["accuracy"] for r in rs]
+        xs, ys = [moved(r) for r in rs], [r[metric] for r in rs]
         line = ax.plot(xs, ys, linestyle="-", marker=markers[i % len(markers)], markersize=6,
                        label=f"{codec} H={h}")[0]
         ax.annotate(f"{codec} H={h}", (xs[0], ys[0]), fontsize=7, xytext=(4, -10), textcoords="offset points",
@@ -130,10 +183,13 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
         xs_all = [moved(r) for r in rows]
         ax.set_xlim(min(xs_all) / 1.5, max(xs_all) * 2.5)
     ax.set_xlabel("bytes uploaded per training sample: gradient blobs (envelope included) + codec state in the store")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test perplexity (lower is better)" if lm else "test accuracy")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no point hidden
-    ax.set_title(title or "digits-cnn: accuracy against bytes moved, every codec row and seed", fontsize=10)
+    model = result.get("budget", {}).get("model", "char-lm")
+    default = (f"{model}: perplexity against bytes moved, every codec row and seed" if lm
+               else "digits-cnn: accuracy against bytes moved, every codec row and seed")
+    ax.set_title(title or default, fontsize=10)
     fig.tight_layout()
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
