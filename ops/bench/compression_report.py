@@ -47,9 +47,13 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def codec_table(result: dict[str, Any]) -> list[str]:
+    """Every row and seed; a language model's rows show test perplexity and its change in percent vs fp32 sync,
+    a classifier's test accuracy and its change in points."""
     if is_lm(result["codecs"]):
-        return lm_codec_table(result)
-    out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test accuracy | Δ pts "
+        metric, delta, show = "test perplexity", "Δ % vs fp32", lambda r: (r["perplexity"], "perplexity_delta_pct", 3)
+    else:
+        metric, delta, show = "test accuracy", "Δ pts", lambda r: (r["accuracy"], "accuracy_delta_pts", 4)
+    out = [f"| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | {metric} | {delta} "
            "| state bytes / sample (store) | shard tasks off their state (moved / with state) | wall s |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["codecs"]:
@@ -58,27 +62,10 @@ def codec_table(result: dict[str, Any]) -> list[str]:
             continue
         moved = (f"{r['state_moved']} / {r['state_moved'] + r['state_local']}" if r.get("state_local") is not None
                  else "")
+        value, delta_key, digits = show(r)
         out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
-                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['accuracy']:.4f} "
-                   f"| {r.get('accuracy_delta_pts', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
-                   f"| {moved} | {r['wall_s']:.1f} |")
-    return out
-
-
-def lm_codec_table(result: dict[str, Any]) -> list[str]:
-    """``codec_table`` for a language model: test perplexity and its change in percent vs fp32 sync."""
-    out = ["| codec | H | seed | samples | bytes up / sample | × fewer than fp32 per step | test perplexity "
-           "| Δ % vs fp32 | state bytes / sample (store) | shard tasks off their state (moved / with state) | wall s |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in result["codecs"]:
-        if "error" in r:
-            out.append(f"| {r['row']} | | | | error: {r['error']} | | | | | | |")
-            continue
-        moved = (f"{r['state_moved']} / {r['state_moved'] + r['state_local']}" if r.get("state_local") is not None
-                 else "")
-        out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
-                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {r['perplexity']:.3f} "
-                   f"| {r.get('perplexity_delta_pct', 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
+                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {value:.{digits}f} "
+                   f"| {r.get(delta_key, 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
                    f"| {moved} | {r['wall_s']:.1f} |")
     return out
 
