@@ -106,7 +106,11 @@ class JobStore:
         pipe.execute()
 
     def get(self, job_id: str) -> JobState:
-        raw = self.r.hgetall(keys.job(job_id))
+        return self.parse(job_id, self.r.hgetall(keys.job(job_id)))
+
+    @staticmethod
+    def parse(job_id: str, raw: dict[bytes, bytes]) -> JobState:
+        """A job's state from its hash as HGETALL returned it (``get``, or a read queued in a pipeline)."""
         if b"spec" not in raw:
             # Missing, or only the counters a task still running bumped (HINCRBY) after Redis lost the job:
             # not a job. Treating such a stub as one made `resume` finish the job at version 0.
@@ -162,11 +166,17 @@ class JobStore:
         identities: list[str],
         metrics: dict[str, Any],
         pending_consumed: int = 0,
-    ) -> bool:
-        """Atomically move version base→new with its consumed identities and metrics.
+        count_bytes: bool = False,
+        add_bytes_down: int = 0,
+        event: dict[str, Any] | None = None,
+    ) -> JobState | None:
+        """Atomically move version base→new with its consumed identities and metrics; return the job's state
+        as the commit left it (read in the same round trip as the version check, under WATCH).
 
-        Returns False (and changes nothing) when the job is no longer at `base_version`: another
-        aggregation already committed, so this one is a duplicate.
+        Returns None (and changes nothing) when the job is no longer at `base_version`: another
+        aggregation already committed, so this one is a duplicate. `count_bytes`: add the job's bytes moved
+        so far (``bytes_up``, ``bytes_down``, the latter after adding `add_bytes_down`) to `metrics`;
+        `event`: append this ``version`` event to the job's events in the same transaction.
         """
         key = keys.job(job_id)
         fields = {"version": str(new_version), "checkpoint": checkpoint_key, "progress_at": str(time.time())}
@@ -174,19 +184,35 @@ class JobStore:
             if k in metrics:
                 fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])
 
+        before: dict[bytes, bytes] = {}
+
         def at_base(pipe: Any) -> bool:
-            cur = pipe.hget(key, "version")
+            before.clear()
+            before.update(pipe.hgetall(key))
+            if count_bytes:
+                metrics.update(bytes_up=int(before.get(b"bytes_up", 0)),
+                               bytes_down=int(before.get(b"bytes_down", 0)) + add_bytes_down)
+            cur = before.get(b"version")
             return cur is not None and int(cur) == base_version
 
         def write(pipe: Any) -> None:
             pipe.hset(key, mapping=fields)
+            if add_bytes_down:
+                pipe.hincrby(key, "bytes_down", add_bytes_down)
             if identities:
                 pipe.sadd(keys.job_consumed(job_id, new_version), *identities)
             pipe.rpush(keys.job_metrics(job_id), json.dumps({"version": new_version, **metrics}))
             if pending_consumed:
                 pipe.ltrim(keys.job_pending(job_id), pending_consumed, -1)
+            if event is not None:
+                pipe.xadd(keys.job_events(job_id), _event_body("version", event), maxlen=EVENTS_MAXLEN,
+                          approximate=True)
 
-        return self._check_and_write(key, at_base, write)
+        if not self._check_and_write(key, at_base, write):
+            return None
+        after = {**before, **{k.encode(): v.encode() for k, v in fields.items()}}
+        after[b"bytes_down"] = str(int(before.get(b"bytes_down", 0)) + add_bytes_down).encode()
+        return self.parse(job_id, after)
 
     def record_part(self, job_id: str, version: int, part: int, payload: dict[str, Any]) -> None:
         """Aggregation part `part` of round `version` has written its range of version+1 (idempotent)."""
@@ -321,11 +347,14 @@ class JobStore:
         return m if m.get("version") == version else None
 
     def event(self, job_id: str, kind: str, **fields: Any) -> None:
-        body = {"kind": kind, "t": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}
-        self.r.xadd(keys.job_events(job_id), body, maxlen=EVENTS_MAXLEN, approximate=True)
+        self.r.xadd(keys.job_events(job_id), _event_body(kind, fields), maxlen=EVENTS_MAXLEN, approximate=True)
 
     def events(self, job_id: str, count: int = 100) -> list[dict[str, str]]:
         out = []
         for eid, body in self.r.xrevrange(keys.job_events(job_id), count=count):
             out.append({"id": eid.decode(), **{k.decode(): v.decode() for k, v in body.items()}})
         return list(reversed(out))
+
+
+def _event_body(kind: str, fields: dict[str, Any]) -> dict[str, str]:
+    return {"kind": kind, "t": f"{time.time():.3f}", **{k: str(v) for k, v in fields.items()}}

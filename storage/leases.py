@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,12 +73,16 @@ class LeaseBook:
 
     # ------------------------------------------------------------ leases
 
-    def acquire(self, job_id: str, task_id: str, slot: str, worker: str, what: str) -> None:
+    def acquire(self, job_id: str, task_id: str, slot: str, worker: str, what: str, *,
+                then: Callable[[Any], Any] | None = None) -> list[Any]:
+        """Take the lease; `then(pipe)` queues more commands in the same round trip: their replies are returned."""
         entry = {"slot": slot, "worker": worker, "what": what, "started": time.time(), "state": "running"}
         pipe = self.r.pipeline()
         pipe.set(keys.lease(task_id), job_id, px=_ms(self.ttl_s))
         pipe.hset(keys.job_leases(job_id), task_id, json.dumps(entry))
-        pipe.execute()
+        if then is not None:
+            then(pipe)
+        return list(pipe.execute()[2:])
 
     def renew(self, task_ids: Iterable[str]) -> list[str]:
         """Extend these leases; returns the ids whose lease had already expired (the monitor may have moved on)."""
@@ -153,14 +157,19 @@ class LeaseBook:
 
     # ------------------------------------------------------------ rounds
 
-    def mark_done(self, job_id: str, version: int, shard: int) -> int:
-        """Record that shard `shard` of round `version` finished; returns how many shards have."""
+    def mark_done(self, job_id: str, version: int, shard: int, *, then: Callable[[Any], Any] | None = None
+                  ) -> tuple[int, Any]:
+        """Record that shard `shard` of round `version` finished; returns how many shards have, and the reply
+        of `then(pipe)` (a read queued in the same round trip; None without one)."""
         key = keys.job_done(job_id, version)
         pipe = self.r.pipeline()
         pipe.sadd(key, shard)
         pipe.expire(key, DONE_TTL_S)
         pipe.scard(key)
-        return int(pipe.execute()[-1])
+        if then is not None:
+            then(pipe)
+        out = pipe.execute()
+        return int(out[2]), (out[3] if then is not None else None)
 
     def done(self, job_id: str, version: int) -> set[int]:
         return {int(s) for s in self.r.smembers(keys.job_done(job_id, version))}

@@ -76,9 +76,12 @@ class ObjectStore(Protocol):
     """Flat key → bytes storage. Writes are atomic: a reader sees the whole object or none of it.
 
     ``put`` takes one buffer or a sequence of them (written in order, never joined in memory); ``get``
-    returns a ``bytearray`` read straight into one allocation, so a blob's tensors can be views of it."""
+    returns a ``bytearray`` read straight into one allocation, so a blob's tensors can be views of it.
+    ``durable=False`` marks an object the system can recompute if a power loss takes it (a shard's gradient
+    blob: a missing or torn one is found by its digest and the shard recomputed); a store may then skip
+    flushing it to disk. Everything else (checkpoints, manifests, records) is flushed before ``put`` returns."""
 
-    def put(self, key: str, data: Parts) -> None: ...
+    def put(self, key: str, data: Parts, *, durable: bool = True) -> None: ...
 
     def get(self, key: str) -> bytearray: ...
 
@@ -116,7 +119,7 @@ class LocalStore:
     def _path(self, key: str) -> Path:
         return self.root / _check_key(key)
 
-    def put(self, key: str, data: Parts) -> None:
+    def put(self, key: str, data: Parts, *, durable: bool = True) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
@@ -125,7 +128,8 @@ class LocalStore:
                 for part in as_parts(data):
                     f.write(part)
                 f.flush()
-                os.fsync(f.fileno())
+                if durable:  # an object that is not (a gradient blob) is recomputed if a power loss tears it
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -233,7 +237,8 @@ class S3Store:
             raise self._wrap(e) from None
         self._bucket_ok = True
 
-    def put(self, key: str, data: Parts) -> None:
+    def put(self, key: str, data: Parts, *, durable: bool = True) -> None:
+        # The server decides durability (MinIO writes through erasure sets): `durable` changes nothing here.
         self.ensure_bucket()
         parts = as_parts(data)
         try:

@@ -111,13 +111,13 @@ def _decode_update(ctx: Context, job_id: str, data: bytearray, key: str, digest:
 
 
 def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: Shapes, expect: dict[str, int],
-              acc: Accumulator) -> None:
+              acc: Accumulator) -> int:
     """Fold one blob into `acc` as it is read: a plain fp32 update tensor piece by tensor piece (memory: one
     piece), anything else (compressed codecs: small) decoded in memory. The digest and signature are checked
-    at the end: on a BlobError `acc` holds part of a bad blob and must be thrown away (the round is retried)."""
+    at the end: on a BlobError `acc` holds part of a bad blob and must be thrown away (the round is retried).
+    Returns the blob's size: the caller counts a round's bytes down once (``fold_round``)."""
     check_gradient_key(job_id, key)
     with ctx.store.reader(key) as r:
-        ctx.jobs.add_bytes(job_id, down=r.size)
         _check_size(ctx, key, r.size)
         bs = blobs.BlobStream(r.readinto, r.size, key)
         _check_expected(bs.meta, expect, key)
@@ -125,7 +125,7 @@ def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: S
         streamed = bs.plain and bs.header["format"] >= 2 and isinstance(codec, dict) and codec.get("codec") == "none"
         if not streamed or r.size < STREAM_MIN_BYTES:  # small (or compressed) blobs: one read, views of it
             acc.add(_decode_update(ctx, job_id, bs.rest(), key, digest, shapes, expect, finite=False))
-            return
+            return r.size
         entries = bs.tensors()
         shells = {n: torch.empty(shape, dtype=dtype, device="meta") for n, (dtype, shape, _, _) in entries}
         _decode_codec(shells, bs.meta, key, shapes, finite=False)  # names, dtypes and shapes, before any data
@@ -133,7 +133,9 @@ def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: S
         for name, first, piece in bs.pieces(entries):
             acc.fold(name.removesuffix(".values"), first, piece, u.samples)
         bs.finish(signing_key=ctx.signing_key, expect_digest=digest)
+        size = r.size
     acc.count(u)
+    return size
 
 
 def _find_blob(ctx: Context, job_id: str, version: int, shard: int, part: int | None = None) -> str | None:
@@ -143,11 +145,13 @@ def _find_blob(ctx: Context, job_id: str, version: int, shard: int, part: int | 
 
 
 class _Problems:
-    """What kept shards out of a round: a reason per shard, and the shards to compute again."""
+    """What kept shards out of a round: a reason per shard, and the shards to compute again; and the bytes
+    the round's folds read (counted in the job once per round, not once per blob: one Redis round trip)."""
 
     def __init__(self) -> None:
         self.reasons: list[str] = []
         self.recompute: list[int] = []
+        self.bytes_down = 0
 
     def raise_if_any(self) -> None:
         if self.reasons:
@@ -174,7 +178,7 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
         if acc is None:
             load_update(ctx, job_id, key, digest, shapes, expect, finite=True)
         else:
-            fold_blob(ctx, job_id, key, digest, shapes, expect, acc)
+            problems.bytes_down += fold_blob(ctx, job_id, key, digest, shapes, expect, acc)
         return key
 
     try:
@@ -218,6 +222,7 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
         key = _read_shard(ctx, job_id, version, s, r, shapes, problems, acc, part)
         if key is not None:
             used[s] = key
+    ctx.defer_down(job_id, problems.bytes_down)  # counted by the commit (or the part's record)
     problems.raise_if_any()  # before anything uses the sum: it may hold part of a blob that failed its digest
     if not acc.folded:
         raise UpdateRejected(f"every shard's update of round v{version} was rejected (NaN/Inf): diverged")
@@ -230,15 +235,18 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
     return acc
 
 
-def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any]) -> Commit:
+def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any], job: JobState | None = None
+                    ) -> Commit:
+    """Fold round `version`'s updates, step, write and commit version+1. `job`: its state as just read by
+    the caller, if it has it (saves a read)."""
     t0 = time.perf_counter()
-    job = ctx.jobs.get(job_id)
+    job = job if job is not None else ctx.jobs.get(job_id)
     spec = JobSpec.model_validate(job.spec)
     if job.version > version or job.status in TERMINAL:
         # A duplicate (redelivered or early-fired) aggregation: this round is already committed.
         return Commit(False, job.version, {})
     ckey = keys.checkpoint(job_id, version)
-    ckpt = ctx.checkpoint(ckey, job_id, with_opt=True)
+    ckpt = ctx.checkpoint(ckey, job_id, with_opt=True, spec=job.spec)
     names = ctx.param_names(ckpt)
     t_read = time.perf_counter()
     acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(ckpt.state[n].shape) for n in names})
@@ -307,6 +315,8 @@ def _aggregate_one_part(ctx: Context, job_id: str, spec: JobSpec, version: int, 
     names = ranges[part]
     base = _base_part(ctx, job_id, version, part)
     acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part)
+    if down := ctx.take_unsent_down(job_id):  # a part does not commit: its reads are counted here
+        ctx.jobs.add_bytes(job_id, down=down)
     t_fold = time.perf_counter()
     ctx.forget_checkpoint(keys.checkpoint_part(job_id, version, part))  # its tensors are stepped in place next
     ctx.forget_checkpoint(keys.checkpoint(job_id, version))
@@ -342,8 +352,8 @@ def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done
     metrics = {"train_loss": done[0]["train_loss"], "samples": done[0]["samples"], "parts": len(ranges),
                **{k: max(float(d[k]) for d in done) for k in ("fold_s", "step_s", "write_s")},
                "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
-    committed = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
-                                        identities=identities, metrics=metrics)
-    if committed:
-        ctx.jobs.event(job_id, "version", version=version + 1, train_loss=metrics["train_loss"], parts=len(ranges))
-    return Commit(committed, version + 1, metrics)
+    after = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
+                                    identities=identities, metrics=metrics,
+                                    event={"version": version + 1, "train_loss": metrics["train_loss"],
+                                           "parts": len(ranges)})
+    return Commit(after is not None, version + 1, metrics, after)

@@ -26,6 +26,7 @@ class Commit:
     committed: bool
     version: int
     metrics: dict[str, Any]
+    job: JobState | None = None  # the job's state as the commit left it (None: not committed)
 
 
 def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: dict[str, torch.Tensor],
@@ -47,17 +48,22 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     ctx.write_checkpoint(ckey, new)
     t_write = time.perf_counter() - t_write
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
-    moved = ctx.jobs.get(job_id)
     metrics: dict[str, Any] = {
         **extra_metrics, "write_s": round(t_write, 4),
-        "bytes_up": int(moved.num("bytes_up")), "bytes_down": int(moved.num("bytes_down")),
         "t": time.time(), "round_s": round(time.perf_counter() - started, 4),
     }
-    committed = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
-                                        identities=identities, metrics=metrics, pending_consumed=pending_consumed)
+    # One round trip checks the base version and reads the bytes moved (into `metrics`); one transaction
+    # commits the version, its identities, metrics and its event.
+    down = ctx.take_unsent_down(job_id)  # the updates this round read
+    after = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
+                                    identities=identities, metrics=metrics, pending_consumed=pending_consumed,
+                                    count_bytes=True, add_bytes_down=down,
+                                    event={"version": version + 1, "train_loss": metrics.get("train_loss")})
+    committed = after is not None
+    if not committed and down:
+        ctx.jobs.add_bytes(job_id, down=down)  # a duplicate aggregation still read them
     observe_round(duration_s=time.perf_counter() - started, applied=len(identities) if committed else 0, mode=mode,
                   published=committed, staleness=staleness or ())
     if committed:
-        ctx.jobs.event(job_id, "version", version=version + 1, train_loss=metrics.get("train_loss"))
         faults.point("aggregator.after_commit", ctx.redis, job_id)
-    return Commit(committed, version + 1, metrics)
+    return Commit(committed, version + 1, metrics, after)

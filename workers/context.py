@@ -64,6 +64,9 @@ class Context(Services):
     # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
     residuals: dict[tuple[str, int], Any] = field(default_factory=dict)
     _shell: tuple[str, torch.nn.Module] | None = None  # (architecture, module) of the newest ``model``
+    # Bytes read for a job and not yet counted in it (``defer_down``): a shard worker's read of the version
+    # is counted with its upload, an aggregation's reads with its commit, each in the same round trip.
+    _unsent_down: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dispatch is None:
@@ -103,20 +106,34 @@ class Context(Services):
             self.checkpoints.put(key, hit)
         return hit.to(device)
 
-    def checkpoint(self, key: str, job_id: str, *, with_opt: bool = False) -> Checkpoint:
+    def checkpoint(self, key: str, job_id: str, *, with_opt: bool = False, spec: dict[str, Any] | None = None
+                   ) -> Checkpoint:
         """A version's checkpoint, cached per process. Shard workers read the weights only; the
-        aggregator (with_opt) also reads the optimizer state stored beside them."""
+        aggregator (with_opt) also reads the optimizer state stored beside them. `spec`: the job's spec when
+        the caller holds it (saves reading the job again)."""
         full = self.checkpoints.get(key + "#opt")
         hit = full if full is not None else (None if with_opt else self.checkpoints.get(key))
         if hit is None:
             hit = self._read_checkpoint(key, job_id, with_opt=with_opt)
-            spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+            if spec is None:  # the model comes from the validated spec, never from the store
+                spec = self.jobs.get(job_id).spec
             check_model(hit, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
             self.checkpoints.put(key + ("#opt" if with_opt else ""), hit)
         return hit
 
-    def _read_checkpoint(self, key: str, job_id: str, *, with_opt: bool) -> Checkpoint:
-        """Weights (and optimizer state) from the store; a version aggregated in parts is read part by part."""
+    def defer_down(self, job_id: str, n: int) -> None:
+        """Count `n` bytes read for this job later, with the next write to its counters (``take_unsent_down``):
+        one Redis round trip fewer on the round's critical path."""
+        if n:
+            self._unsent_down[job_id] = self._unsent_down.get(job_id, 0) + n
+
+    def take_unsent_down(self, job_id: str) -> int:
+        """The bytes read for this job and not yet counted (zero afterwards)."""
+        return self._unsent_down.pop(job_id, 0)
+
+    def _read_checkpoint(self, key: str, job_id: str, *, with_opt: bool, defer_count: bool = False) -> Checkpoint:
+        """Weights (and optimizer state) from the store; a version aggregated in parts is read part by part.
+        The bytes are counted in the job now, or (`defer_count`) left for ``take_unsent_down``."""
         data = self.store.get(key)
         opt_data = None
         if with_opt:
@@ -124,7 +141,11 @@ class Context(Services):
                 opt_data = self.store.get(keys.optimizer_state(key))
             except ObjectNotFound:
                 opt_data = None  # version 0, a list of parts, or plain SGD: no optimizer state
-        self.jobs.add_bytes(job_id, down=len(data) + len(opt_data or b""))
+        n = len(data) + len(opt_data or b"")
+        if defer_count:
+            self.defer_down(job_id, n)
+        else:
+            self.jobs.add_bytes(job_id, down=n)
         ckpt = decode_checkpoint(data, key, signing_key=self.signing_key, opt_data=opt_data)
         del data, opt_data
         parts = parts_of(ckpt)
@@ -133,9 +154,11 @@ class Context(Services):
         prefix = keys.checkpoint_prefix(job_id)
         if not all(p.startswith(prefix) and keys.parse_checkpoint(p) is None for p in parts):
             raise BlobError(key, f"its parts must be this job's checkpoint parts (under {prefix})")
-        return merge_parts(ckpt, [self._read_checkpoint(p, job_id, with_opt=with_opt) for p in parts], key)
+        return merge_parts(ckpt, [self._read_checkpoint(p, job_id, with_opt=with_opt, defer_count=defer_count)
+                                  for p in parts], key)
 
-    def model(self, key: str, job_id: str, device: torch.device) -> torch.nn.Module:
+    def model(self, key: str, job_id: str, device: torch.device, spec: dict[str, Any] | None = None
+              ) -> torch.nn.Module:
         """The module of checkpoint `key` on `device`, built once per process: a task on the version
         the previous one used neither downloads nor rebuilds. The caller must leave its weights as it
         found them (``training.local_steps`` restores them); gradients are left unset.
@@ -147,7 +170,8 @@ class Context(Services):
         mkey = f"{key}@{device}"
         hit = self.models.get(mkey)
         if hit is None:
-            spec = self.jobs.get(job_id).spec  # the model comes from the validated spec, never from the store
+            if spec is None:  # the model comes from the validated spec, never from the store
+                spec = self.jobs.get(job_id).spec
             arch = json.dumps([spec.get("model"), spec.get("model_args") or {}, str(device)], sort_keys=True)
             shell = self._shell[1] if self._shell is not None and self._shell[0] == arch else None
             self.models.clear()  # drop the old version before the new one is read: one copy at a time
@@ -156,7 +180,7 @@ class Context(Services):
             if cached is not None:  # shared with another user in this process (the aggregator): copy
                 hit = cached.build(device)
             else:
-                ckpt = self._read_checkpoint(key, job_id, with_opt=False)
+                ckpt = self._read_checkpoint(key, job_id, with_opt=False, defer_count=True)
                 check_model(ckpt, str(spec.get("model")), dict(spec.get("model_args") or {}), key)
                 if shell is not None:
                     shell.load_state_dict({k: v.to(device) for k, v in ckpt.state.items()}, strict=True, assign=True)

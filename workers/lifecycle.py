@@ -37,11 +37,13 @@ def progress_of(ctx: Context, job: JobState, spec: JobSpec) -> Progress:
                     pending=len(ctx.jobs.pending(job.job_id)) if is_async else 0)
 
 
-def advance(ctx: Context, job_id: str) -> str:
+def advance(ctx: Context, job_id: str, job: JobState | None = None) -> str:
     """Move a job forward from its committed state: make sure its next work is queued, then the evaluation
     and publication of its newest version (on the ``publish`` queue, so the next round does not wait for
-    them). A job ends once its last version has been evaluated (and registered)."""
-    job = ctx.jobs.get(job_id)
+    them). A job ends once its last version has been evaluated (and registered). `job`: its state as the
+    caller's commit left it (saves a read); read here otherwise."""
+    committed_here = job is not None  # this process just committed job.version: nobody launched its round yet
+    job = job if job is not None else ctx.jobs.get(job_id)
     if job.status in TERMINAL:
         return job.status
     spec = JobSpec.model_validate(job.spec)
@@ -57,7 +59,7 @@ def advance(ctx: Context, job_id: str) -> str:
     if spec.mode == "async":
         issue_async_steps(ctx, job_id, spec)
     else:
-        launch_round(ctx, job_id, spec, job.version)
+        launch_round(ctx, job_id, spec, job.version, force=committed_here)
     if evaluated < job.version and evaluation_due(spec, job.version, job.total_rounds):
         request_publish(ctx, job_id, job.version)
     return "running"

@@ -100,10 +100,12 @@ class WorkerAgent:
         self._thread: threading.Thread | None = None
         self.started = time.time()
 
-    def begin(self, job_id: str, task_id: str, slot: str, what: str) -> None:
+    def begin(self, job_id: str, task_id: str, slot: str, what: str, *,
+              then: Callable[[Any], Any] | None = None) -> list[Any]:
+        """Lease the task's slot; `then(pipe)`: more commands in the same round trip (their replies returned)."""
         with self._lock:
             self.running[task_id] = _Running(job_id, what, self.clock())
-        self.book.acquire(job_id, task_id, slot, self.worker, what)
+        return self.book.acquire(job_id, task_id, slot, self.worker, what, then=then)
 
     def end(self, job_id: str, task_id: str) -> None:
         with self._lock:
@@ -190,9 +192,10 @@ def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt:
     itself (a relaunched shard is outside the round's chord, so the chord would never fire)."""
     if version < 0:
         return  # async: progress is the job's own record
-    n = book_of(ctx).mark_done(job_id, version, shard)
+    # The job is read in the same round trip (one per shard task, on the round's critical path).
+    n, raw = book_of(ctx).mark_done(job_id, version, shard, then=lambda pipe: pipe.hgetall(keys.job(job_id)))
     try:
-        job = ctx.jobs.get(job_id)
+        job = ctx.jobs.parse(job_id, raw)
     except JobNotFound:
         return
     spec = JobSpec.model_validate(job.spec)

@@ -36,7 +36,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     spec = JobSpec.model_validate(job.spec)
     manifest = ctx.manifest(job.fields["manifest"])
     device = ctx.device()
-    model = ctx.model(keys.checkpoint(job_id, version), job_id, device)  # built once per version and process
+    model = ctx.model(keys.checkpoint(job_id, version), job_id, device, job.spec)  # once per version and process
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
 
@@ -135,7 +135,7 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     parts = blobs.encode_parts(tensors, meta, compress=compress, signing_key=ctx.signing_key)
     size = blobs.size_of(parts)
     faults.point("shard.before_upload", ctx.redis, job_id)
-    ctx.store.put(key, parts)
-    ctx.jobs.add_bytes(job_id, up=size)
+    ctx.store.put(key, parts, durable=False)  # recomputable: a torn or lost blob fails its digest or is missing
+    ctx.jobs.add_bytes(job_id, up=size, down=ctx.take_unsent_down(job_id))  # the version's read, counted here
     # The envelope's digest: the reader checks it in its one pass over the bytes.
     return {"key": key, "sha256": blobs.digest_of(parts[0]), "bytes": size}

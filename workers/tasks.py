@@ -51,10 +51,11 @@ def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[st
     if slot is None or not task_id:
         return _run_guarded(ctx, task, job_id, what, fn, on_retry)
     agent = liveness.agent_for(ctx, task.request.hostname)
-    agent.begin(job_id, task_id, slot, what)
+    # The lease and the delivery count in one round trip (both on a round's critical path).
+    delivered = agent.begin(job_id, task_id, slot, what, then=lambda pipe: _count_delivery(pipe, task))[0]
     held = False
     try:
-        return _run_guarded(ctx, task, job_id, what, fn, on_retry)
+        return _run_guarded(ctx, task, job_id, what, fn, on_retry, delivered=int(delivered))
     except Retry as e:
         eta = getattr(e, "when", None)
         agent.hold(job_id, task_id, float(eta) if isinstance(eta, (int, float)) else ctx.settings.retry_backoff_max_s)
@@ -65,11 +66,21 @@ def _guarded(task: Task, job_id: str, what: str, fn: Callable[[Context], dict[st
             agent.end(job_id, task_id)
 
 
-def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
-                 on_retry: Callable[[Context, Exception], None] | None) -> dict[str, Any]:
+def _count_delivery(pipe: Any, task: Task) -> None:
+    """Queue the count of this delivery of the task (the INCR's reply is the count)."""
     dkey = keys.deliveries(f"{task.request.id}:{task.request.retries}")
-    n = int(ctx.redis.incr(dkey))
-    ctx.redis.expire(dkey, 7 * 24 * 3600)
+    pipe.incr(dkey)
+    pipe.expire(dkey, 7 * 24 * 3600)
+
+
+def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
+                 on_retry: Callable[[Context, Exception], None] | None, *, delivered: int | None = None
+                 ) -> dict[str, Any]:
+    if delivered is None:
+        pipe = ctx.redis.pipeline(transaction=False)
+        _count_delivery(pipe, task)
+        delivered = int(pipe.execute()[0])
+    n = delivered
     if n > ctx.settings.max_deliveries:
         reason = f"{what}: delivered {n} times without finishing (a poison message that kills its worker?)"
         ctx.jobs.set_status(job_id, "failed", error=reason)
@@ -126,12 +137,13 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
     results = results if isinstance(results, list) else []
 
     def run(ctx: Context) -> dict[str, Any]:
-        spec = JobSpec.model_validate(ctx.jobs.get(job_id).spec)
+        job = ctx.jobs.get(job_id)
+        spec = JobSpec.model_validate(job.spec)
         if spec.aggregation_parts > 1 and len(ranges := aggregator.part_ranges(ctx, spec)) > 1:
             ctx.dispatch.aggregate_parts(job_id, version, len(ranges), results)
             return {"job": job_id, "version": version, "parts": len(ranges)}
-        outcome = aggregator.aggregate_round(ctx, job_id, version, results)
-        advance(ctx, job_id)
+        outcome = aggregator.aggregate_round(ctx, job_id, version, results, job)
+        advance(ctx, job_id, outcome.job)
         return {"job": job_id, "version": outcome.version, "committed": outcome.committed,
                 "accuracy": outcome.metrics.get("accuracy")}
 

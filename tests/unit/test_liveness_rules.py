@@ -87,8 +87,8 @@ def test_on_rabbitmq_a_busy_queue_may_hold_the_work_and_an_empty_one_does_not(un
 def test_a_round_whose_shards_are_done_but_whose_aggregation_never_came_gets_one(unit_ctx) -> None:
     job_id = stage(unit_ctx)
     b = book(unit_ctx)
-    b.mark_done(job_id, 0, 0)
-    b.mark_done(job_id, 0, 1)
+    assert b.mark_done(job_id, 0, 0) == (1, None)
+    assert b.mark_done(job_id, 0, 1) == (2, None)
     probe = Probe()
     probe.queued.slots.add((job_id, "v0:agg"))  # the chord body is queued: fine
     assert liveness.sweep(unit_ctx, probe, now=1000.0) == []
