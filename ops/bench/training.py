@@ -21,7 +21,12 @@ the rest: queueing, the round barrier, waiting for the aggregator, encoding blob
 wall time. A pipeline row's wall time runs from submit (data staging included) to the job's end.
 The machine's other load shows in every number: run it on an otherwise idle machine.
 
-    ops/bench/run training [--quick] [--json FILE] [--model char-lm|digits-cnn]
+Warm workers: before its first timed row a cluster runs two versions of a throw-away job of the same spec
+(then cancels it), as the workers of a service that has been up have: their imports, the model's first
+build and the data split's first read are not in a row's time, as DDP's process start and rendezvous are
+not in its row's. ``--cold`` times each cluster's first job from cold instead.
+
+    ops/bench/run training [--quick] [--cold] [--json FILE] [--model char-lm|digits-cnn]
 """
 
 from __future__ import annotations
@@ -247,6 +252,23 @@ class Cluster:
         if self.redis is not None:
             self.redis.close()
 
+    def warm_up(self, spec: dict[str, Any], versions: int = 2, timeout_s: float = 300.0) -> None:
+        """Run `spec` until it commits `versions` versions, cancel it, and wait until no task of it runs."""
+        from pipeline.client import Client
+        from storage.leases import LeaseBook
+
+        client = Client(self.settings)
+        job_id = client.submit(spec)
+        deadline = time.monotonic() + timeout_s
+        while (job := client.jobs.get(job_id)).version < versions and job.status in ("queued", "running"):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"warm-up job {job_id} did not reach v{versions} in {timeout_s} s")
+            time.sleep(0.05)
+        client.cancel(job_id)
+        book = LeaseBook(client.redis, self.settings.lease_ttl_s)
+        while any(lease.alive for lease in book.leases(job_id)) and time.monotonic() < deadline:
+            time.sleep(0.05)  # its tasks in flight see the cancel and end
+
     def run(self, spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
         from pipeline.client import Client
         from workers.app import app_for
@@ -335,7 +357,7 @@ def guarded(row: str, label: str, fn: Callable[[], dict[str, Any]]) -> dict[str,
     return out
 
 
-def run_all(b: Budget, only: set[str] | None) -> list[dict[str, Any]]:
+def run_all(b: Budget, only: set[str] | None, cold: bool = False) -> list[dict[str, Any]]:
     rows = [guarded("a", "single process", lambda: run_reference(b)) if not only or "a" in only else None,
             guarded("b", f"DDP gloo ×{b.shards}", lambda: run_ddp(b)) if not only or "b" in only else None]
     with tempfile.TemporaryDirectory(prefix="aas-bench-train-") as d:
@@ -345,6 +367,9 @@ def run_all(b: Budget, only: set[str] | None) -> list[dict[str, Any]]:
                 continue
             try:
                 with Cluster(Path(d) / ("slow" if slow else "even"), b.shards, slow_worker=slow) as cluster:
+                    if not cold:
+                        print("[bench] warming the workers up ...", file=sys.stderr, flush=True)
+                        cluster.warm_up(b.spec(mode="sync"))
                     rows += [guarded(r, label, lambda fn=fn: fn(cluster)) for r, label, _, fn in todo]
             except Exception as e:  # noqa: BLE001 - the cluster failed to start: each of its rows says so
                 rows += [{"row": r, "label": label, "error": f"cluster: {type(e).__name__}: {e}"[:200]}
@@ -373,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a small budget: about 2–3 minutes on 2 CPU cores")
     ap.add_argument("--model", default="char-lm", choices=["char-lm", "digits-cnn"])
     ap.add_argument("--rows", default="", help="only these rows, e.g. 'abce' (default: all)")
+    ap.add_argument("--cold", action="store_true", help="no warm-up job: time each cluster's first job from cold")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--async-spec", default="{}", type=json.loads, metavar="JSON",
                     help='spec fields for the async rows only, e.g. \'{"delay_compensation": 0}\' (default: none)')
@@ -382,16 +408,17 @@ def main(argv: list[str] | None = None) -> int:
     b = budget_for(args.model, args.quick)
     b = replace(b, async_spec=args.async_spec, epochs=args.epochs or b.epochs, seed=args.seed)
     t0 = time.perf_counter()
-    rows = run_all(b, set(args.rows) or None)
+    rows = run_all(b, set(args.rows) or None, cold=args.cold)
     table = markdown(rows, b)
     print(f"\n{args.model}: {b.shards} shards × batch {b.batch_size}, {b.epochs} epoch(s), SGD lr {b.lr} "
           f"momentum {b.momentum}; H={b.local_steps} row: inner SGD lr {b.lr}, outer Nesterov (spec defaults); "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}\n")
+          f"{os.cpu_count()} CPUs, torch {torch.__version__}; pipeline rows on "
+          f"{'a cold cluster' if args.cold else 'warm workers'}\n")
     print(table)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "budget": asdict(b), "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+            "budget": asdict(b), "warm_workers": not args.cold, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                              "torch": torch.__version__, "python": platform.python_version()},
             "rows": rows}, indent=2, default=str))
     return 0 if all("error" not in r for r in rows) else 1

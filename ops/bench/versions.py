@@ -6,7 +6,7 @@ embedded Redis and a local-folder store, as ``aas demo`` runs them. The floor is
 costs per round on the same workers in the same run: a chord of 2 ``celery.accumulate`` tasks on the
 ``shards`` queue with a ``celery.accumulate`` body on the ``aggregate`` queue, sent back to back.
 
-    ops/bench/run versions [--epochs 5] [--chords 100] [--json FILE]
+    ops/bench/run versions [--epochs 5] [--chords 100] [--spec JSON] [--json FILE]
 
 Time per version is the median gap between consecutive commits (versions 5 onwards), and also the job's
 wall time over its versions; the ratio to the chord's median is the figure.
@@ -46,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--chords", type=int, default=100)
+    ap.add_argument("--spec", default="{}",
+                    help="JSON merged into the job spec (e.g. '{\"publish_every_versions\": 0}')")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="aas-bench-versions-") as d, Cluster(Path(d), shards=2) as cluster:
         chord_floor(cluster.settings, 10)  # warm-up: connections, first task imports
         floor = chord_floor(cluster.settings, a.chords)
-        spec = {"model": "digits-cnn", "shards": 2, "batch_size": 32, "epochs": a.epochs, "promote": None}
+        spec = {"model": "digits-cnn", "shards": 2, "batch_size": 32, "epochs": a.epochs, "promote": None,
+                **json.loads(a.spec)}
         from pipeline.client import Client
 
         client = Client(cluster.settings)
