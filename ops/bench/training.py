@@ -18,7 +18,9 @@ Time shares of the pipeline rows are of shard-worker time (wall × workers): com
 sums of the shard tasks' own compute_s / io_s, read back from the Celery result backend; "other" is
 the rest: queueing, the round barrier, waiting for the aggregator, encoding blobs, Celery's overhead.
 "agg" is the aggregator's recorded per-version time (fetch, step, checkpoint, evaluation) over the
-wall time. A pipeline row's wall time runs from submit (data staging included) to the job's end.
+wall time. A pipeline row's wall time runs from submit (data staging included) to the job's end; its "to last
+version" rate stops at the last version's commit, leaving out the final evaluation and registration (DDP's
+and the single process's rows leave their final evaluation out of their time too).
 The machine's other load shows in every number: run it on an otherwise idle machine.
 
 Warm workers: before its first timed row a cluster runs two versions of a throw-away job of the same spec
@@ -289,7 +291,10 @@ class Cluster:
         last = metrics[-1] if metrics else {}
         compute, io, tasks = shard_task_times(client.redis, job_id)
         busy = wall * self.shards
-        return {"samples": sum(int(m.get("samples", 0)) for m in metrics), "wall_s": wall,
+        # To the last version's commit: the final evaluation and registration after it are left out, as DDP's
+        # row leaves its final evaluation out of its time.
+        train_wall = float(last.get("t", time.time())) - t0
+        return {"samples": sum(int(m.get("samples", 0)) for m in metrics), "wall_s": wall, "train_wall_s": train_wall,
                 "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"), "loss": last.get("loss"),
                 "bytes": final["bytes_up"] + final["bytes_down"], "compute": compute / busy, "io": io / busy,
                 "agg": sum(float(m.get("round_s", 0)) for m in metrics) / wall,
@@ -379,16 +384,18 @@ def run_all(b: Budget, only: set[str] | None, cold: bool = False) -> list[dict[s
 
 def markdown(rows: list[dict[str, Any]], b: Budget) -> str:
     metric = "test ppl" if b.task == "lm" else "test acc"
-    head = f"| row | setup | samples/s | wall s | {metric} | bytes moved | compute/io/other % | agg % | notes |"
-    lines = [head, "|" + "---|" * 9]
+    head = (f"| row | setup | samples/s | to last version | wall s | {metric} | bytes moved | compute/io/other % "
+            "| agg % | notes |")
+    lines = [head, "|" + "---|" * 10]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['label']} | error: {r['error']} | | | | | | |")
+            lines.append(f"| {r['row']} | {r['label']} | error: {r['error']} | | | | | | | |")
             continue
         value = r.get("perplexity") if b.task == "lm" else r.get("accuracy")
         shares = f"{100 * r['compute']:.0f}/{100 * r['io']:.0f}/{100 * max(0.0, 1 - r['compute'] - r['io']):.0f}"
         agg = f"{100 * r['agg']:.0f}" if "agg" in r else "–"
-        lines.append(f"| {r['row']} | {r['label']} | {r['samples'] / r['wall_s']:.0f} | {r['wall_s']:.1f} | "
+        to_last = f"{r['samples'] / r['train_wall_s']:.0f}" if r.get("train_wall_s") else "–"
+        lines.append(f"| {r['row']} | {r['label']} | {r['samples'] / r['wall_s']:.0f} | {to_last} | {r['wall_s']:.1f} | "
                      f"{value:.4g} | {r['bytes'] / 1e6:.1f} MB | {shares} | {agg} | {r.get('note', '')} |")
     return "\n".join(lines)
 
