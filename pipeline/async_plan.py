@@ -2,10 +2,10 @@
 
 A job's data is `shards` streams of steps (shard s, step k·H → a fixed mini-batch, ``pipeline/data.py``).
 In async mode the steps are computed in one global order, round by round — (shard 0, step 0), (shard 1,
-step 0), …, (shard 0, step H), … — and the first `shards` steps (at most one per live shard worker) not yet accepted are in flight at
-once, on whichever workers are free. A fast worker therefore also computes the steps of a shard whose
-previous step a slow worker still holds: every shard's data is consumed at the same pace whatever the
-workers' speeds, and no worker waits while a step is left.
+step 0), …, (shard 0, step H), … — and the first `shards` steps not yet accepted (no more than there are
+live shard workers) are in flight at once, on whichever workers are free. A fast worker therefore also
+computes the steps of a shard whose previous step a slow worker still holds: every shard's data is consumed
+at the same pace whatever the workers' speeds, and no worker waits while a step is left.
 
 A shard whose codec keeps error-feedback state between its steps (top-k) computes its steps one at a time,
 in order (``lookahead=False``): the residual of step k is an input of step k+H.

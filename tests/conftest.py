@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -275,3 +276,25 @@ def exposed_names(text: str) -> set[str]:
         if not family.samples:
             names.add(family.name + ("_total" if family.type == "counter" else ""))
     return names
+
+
+# ---------------------------------------------------------------- benchmark modules
+
+
+BENCH = REPO / "ops" / "bench"
+
+
+def load_bench(name: str) -> Any:
+    """ops/bench/<name>.py as a fresh module (its siblings importable while it loads): the benchmarks are scripts,
+    not a package."""
+    import importlib.util
+    import sys
+
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(f"aas_bench_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(mod)  # type: ignore[union-attr]
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))

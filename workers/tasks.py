@@ -76,13 +76,12 @@ def _count_delivery(pipe: Any, task: Task) -> None:
 def _run_guarded(ctx: Context, task: Task, job_id: str, what: str, fn: Callable[[Context], dict[str, Any]],
                  on_retry: Callable[[Context, Exception], None] | None, *, delivered: int | None = None
                  ) -> dict[str, Any]:
-    if delivered is None:
+    if delivered is None:  # no lease taken (no slot): the count takes its own round trip
         pipe = ctx.redis.pipeline(transaction=False)
         _count_delivery(pipe, task)
         delivered = int(pipe.execute()[0])
-    n = delivered
-    if n > ctx.settings.max_deliveries:
-        reason = f"{what}: delivered {n} times without finishing (a poison message that kills its worker?)"
+    if delivered > ctx.settings.max_deliveries:
+        reason = f"{what}: delivered {delivered} times without finishing (a poison message that kills its worker?)"
         ctx.jobs.set_status(job_id, "failed", error=reason)
         return {"failed": reason}
     try:

@@ -2,25 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "ops" / "bench"
-
-
-def load(name: str) -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"aas_bench_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
+from conftest import load_bench
 
 
 def row(codec: str, h: int, seed: int, acc: float, delta: float, bps: float) -> dict[str, Any]:
@@ -29,7 +15,7 @@ def row(codec: str, h: int, seed: int, acc: float, delta: float, bps: float) -> 
 
 
 def test_a_row_names_a_codec_or_variant_and_optionally_its_local_steps() -> None:
-    bench = load("compression")
+    bench = load_bench("compression")
     assert bench.parse_row("topk+q4", (1, 8)) == ("topk+q4", (1, 8))
     assert bench.parse_row("topk+q4-dgc-3%@8", (1,)) == ("topk+q4-dgc-3%", (8,))
     with pytest.raises(ValueError, match="unknown codec row 'zz'"):
@@ -39,7 +25,7 @@ def test_a_row_names_a_codec_or_variant_and_optionally_its_local_steps() -> None
 
 
 def test_the_blob_anatomy_shows_the_packed_codec_header_is_a_few_dozen_bytes() -> None:
-    bench = load("compression")
+    bench = load_bench("compression")
     by_row = {a["row"]: a for a in bench.blob_anatomy(["topk", "topk+q4"])}
     assert by_row["topk"]["codec_meta_bytes"] > 400  # a JSON entry per tensor
     assert by_row["topk+q4"]["codec_meta_bytes"] < 60
@@ -49,7 +35,7 @@ def test_the_blob_anatomy_shows_the_packed_codec_header_is_a_few_dozen_bytes() -
 
 
 def test_the_summary_gives_each_row_its_spread_between_seeds_and_worst_change() -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     rows = [row("none", 1, 0, 0.9777, 0.0, 4941.0), row("none", 1, 1, 0.9833, 0.0, 4941.0),
             row("topk+q4", 1, 0, 0.9749, -0.28, 38.0), row("topk+q4", 1, 1, 0.9861, 0.28, 40.0),
             {"row": "int8 H=1", "error": "boom"}]
@@ -65,7 +51,7 @@ def test_the_summary_gives_each_row_its_spread_between_seeds_and_worst_change() 
 
 
 def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     rows = [row("none", 1, 0, 0.9777, 0.0, 4941.0), row("topk+q4", 1, 0, 0.9749, -0.28, 38.0),
             row("topk+q4-dgc-3%", 8, 0, 0.98, 0.2, 9.0)]
     rows.append({**row("topk+q4-store", 8, 0, 0.98, 0.2, 9.0), "state_bytes_per_sample": 1300.0})
@@ -75,7 +61,7 @@ def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
 
 
 def test_runs_of_one_seed_each_merge_into_one_result() -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     a = {"budget": {"epochs": 24, "seeds": [0]}, "anatomy": [{"row": "none"}],
          "codecs": [row("none", 1, 0, 0.97, 0, 4941.0)]}
     b = {"budget": {"epochs": 24, "seeds": [1]}, "anatomy": [], "codecs": [row("none", 1, 1, 0.98, 0, 4941.0)]}

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[2] / "ops" / "bench"
-
-
-def load(name: str) -> Any:
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location(f"aas_bench_lm_{name}", BENCH / f"{name}.py")
-        mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-        spec.loader.exec_module(mod)  # type: ignore[union-attr]
-        return mod
-    finally:
-        sys.path.remove(str(BENCH))
-
+from conftest import load_bench
 
 FP32_PPL = {0: 14.5, 1: 14.0}  # per seed
 
@@ -39,7 +24,7 @@ def rows() -> list[dict[str, Any]]:
 
 
 def test_the_tables_give_perplexity_and_its_change_in_percent_per_seed_and_over_seeds() -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     result = {"budget": {"model": "char-lm", "seeds": [0, 1]}, "codecs": rows()}
     s = {(x["codec"], x["H"]): x for x in report.summary(result["codecs"])}
     q4 = s[("topk+q4", 1)]
@@ -58,7 +43,7 @@ def test_the_tables_give_perplexity_and_its_change_in_percent_per_seed_and_over_
 
 
 def test_digits_rows_keep_the_accuracy_tables() -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     digits = [{k: v for k, v in r.items() if not k.startswith("perplexity")} for r in rows()]
     text = report.markdown({"codecs": digits})
     assert "### Gradient codecs (digits, 2 shards)" in text and "| test accuracy | Δ pts |" in text
@@ -66,7 +51,7 @@ def test_digits_rows_keep_the_accuracy_tables() -> None:
 
 
 def test_the_plot_of_char_lm_rows_is_written(tmp_path: Path) -> None:
-    report = load("compression_report")
+    report = load_bench("compression_report")
     merged = report.merge([{"budget": {"model": "char-lm", "seeds": [0]}, "codecs": rows()[:2]},
                            {"budget": {"model": "char-lm", "seeds": [1]}, "codecs": rows()[2:]}])
     assert merged["budget"]["seeds"] == [0, 1]
