@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     # process (top-k) is sent to the queue of the worker that holds its state, while that worker's heartbeat lives;
     # else, and for relaunches, to the shared ``shards`` queue. Each shard worker also consumes a queue of its own.
     shard_affinity: bool = True
+    # A shard worker holding version N builds N+1 from the round's update blobs (workers/replay.py) when they are
+    # fewer bytes than N+1's weights (compressed updates), checked against the aggregator's digest of N+1; off:
+    # always download the weights.
+    replay_versions: bool = True
 
     # Celery reliability. The visibility timeout must exceed the longest task, or Redis redelivers
     # a running task to a second worker; tasks are idempotent regardless.

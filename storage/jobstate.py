@@ -169,9 +169,11 @@ class JobStore:
         count_bytes: bool = False,
         add_bytes_down: int = 0,
         event: dict[str, Any] | None = None,
+        fields: dict[str, str] | None = None,
     ) -> JobState | None:
         """Atomically move version base→new with its consumed identities and metrics; return the job's state
-        as the commit left it (read in the same round trip as the version check, under WATCH).
+        as the commit left it (read in the same round trip as the version check, under WATCH). `fields`: more
+        job fields written in the same transaction.
 
         Returns None (and changes nothing) when the job is no longer at `base_version`: another
         aggregation already committed, so this one is a duplicate. `count_bytes`: add the job's bytes moved
@@ -179,7 +181,8 @@ class JobStore:
         `event`: append this ``version`` event to the job's events in the same transaction.
         """
         key = keys.job(job_id)
-        fields = {"version": str(new_version), "checkpoint": checkpoint_key, "progress_at": str(time.time())}
+        fields = {**(fields or {}), "version": str(new_version), "checkpoint": checkpoint_key,
+                  "progress_at": str(time.time())}
         for k in ("accuracy", "loss", "perplexity"):
             if k in metrics:
                 fields[f"test_{k}" if k != "perplexity" else k] = str(metrics[k])

@@ -57,6 +57,12 @@ class Reader:
     readinto: Callable[[memoryview], int]
 
 
+@contextmanager
+def memory_reader(parts: list[Data]) -> Iterator[Reader]:
+    """A ``Reader`` over buffers this process holds (an object it wrote and kept): read as a store's object is."""
+    yield Reader(parts_size(parts), _PartsReader(parts).readinto)
+
+
 class StoreError(Exception):
     """The object store failed or refused a request."""
 

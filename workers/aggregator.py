@@ -20,10 +20,11 @@ from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update
 from pipeline.checkpoint import Checkpoint, checkpoint_parts, param_sizes
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
+from pipeline.recipe import recipe as replay_recipe
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
-from storage.objectstore import ObjectNotFound
+from storage.objectstore import ObjectNotFound, memory_reader
 from workers import faults
 from workers.commit import Commit, commit_next_version
 from workers.context import Context
@@ -61,6 +62,7 @@ def check_gradient_key(job_id: str, key: str) -> None:
 
 
 Shapes = dict[str, tuple[int, ...]]
+Source = tuple[str, str | None, int, int]  # a folded blob: key, digest (None: not known), size, shard
 STREAM_MIN_BYTES = 8 << 20  # below this a blob is read whole: its memory is nothing, a stream's set-up is not
 
 
@@ -111,13 +113,14 @@ def _decode_update(ctx: Context, job_id: str, data: bytearray, key: str, digest:
 
 
 def fold_blob(ctx: Context, job_id: str, key: str, digest: str | None, shapes: Shapes, expect: dict[str, int],
-              acc: Accumulator) -> int:
+              acc: Accumulator, *, held: list[Any] | None = None) -> int:
     """Fold one blob into `acc` as it is read: a plain fp32 update tensor piece by tensor piece (memory: one
     piece), anything else (compressed codecs: small) decoded in memory. The digest and signature are checked
     at the end: on a BlobError `acc` holds part of a bad blob and must be thrown away (the round is retried).
-    Returns the blob's size: the caller counts a round's bytes down once (``fold_round``)."""
+    Returns the blob's size: the caller counts a round's bytes down once (``fold_round``). `held`: the blob's
+    bytes, kept by the process that wrote it (read from memory, checked the same way; its size is returned)."""
     check_gradient_key(job_id, key)
-    with ctx.store.reader(key) as r:
+    with ctx.store.reader(key) if held is None else memory_reader(held) as r:
         _check_size(ctx, key, r.size)
         bs = blobs.BlobStream(r.readinto, r.size, key)
         _check_expected(bs.meta, expect, key)
@@ -152,6 +155,7 @@ class _Problems:
         self.reasons: list[str] = []
         self.recompute: list[int] = []
         self.bytes_down = 0
+        self.sources: list[Source] = []  # the blobs folded, in folding order
 
     def raise_if_any(self) -> None:
         if self.reasons:
@@ -178,7 +182,9 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
         if acc is None:
             load_update(ctx, job_id, key, digest, shapes, expect, finite=True)
         else:
-            problems.bytes_down += fold_blob(ctx, job_id, key, digest, shapes, expect, acc)
+            size = fold_blob(ctx, job_id, key, digest, shapes, expect, acc)
+            problems.bytes_down += size
+            problems.sources.append((key, digest, size, s))
         return key
 
     try:
@@ -206,10 +212,11 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
 
 
 def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], shapes: Shapes,
-               part: int | None = None) -> Accumulator:
+               part: int | None = None, sources: list[Source] | None = None) -> Accumulator:
     """Every shard's verified update folded into one fp32 sum, by shard identity (never by count), as each
     blob is read (see ``fold_blob``). Finiteness is checked once, on the sum; when it fails, the round's
-    blobs are read again to name the shard(s) at fault (the rare path)."""
+    blobs are read again to name the shard(s) at fault (the rare path). `sources`: filled with the blobs
+    folded, in order (what a shard worker needs to fold the same sum: workers/replay.py)."""
     shards = list(range(spec.shards))
     by_shard, _missing = select_round(results, shards)
     problems = _Problems()
@@ -232,6 +239,8 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
         problems.raise_if_any()
         raise UpdateRejected(f"the sum of round v{version}'s updates overflows to Inf although each is finite",
                              code="nonfinite")
+    if sources is not None:
+        sources.extend(problems.sources)
     return acc
 
 
@@ -249,7 +258,9 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     ckpt = ctx.checkpoint(ckey, job_id, with_opt=True, spec=job.spec)
     names = ctx.param_names(ckpt)
     t_read = time.perf_counter()
-    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(ckpt.state[n].shape) for n in names})
+    sources: list[Source] = []
+    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(ckpt.state[n].shape) for n in names},
+                     sources=sources)
     faults.point("aggregator.after_read", ctx.redis, job_id)
     t_fold = time.perf_counter()
 
@@ -259,15 +270,18 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     mean, samples, train_loss = acc.mean()
     identities = [u.identity for u in acc.folded]  # in shard order
     momentum = dict(ckpt.opt.get("momentum", {}))
-    sgd_step_({n: ckpt.state[n] for n in names}, mean, momentum, **opt_hparams(spec))
+    hparams = opt_hparams(spec)
+    sgd_step_({n: ckpt.state[n] for n in names}, mean, momentum, **hparams)
     del mean, acc
+    recipe = replay_recipe(version + 1, sources, ckpt.state, hparams)  # {} where replay would not pay
     manifest = ctx.manifest(job.fields["manifest"])
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
     timings = {"load_s": round(t_read - t0, 4), "fold_s": round(t_fold - t_read, 4),
                "step_s": round(time.perf_counter() - t_fold, 4)}
     return commit_next_version(ctx, job, ckpt, ckpt.state, momentum, identities, mode="sync", started=t0,
-                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch, **timings})
+                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch, **timings},
+                               recipe=recipe)
 
 
 # ---------------------------------------------------------------- aggregation in parameter ranges

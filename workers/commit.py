@@ -7,6 +7,7 @@ same bytes however often it is written), so a crash anywhere followed by redeliv
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -33,9 +34,12 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
                         momentum: dict[str, torch.Tensor], identities: list[str], *, mode: str, started: float,
                         extra_metrics: dict[str, Any], pending_consumed: int = 0,
                         staleness: list[int] | None = None,
-                        extra_opt: dict[str, dict[str, torch.Tensor]] | None = None) -> Commit:
+                        extra_opt: dict[str, dict[str, torch.Tensor]] | None = None,
+                        recipe: dict[str, Any] | None = None) -> Commit:
     """Write and commit version ``job.version + 1`` with these weights and momentum buffers (and any other
-    optimizer slots in `extra_opt`, e.g. async delay compensation's mean square).
+    optimizer slots in `extra_opt`, e.g. async delay compensation's mean square). `recipe`: how a shard worker
+    holding ``job.version`` builds the new version from the round's update blobs (``workers/replay.py``),
+    committed with it; a sync round without one clears the previous version's ({}).
 
     Nothing else sits on this path: the evaluation and the registry run afterwards, on the ``publish``
     queue (``workers/publish.py``), while the next round computes.
@@ -58,6 +62,7 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     after = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
                                     identities=identities, metrics=metrics, pending_consumed=pending_consumed,
                                     count_bytes=True, add_bytes_down=down,
+                                    fields=None if recipe is None else {"recipe": json.dumps(recipe) if recipe else ""},
                                     event={"version": version + 1, "train_loss": metrics.get("train_loss")})
     committed = after is not None
     if not committed and down:

@@ -59,6 +59,9 @@ class Context(Services):
     # Shard workers: the module of the version they last trained on, built once per version and device.
     # One only: a large model's process holds one copy of its weights (a new version replaces it).
     models: LRU = field(default_factory=lambda: LRU(1))
+    # Shard workers: the compressed update blobs this process wrote last (key → buffers), which a replay of the
+    # next version folds from memory (workers/replay.py).
+    held_blobs: LRU = field(default_factory=lambda: LRU(4))
     data: LRU = field(default_factory=lambda: LRU(64))
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
@@ -167,7 +170,7 @@ class Context(Services):
         tensors), so a worker holds one copy of the weights, not two. A new version of the same model and
         arguments goes into the previous version's module (its tensors assigned): no module is built again.
         """
-        mkey = f"{key}@{device}"
+        mkey = _model_key(key, device)
         hit = self.models.get(mkey)
         if hit is None:
             if spec is None:  # the model comes from the validated spec, never from the store
@@ -191,6 +194,18 @@ class Context(Services):
             self._shell = (arch, hit)
         return hit
 
+    def cached_model(self, key: str, device: torch.device) -> torch.nn.Module | None:
+        """The module of checkpoint `key` on `device` if this process holds it (see ``model``)."""
+        return self.models.get(_model_key(key, device))  # type: ignore[no-any-return]
+
+    def keep_model(self, key: str, device: torch.device, module: torch.nn.Module) -> None:
+        """Hold `module` as checkpoint `key`'s (it was brought there in place: workers/replay.py), alone."""
+        self.models.clear()
+        self.models.put(_model_key(key, device), module)
+
+    def drop_models(self) -> None:
+        self.models.clear()
+
     def write_checkpoint(self, key: str, ckpt: Checkpoint) -> None:
         """Store weights and optimizer state as two objects (state first) and keep the pair cached."""
         opt = encode_optimizer(ckpt, signing_key=self.signing_key)
@@ -212,6 +227,10 @@ class Context(Services):
             names = param_names(ckpt)
             self.data.put(ckey, names)
         return list(names)
+
+
+def _model_key(key: str, device: torch.device) -> str:
+    return f"{key}@{device}"
 
 
 @lru_cache(maxsize=1)

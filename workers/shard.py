@@ -18,7 +18,7 @@ from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
 from storage.jobstate import TERMINAL
-from workers import affinity, codec_state, faults
+from workers import affinity, codec_state, faults, replay
 from workers.context import Context
 from workers.metrics import observe_shard_task
 
@@ -36,6 +36,8 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     spec = JobSpec.model_validate(job.spec)
     manifest = ctx.manifest(job.fields["manifest"])
     device = ctx.device()
+    # From version − 1 held here and the round's blobs, where that reads fewer bytes than the weights.
+    replayed = version > 0 and replay.advance(ctx, job_id, version, job.fields.get("recipe"), device)
     model = ctx.model(keys.checkpoint(job_id, version), job_id, device, job.spec)  # once per version and process
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
@@ -99,7 +101,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
                         ranges=ranges)
     t_io += time.perf_counter() - t2
     observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=out["bytes"])
-    return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
+    return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4), "replayed": replayed}
 
 
 def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int,
@@ -136,6 +138,8 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     size = blobs.size_of(parts)
     faults.point("shard.before_upload", ctx.redis, job_id)
     ctx.store.put(key, parts, durable=False)  # recomputable: a torn or lost blob fails its digest or is missing
+    if compress:
+        ctx.held_blobs.put(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
     ctx.jobs.add_bytes(job_id, up=size, down=ctx.take_unsent_down(job_id))  # the version's read, counted here
     # The envelope's digest: the reader checks it in its one pass over the bytes.
     return {"key": key, "sha256": blobs.digest_of(parts[0]), "bytes": size}

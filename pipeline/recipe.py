@@ -1,0 +1,42 @@
+"""A sync version's recipe: how a shard worker holding version N builds N+1 from the round's update blobs.
+
+Pure functions (no services): the aggregator writes the recipe with its commit, ``workers/replay.py`` follows
+it. See there for when a recipe is written and what it guarantees.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+
+def state_crc(state: Mapping[str, torch.Tensor]) -> int:
+    """CRC-32 of a state dict's names, dtypes, shapes and bytes, in name order (~3 GB/s: 15 ms for 43 MB). It
+    checks that two computations gave the same bits; the blobs themselves are signed and digested."""
+    crc = 0
+    for name in sorted(state):
+        t = state[name].detach()
+        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)};".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
+    return crc
+
+
+def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def recipe(version: int, sources: list[tuple[str, str | None, int, int]], state: Mapping[str, torch.Tensor],
+           hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The aggregator's recipe for `version` (its new `state`, stepped with `hparams` from the folded
+    `sources`); {} where a worker could not replay it exactly or it would not save bytes."""
+    if not sources or hparams.get("momentum"):
+        return {}
+    weights = state_bytes(state)
+    if sum(s[2] for s in sources) - max(s[2] for s in sources) >= weights:
+        return {}  # uncompressed updates from several shards: the weights are fewer bytes
+    return {"version": version, "updates": [list(s) for s in sources], "bytes": weights,
+            "hparams": {k: hparams[k] for k in ("lr", "nesterov", "weight_decay")}, "crc": state_crc(state)}
