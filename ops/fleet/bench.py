@@ -24,6 +24,7 @@ step's batches, ``reference_adamw``), measured once: it does not depend on the l
 
     ops/fleet/run bench [--bandwidths 100mbit,1gbit,20mbit] [--cap-s 400] [--ddp-cap-s 45] [--json FILE] [--quick]
                         [--rows LABEL ...] [--steps N] [--batch B] [--outer-lr LR] [--outer-momentum M]
+                        [--replay on|off|both]
 """
 
 from __future__ import annotations
@@ -174,6 +175,35 @@ def run_pipeline(cluster: FleetCluster, w: Workload, row: Row, cap_s: float) -> 
 _ddp_runs = 0
 
 
+def run_rows(cluster: FleetCluster, args: Any, w: Workload, bandwidths: list[int], rows: list[Row], workdir: Path,
+             results: list[dict[str, Any]], *, replay: bool, save: Any) -> None:
+    """Run `rows` at every bandwidth on the fleet, appending to `results` (" (replay off)" after a label whose
+    shard workers download every version)."""
+    suffix = "" if replay else " (replay off)"
+    for bw in bandwidths:
+        cluster.set_bandwidth(bw)
+        for row in rows:
+            # DDP and sync rounds move the whole model every step: at these rates they are bound by the link,
+            # and a short run gives their steady rate.
+            cap = args.ddp_cap_s if row.local_steps == 1 else args.cap_s
+            t0 = time.perf_counter()
+            print(f"[fleet-bench] {human_rate(bw)} {row.label}{suffix} ...", file=sys.stderr, flush=True)
+            entry: dict[str, Any] = {"bandwidth": bw, "label": row.label + suffix, "kind": row.kind,
+                                     "local_steps": row.local_steps, "codec": row.codec, "cap_s": cap,
+                                     "replay": replay}
+            try:
+                entry.update(run_row(cluster, w, row, cap, workdir))
+            except Exception as e:  # noqa: BLE001 - a failing row is reported; the others still run
+                traceback.print_exc(file=sys.stderr)
+                entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                wait_idle(cluster)
+            results.append(entry)
+            print(f"[fleet-bench]   done in {time.perf_counter() - t0:.0f} s: "
+                  f"{ {k: entry.get(k) for k in ('samples', 'wall_s', 'compute', 'perplexity', 'error')} }",
+                  file=sys.stderr, flush=True)
+            save()
+
+
 def run_ddp(cluster: FleetCluster, w: Workload, cap_s: float, workdir: Path) -> dict[str, Any]:
     global _ddp_runs
     _ddp_runs += 1
@@ -290,33 +320,22 @@ def main(args: Any) -> int:
     # minutes, got the same task relaunched every few seconds and the workers ran stale duplicates for
     # minutes. Lost leases (a worker that died) are still relaunched at once.
     env = {"AAS_RELAUNCH_GRACE_S": str(args.relaunch_grace_s)}
+    print("[fleet-bench] reference (DDP's math, one process) ...", file=sys.stderr, flush=True)
+    ref = {"perplexity": args.reference_ppl, "given": True} if args.reference_ppl else reference_adamw(w)
+    ddp_ppl = float(ref["perplexity"])
+    print(f"[fleet-bench] reference ppl {ddp_ppl:.3f} in {ref.get('wall_s', 0):.0f} s", file=sys.stderr, flush=True)
+    # Shard workers build each version from the round's blobs where that moves fewer bytes (workers/replay.py);
+    # "--replay both" runs every pipeline row again on a fleet started with it off, for the side-by-side.
+    variants = {"on": [True], "off": [False], "both": [True, False]}[args.replay]
+    env = {**env, "AAS_REPLAY_VERSIONS": "true" if variants[0] else "false"}
     with FleetCluster(workdir, workers=w.workers, bandwidth=bandwidths[0], extra_env=env) as cluster:
-        print(f"[fleet-bench] fleet up: {w.workers} workers; reference (DDP's math, one process) ...",
-              file=sys.stderr, flush=True)
-        ref = {"perplexity": args.reference_ppl, "given": True} if args.reference_ppl else reference_adamw(w)
-        ddp_ppl = float(ref["perplexity"])
-        print(f"[fleet-bench] reference ppl {ddp_ppl:.3f} in {ref.get('wall_s', 0):.0f} s", file=sys.stderr, flush=True)
-        for bw in bandwidths:
-            cluster.set_bandwidth(bw)
-            for row in only:
-                # DDP and sync rounds move the whole model every step: at these rates they are bound by the link,
-                # and a short run gives their steady rate.
-                cap = args.ddp_cap_s if row.local_steps == 1 else args.cap_s
-                t0 = time.perf_counter()
-                print(f"[fleet-bench] {human_rate(bw)} {row.label} ...", file=sys.stderr, flush=True)
-                entry: dict[str, Any] = {"bandwidth": bw, "label": row.label, "kind": row.kind,
-                                         "local_steps": row.local_steps, "codec": row.codec, "cap_s": cap}
-                try:
-                    entry.update(run_row(cluster, w, row, cap, workdir))
-                except Exception as e:  # noqa: BLE001 - a failing row is reported; the others still run
-                    traceback.print_exc(file=sys.stderr)
-                    entry["error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
-                    wait_idle(cluster)
-                results.append(entry)
-                print(f"[fleet-bench]   done in {time.perf_counter() - t0:.0f} s: "
-                      f"{ {k: entry.get(k) for k in ('samples', 'wall_s', 'compute', 'perplexity', 'error')} }",
-                      file=sys.stderr, flush=True)
-                save({"reference": ref})
+        print(f"[fleet-bench] fleet up: {w.workers} workers", file=sys.stderr, flush=True)
+        for replay in variants:
+            if replay != variants[0]:
+                cluster.restart_workers({"AAS_REPLAY_VERSIONS": "true" if replay else "false"})
+            rows = [r for r in only if r.kind == "pipeline" or replay == variants[0]]  # DDP once
+            run_rows(cluster, args, w, bandwidths, rows, workdir, results, replay=replay,
+                     save=lambda: save({"reference": ref}))
     table = markdown(results, ddp_ppl)
     notes = verdicts(results, ddp_ppl)
     print(f"\nchar-lm {w.n_embd}×{w.n_layer} ({'quick' if args.quick else '≥10M parameters'}), {w.workers} workers × "

@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--outer-momentum", type=float, default=None, help="DiLoCo rows' outer Nesterov momentum (0.9)")
     b.add_argument("--relaunch-grace-s", type=float, default=900.0,
                    help="the liveness monitor's grace for work neither queued nor leased (bench.py says why)")
+    b.add_argument("--replay", choices=("on", "off", "both"), default="on",
+                   help="shard workers build versions from the round's blobs (workers/replay.py); both: each "
+                        "pipeline row again with it off")
     b.add_argument("--json", default=None)
     b.add_argument("--quick", action="store_true", help="a tiny model and 32 steps: checks the wiring only")
     b.add_argument("--workdir", default=None)

@@ -133,6 +133,74 @@ def test_local_steps_job_sends_h_times_fewer_blobs_and_still_learns(workers) -> 
     assert final["metrics"][-1]["accuracy"] > 0.85
 
 
+def in_process_result(spec: dict, tmp_path) -> dict:
+    """The job's final weights computed in this process, one task after the other (fakeredis, a local folder,
+    one torch thread as a worker has): what the workers must reproduce."""
+    import fakeredis
+    import torch
+
+    from pipeline.checkpoint import decode_checkpoint
+    from pipeline.client import Client
+    from pipeline.settings import Settings
+    from storage.jobstate import JobStore
+    from storage.objectstore import LocalStore
+    from workers import aggregator, shard
+    from workers.context import Context
+    from workers.dispatch import StubDispatcher
+
+    r, store = fakeredis.FakeRedis(), LocalStore(tmp_path / "reference")
+    ctx = Context(settings=Settings(redis_url="redis://fake", store_root=store.root, replay_versions=False),
+                  redis=r, store=store, jobs=JobStore(r), dispatch=StubDispatcher())
+    job_id = Client(ctx.settings, store=store, redis_client=r, dispatch=ctx.dispatch).stage(spec)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for v in range(ctx.jobs.get(job_id).total_rounds):
+            results = [shard.train_shard(ctx, job_id, s, v, v * spec["local_steps"], 0) for s in range(spec["shards"])]
+            assert aggregator.aggregate_round(ctx, job_id, v, results).committed
+    finally:
+        torch.set_num_threads(threads)
+    v = ctx.jobs.get(job_id).version
+    return decode_checkpoint(store.get(keys.checkpoint(job_id, v)), "reference").state
+
+
+def test_workers_build_versions_from_compressed_blobs_and_train_to_the_in_process_weights(workers, tmp_path) -> None:
+    """DiLoCo with an int8 Δ and plain averaging: each worker replays the next version from the round's blobs
+    (workers/replay.py) instead of downloading its weights; the final weights equal the in-process run's."""
+    import json
+
+    import torch
+
+    from pipeline.checkpoint import decode_checkpoint
+    from pipeline.client import Client
+
+    spec = {"shards": 2, "epochs": 2, "batch_size": 32, "local_steps": 4, "codec": "int8", "outer_lr": 1.0,
+            "outer_momentum": 0.0, "publish_every_versions": 0}
+    workers("shard0")
+    workers("shard1")
+    workers("aggregator", "aggregate")
+    client = Client()
+    job_id = client.submit(spec)
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    assert final["version"] == final["total_rounds"] == 12  # ceil(2 epochs x 23 batches / 4)
+    for v in range(1, final["version"] + 1):
+        assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
+    replayed = []
+    for key in client.redis.scan_iter(match="celery-task-meta-*", count=500):
+        meta = json.loads(client.redis.get(key) or b"{}")
+        if meta.get("name") == "aas.train_shard" and (meta.get("kwargs") or {}).get("job_id") == job_id:
+            replayed.append(bool((meta.get("result") or {}).get("replayed")))
+    # A worker that ran a shard of the round before holds its version; one that sat a round out reads the
+    # checkpoint. Two workers, two shards: most tasks replay.
+    assert len(replayed) >= 24 and sum(replayed) >= len(replayed) // 2, replayed
+    got = decode_checkpoint(client.store.get(keys.checkpoint(job_id, final["version"])), "final").state
+    reference = in_process_result(spec, tmp_path)
+    assert got.keys() == reference.keys()
+    for name in got:
+        assert torch.equal(got[name], reference[name]), name
+
+
 def test_elastic_fleet_a_worker_joining_mid_job_takes_shards_and_one_leaving_loses_nothing(workers) -> None:
     import json
     import signal
