@@ -152,11 +152,7 @@ def decode_checkpoint(data: bytes | bytearray, where: str, *, signing_key: bytes
     opt = _read_opt({k: t for k, t in blob.tensors.items() if not k.startswith("model.")},
                     list(meta.get("opt_slots", [])), where)
     if opt_data is not None:
-        owhere = f"{where} (optimizer state)"
-        oblob = blobs.decode(opt_data, owhere, signing_key=signing_key)
-        if oblob.meta.get("kind") != OPT_KIND or oblob.meta.get("version") != meta.get("version"):
-            raise blobs.BlobError(owhere, f"not the optimizer state of version {meta.get('version')}")
-        opt.update(_read_opt(oblob.tensors, list(oblob.meta.get("opt_slots", [])), owhere))
+        opt.update(decode_optimizer(opt_data, where, version=meta.get("version"), signing_key=signing_key))
     extra = {k: v for k, v in meta.items() if k not in ("kind", "model", "model_args", "version", "opt_slots")}
     return Checkpoint(
         model=str(meta["model"]),
@@ -166,6 +162,16 @@ def decode_checkpoint(data: bytes | bytearray, where: str, *, signing_key: bytes
         opt=opt,
         meta=extra,
     )
+
+
+def decode_optimizer(data: bytes | bytearray, where: str, *, version: Any, signing_key: bytes | None = None
+                     ) -> dict[str, dict[str, torch.Tensor]]:
+    """The optimizer state stored beside checkpoint `where` (see ``encode_optimizer``), checked to be `version`'s."""
+    owhere = f"{where} (optimizer state)"
+    oblob = blobs.decode(data, owhere, signing_key=signing_key)
+    if oblob.meta.get("kind") != OPT_KIND or oblob.meta.get("version") != version:
+        raise blobs.BlobError(owhere, f"not the optimizer state of version {version}")
+    return _read_opt(oblob.tensors, list(oblob.meta.get("opt_slots", [])), owhere)
 
 
 def check_model(ckpt: Checkpoint, model: str, model_args: dict[str, Any], where: str) -> None:

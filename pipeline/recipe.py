@@ -29,14 +29,25 @@ def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in state.values())
 
 
+def momentum_entries(momentum: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Momentum buffers under names no state entry has, for ``state_crc`` over weights and buffers together."""
+    return {f"\x00momentum\x00{n}": t for n, t in momentum.items()}
+
+
 def recipe(version: int, sources: list[tuple[str, str | None, int, int]], state: Mapping[str, torch.Tensor],
-           hparams: Mapping[str, Any]) -> dict[str, Any]:
-    """The aggregator's recipe for `version` (its new `state`, stepped with `hparams` from the folded
-    `sources`); {} where a worker could not replay it exactly or it would not save bytes."""
-    if not sources or hparams.get("momentum"):
+           hparams: Mapping[str, Any], momentum: Mapping[str, torch.Tensor], *, base_had_momentum: bool
+           ) -> dict[str, Any]:
+    """The aggregator's recipe for `version`: its new `state` and `momentum` buffers, stepped with `hparams` from
+    the folded `sources` (in folding order), from a base whose buffers existed (`base_had_momentum`) or not (the
+    first step creates them). {} where replaying would not save bytes."""
+    if not sources:
         return {}
     weights = state_bytes(state)
     if sum(s[2] for s in sources) - max(s[2] for s in sources) >= weights:
         return {}  # uncompressed updates from several shards: the weights are fewer bytes
+    mu = float(hparams.get("momentum") or 0.0)
     return {"version": version, "updates": [list(s) for s in sources], "bytes": weights,
-            "hparams": {k: hparams[k] for k in ("lr", "nesterov", "weight_decay")}, "crc": state_crc(state)}
+            "hparams": {"lr": hparams["lr"], "momentum": mu, "nesterov": hparams["nesterov"],
+                        "weight_decay": hparams["weight_decay"]},
+            "base_momentum": base_had_momentum if mu else False,
+            "crc": state_crc({**state, **momentum_entries(momentum if mu else {})})}

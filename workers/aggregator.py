@@ -270,10 +270,12 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     mean, samples, train_loss = acc.mean()
     identities = [u.identity for u in acc.folded]  # in shard order
     momentum = dict(ckpt.opt.get("momentum", {}))
+    had_momentum = bool(momentum)
     hparams = opt_hparams(spec)
     sgd_step_({n: ckpt.state[n] for n in names}, mean, momentum, **hparams)
     del mean, acc
-    recipe = replay_recipe(version + 1, sources, ckpt.state, hparams)  # {} where replay would not pay
+    # How a shard worker holding version N builds N+1 from these blobs ({} where that would not save bytes).
+    recipe = replay_recipe(version + 1, sources, ckpt.state, hparams, momentum, base_had_momentum=had_momentum)
     manifest = ctx.manifest(job.fields["manifest"])
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)

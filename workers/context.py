@@ -67,6 +67,9 @@ class Context(Services):
     # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
     residuals: dict[tuple[str, int], Any] = field(default_factory=dict)
     _shell: tuple[str, torch.nn.Module] | None = None  # (architecture, module) of the newest ``model``
+    # Shard workers: (checkpoint key, momentum buffers) of the version the module holds, where replaying the next
+    # version needs them (workers/replay.py). One version only, as ``models``.
+    _momentum: tuple[str, dict[str, torch.Tensor]] | None = None
     # Bytes read for a job and not yet counted in it (``defer_down``): a shard worker's read of the version
     # is counted with its upload, an aggregation's reads with its commit, each in the same round trip.
     _unsent_down: dict[str, int] = field(default_factory=dict)
@@ -197,6 +200,20 @@ class Context(Services):
     def cached_model(self, key: str, device: torch.device) -> torch.nn.Module | None:
         """The module of checkpoint `key` on `device` if this process holds it (see ``model``)."""
         return self.models.get(_model_key(key, device))  # type: ignore[no-any-return]
+
+    def held_momentum(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The optimizer's momentum buffers of checkpoint `key`, if this process holds them (workers/replay.py)."""
+        return self._momentum[1] if self._momentum is not None and self._momentum[0] == key else None
+
+    def hold_momentum(self, key: str, buffers: dict[str, torch.Tensor]) -> None:
+        self._momentum = (key, buffers)
+
+    def forget_momentum(self) -> None:
+        self._momentum = None
+
+    def holds_checkpoint(self, key: str) -> bool:
+        """Whether this process holds checkpoint `key` decoded (e.g. an aggregator that wrote it)."""
+        return self.checkpoints.get(key + "#opt") is not None or self.checkpoints.get(key) is not None
 
     def keep_model(self, key: str, device: torch.device, module: torch.nn.Module) -> None:
         """Hold `module` as checkpoint `key`'s (it was brought there in place: workers/replay.py), alone."""

@@ -84,6 +84,13 @@ SHARD_SECONDS = Histogram("aas_shard_task_duration_seconds", "One shard task: lo
 SHARD_TASKS = Counter("aas_shard_tasks", "Shard tasks finished", registry=_S)
 SHARD_UP_BYTES = Counter("aas_shard_up_bytes", "Bytes shard workers uploaded (gradient blobs)", registry=_S)
 SHARD_DOWN_BYTES = Counter("aas_shard_down_bytes", "Bytes shard workers downloaded (weights, data)", registry=_S)
+# workers/replay.py: a version built from the round's blobs, or not (and why): "replayed", "mismatch" (the CRC
+# differed: e.g. workers whose CPUs round differently from the aggregator's), "unreadable" (a blob missing or bad).
+REPLAY_OUTCOMES = ("replayed", "mismatch", "unreadable")
+VERSIONS_REPLAYED = Counter("aas_shard_versions_replayed", "Versions a shard worker built from the round's blobs "
+                            "instead of downloading the weights, by outcome", ["outcome"], registry=_S)
+for _outcome in REPLAY_OUTCOMES:
+    VERSIONS_REPLAYED.labels(outcome=_outcome)
 
 
 def observe_round(*, duration_s: float, applied: int, mode: str = "sync", published: bool = True,
@@ -101,6 +108,10 @@ def observe_round(*, duration_s: float, applied: int, mode: str = "sync", publis
         AGG_IN_BYTES.inc(bytes_in)
     if bytes_out > 0:
         AGG_OUT_BYTES.inc(bytes_out)
+
+
+def observe_replay(outcome: str) -> None:
+    VERSIONS_REPLAYED.labels(outcome=outcome).inc()
 
 
 def observe_shard_task(*, duration_s: float, samples: int, bytes_up: int = 0, bytes_down: int = 0) -> None:

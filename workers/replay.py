@@ -1,40 +1,58 @@
 """Version N+1 from the round's update blobs: a shard worker that holds version N need not download N+1.
 
-A sync round's new weights are a pure function of version N and the blobs the aggregator folded:
-``w_{N+1} = w_N − η·(Σ n_i·g_i / Σ n_i  [+ λ·w_N])``, computed by ``Accumulator`` and ``sgd_step_``. A shard
-worker holds w_N already (the module it trained on, its weights restored) and wrote one of the blobs itself;
-with compressed updates (int8, top-k, DiLoCo's int8 Δ) the *other* blobs are far fewer bytes than the
-weights. So the aggregator commits, with each version, its *recipe*: the blobs it folded, in folding order,
-each with its digest and size, the optimizer's settings, and a CRC-32 of the new state. A worker holding N
-reads the blobs it does not hold (verified as the aggregator verifies them: key, signature, digest, identity,
-shapes), folds them with the same code in the same order, steps in place, and compares the CRC: equal, it
-trains on N+1 without reading the checkpoint; different (another CPU's arithmetic, a module whose weights a
-task changed), it drops the module and reads the checkpoint as before. The design's "deltas between
-checkpoints", with the update sent as the compressed blobs that already exist rather than a new fp32 delta.
+A sync round's new weights are a pure function of version N, the optimizer's momentum buffers and the blobs
+the aggregator folded: ``Accumulator`` (the sample-weighted mean) then ``sgd_step_`` (SGD, momentum, Nesterov,
+weight decay, exactly as torch.optim.SGD). A shard worker holds w_N already (the module it trained on, its
+weights restored) and wrote one of the blobs itself; with compressed updates (int8, top-k, DiLoCo's int8 Δ)
+the *other* blobs are far fewer bytes than the weights. So the aggregator commits, with each version, its
+*recipe*: the blobs it folded, in folding order, each with its digest and size, the optimizer's settings, and a
+CRC-32 of the new weights and momentum buffers. A worker holding N reads the blobs it does not hold (verified as
+the aggregator verifies them: key, signature, digest, identity, shapes), folds them with the same code in the
+same order, steps in place, and compares the CRC: equal, it trains on N+1 without reading the checkpoint;
+different (another CPU's arithmetic, a module whose weights a task changed), it drops the module and reads the
+checkpoint as before. The design's "deltas between checkpoints", with the update sent as the compressed blobs
+that already exist rather than a new fp32 delta.
 
-Written only where it pays and is exact: a sync round aggregated in one part, an optimizer without momentum
-(a worker holds no momentum buffers; the DiLoCo outer step as plain averaging, ``outer_momentum=0``, or SGD
-with ``momentum=0`` as top-k with DGC requires), and blobs that, less the one a worker holds, are fewer bytes
-than the weights. Replayed on the CPU only. Checkpoints are still written every version: resume, the
-registry, inference and workers that hold no version read them as before.
+With momentum (sync SGD's, DiLoCo's Nesterov outer step) the worker also holds the buffers: none before the
+first step, then the ones its replay stepped; a worker that read a checkpoint instead (it joined late, sat a
+round out, or its CRC differed) reads that version's buffers once beside it (``prime``), and replays from the
+next version on. That is one more model's worth of memory in the worker.
+
+Written only where it pays: a sync round aggregated in one part whose blobs, less the one a worker holds, are
+fewer bytes than the weights. Replayed on the CPU only. Checkpoints are still written every version: resume,
+the registry, inference and workers that hold no version read them as before.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from typing import Any
 
 import torch
 
 from pipeline import blobs
 from pipeline.aggregate import Accumulator, UpdateRejected, sgd_step_
-from pipeline.recipe import state_crc
+from pipeline.checkpoint import decode_optimizer
+from pipeline.recipe import momentum_entries, state_crc
 from storage import keys
 from storage.objectstore import StoreError
 from workers.aggregator import fold_blob
 from workers.context import Context
+from workers.metrics import observe_replay
 
 log = logging.getLogger(__name__)
+
+
+def _parse(raw: str, version: int) -> dict[str, Any] | None:
+    r = json.loads(raw)
+    if int(r["version"]) != version:
+        return None
+    h = r["hparams"]
+    return {"updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
+            "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
+                        "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
+            "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"])}
 
 
 def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> bool:
@@ -45,47 +63,75 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
     if not raw or not ctx.settings.replay_versions or device.type != "cpu":
         return False
     try:
-        r = json.loads(raw)
-        if int(r["version"]) != version:
-            return False
-        updates = [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]]
-        hparams = {"lr": float(r["hparams"]["lr"]), "nesterov": bool(r["hparams"]["nesterov"]),
-                   "weight_decay": float(r["hparams"]["weight_decay"])}
-        weights, crc = int(r["bytes"]), int(r["crc"])
+        r = _parse(raw, version)
     except (ValueError, KeyError, TypeError):
         log.warning("job %s v%d: unreadable recipe; reading the checkpoint", job_id, version)
         return False
-    if ctx.cached_model(keys.checkpoint(job_id, version), device) is not None:
+    key, base = keys.checkpoint(job_id, version), keys.checkpoint(job_id, version - 1)
+    if r is None or ctx.cached_model(key, device) is not None or ctx.holds_checkpoint(key):
+        return False  # another version's recipe; built already, or from memory (a process that aggregates too)
+    module = ctx.cached_model(base, device)
+    hp = r["hparams"]
+    # The optimizer's momentum buffers of the base version: none before the first step, else the ones this
+    # process holds for it (from its previous replay, or read beside a checkpoint: ``hold_momentum``).
+    buffers = ({} if not r["base_momentum"] else ctx.held_momentum(base)) if hp["momentum"] else {}
+    if module is None or buffers is None:
         return False
-    module = ctx.cached_model(keys.checkpoint(job_id, version - 1), device)
-    if module is None:
-        return False
-    held = {k: ctx.held_blobs.get(k) for k, _, _, _ in updates}
-    if sum(n for k, _, n, _ in updates if held[k] is None) >= weights:
+    held = {k: ctx.held_blobs.get(k) for k, _, _, _ in r["updates"]}
+    if sum(n for k, _, n, _ in r["updates"] if held[k] is None) >= r["bytes"]:
         return False
     params = {n: p.data for n, p in module.named_parameters() if p.requires_grad}
     shapes = {n: tuple(t.shape) for n, t in params.items()}
     acc = Accumulator(shapes)
     down = 0
     try:
-        for key, digest, _, shard in updates:
+        for bkey, digest, _, shard in r["updates"]:
             expect = {"job": job_id, "shard": shard, "base_version": version - 1}
-            n = fold_blob(ctx, job_id, key, digest, shapes, expect, acc, held=held[key])
-            down += 0 if held[key] is not None else n
+            n = fold_blob(ctx, job_id, bkey, digest, shapes, expect, acc, held=held[bkey])
+            down += 0 if held[bkey] is not None else n
         mean, _, _ = acc.mean()
-    except (StoreError, blobs.BlobError, UpdateRejected) as e:  # the module is untouched: read the checkpoint
+    except (StoreError, blobs.BlobError, UpdateRejected) as e:  # nothing was changed: read the checkpoint
         log.warning("job %s v%d: cannot replay the round (%s); reading the checkpoint", job_id, version, e)
+        observe_replay("unreadable")
         return False
     finally:
         ctx.defer_down(job_id, down)  # counted with this task's upload, as a checkpoint read is
+    ctx.forget_momentum()  # stepped in place next: held for the new version only if it checks out
     with torch.no_grad():
-        sgd_step_(params, mean, {}, lr=hparams["lr"], momentum=0.0, nesterov=hparams["nesterov"],
-                  weight_decay=hparams["weight_decay"])
+        sgd_step_(params, mean, buffers, **hp)
     del mean, acc
-    if state_crc(module.state_dict()) != crc:
+    if state_crc({**module.state_dict(), **momentum_entries(buffers)}) != r["crc"]:
         ctx.drop_models()  # stepped to something else: never trained on
         log.warning("job %s v%d: the replayed weights differ from the aggregator's (CRC); reading the checkpoint",
                     job_id, version)
+        observe_replay("mismatch")
         return False
-    ctx.keep_model(keys.checkpoint(job_id, version), device, module)
+    ctx.keep_model(key, device, module)
+    if hp["momentum"]:
+        ctx.hold_momentum(key, buffers)
+    observe_replay("replayed")
     return True
+
+
+def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> None:
+    """After this process read checkpoint `version` rather than replaying it, read the momentum buffers stored
+    beside it too where the job's recipes need them, so the next versions replay (one read of the buffers
+    instead of one of the weights per version)."""
+    if not raw or not ctx.settings.replay_versions or device.type != "cpu" or version <= 0:
+        return
+    try:
+        r = _parse(raw, version)
+    except (ValueError, KeyError, TypeError):
+        return
+    key = keys.checkpoint(job_id, version)
+    if r is None or not r["hparams"]["momentum"] or ctx.held_momentum(key) is not None or ctx.holds_checkpoint(key):
+        return
+    try:
+        data = ctx.store.get(keys.optimizer_state(key))
+        opt = decode_optimizer(data, key, version=version, signing_key=ctx.signing_key)
+    except (StoreError, blobs.BlobError) as e:
+        log.warning("job %s v%d: cannot read the momentum buffers (%s); the next versions are read whole",
+                    job_id, version, e)
+        return
+    ctx.defer_down(job_id, len(data))
+    ctx.hold_momentum(key, opt.get("momentum", {}))

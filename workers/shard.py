@@ -39,6 +39,8 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     # From version − 1 held here and the round's blobs, where that reads fewer bytes than the weights.
     replayed = version > 0 and replay.advance(ctx, job_id, version, job.fields.get("recipe"), device)
     model = ctx.model(keys.checkpoint(job_id, version), job_id, device, job.spec)  # once per version and process
+    if not replayed:
+        replay.prime(ctx, job_id, version, job.fields.get("recipe"), device)
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
 

@@ -14,13 +14,14 @@ import torch
 
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
-from pipeline.recipe import recipe, state_crc
+from pipeline.recipe import momentum_entries, recipe, state_crc
 from pipeline.settings import Settings
 from storage import keys
 from storage.jobstate import JobStore
 from workers import aggregator, replay, shard
 from workers.context import Context
 from workers.dispatch import StubDispatcher
+from workers.metrics import SHARD_REGISTRY
 
 CPU = torch.device("cpu")
 INT8 = {"codec": "int8", "momentum": 0.0, "lr": 0.1, "batch_size": 16, "shards": 2}
@@ -62,6 +63,10 @@ class Fleet:
         module = self.workers[i].cached_model(keys.checkpoint(job_id, version), CPU)
         assert module is not None
         return module.state_dict()
+
+
+def replays(outcome: str) -> float:
+    return SHARD_REGISTRY.get_sample_value("aas_shard_versions_replayed_total", {"outcome": outcome}) or 0.0
 
 
 def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -115,12 +120,48 @@ def test_local_steps_with_plain_averaging_replay_too(unit_ctx) -> None:
 
 
 @pytest.mark.parametrize("spec", [
-    {"momentum": 0.9},  # the optimizer keeps momentum buffers, which a worker does not hold
-    {"codec": "none"},  # two fp32 updates: the other shard's blob is as many bytes as the weights
-], ids=["momentum", "uncompressed"])
-def test_no_recipe_where_the_replay_cannot_be_exact_or_would_not_save_bytes(unit_ctx, spec) -> None:
+    {"momentum": 0.9},
+    {"momentum": 0.9, "nesterov": True, "weight_decay": 1e-3},
+    {"local_steps": 2},  # DiLoCo's defaults: Nesterov outer momentum 0.9
+], ids=["sgd-momentum", "nesterov-wd", "diloco-defaults"])
+def test_with_momentum_the_workers_hold_the_buffers_and_replay_bit_for_bit(unit_ctx, spec) -> None:
     fleet = Fleet(unit_ctx)
     job_id = fleet.client.stage({**INT8, **spec})
+    h = spec.get("local_steps", 1)
+    for v in range(4):
+        assert [r["replayed"] for r in fleet.round(job_id, v, step=h * v)] == [v > 0] * 2
+    assert fleet.reads == [keys.checkpoint(job_id, 0)] * 2
+    ckey = keys.checkpoint(job_id, 3)
+    stored = decode_checkpoint(unit_ctx.store.get(ckey), "test", opt_data=unit_ctx.store.get(keys.optimizer_state(ckey)))
+    for i, w in enumerate(fleet.workers):
+        assert_bitwise_equal(fleet.held(i, job_id, 3), stored.state)
+        held = w.held_momentum(ckey)
+        assert held is not None
+        assert_bitwise_equal(held, stored.opt["momentum"])
+
+
+def test_a_worker_that_read_a_checkpoint_reads_its_momentum_once_and_replays_the_next_versions(unit_ctx) -> None:
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "momentum": 0.9})
+    fleet.round(job_id, 0)
+    late = Fleet(unit_ctx).workers[0]  # joins at version 1: holds nothing
+    late_reads: list[str] = []
+    read = late.store.get
+    late.store.get = lambda key: (late_reads.append(key), read(key))[1]  # type: ignore[method-assign]
+    fleet.workers[0] = late
+    fleet.round(job_id, 1)
+    v1 = keys.checkpoint(job_id, 1)
+    assert v1 in late_reads and keys.optimizer_state(v1) in late_reads  # the weights, then the buffers once
+    late_reads.clear()
+    for v in (2, 3):
+        assert [r["replayed"] for r in fleet.round(job_id, v)] == [True, True]
+    assert not [k for k in late_reads if k.startswith(keys.checkpoint_prefix(job_id))], late_reads
+    assert_bitwise_equal(fleet.held(0, job_id, 3), fleet.checkpoint(job_id, 3))
+
+
+def test_no_recipe_where_the_replay_would_not_save_bytes(unit_ctx) -> None:
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "codec": "none"})  # two fp32 updates: the other's is as big as the weights
     for v in range(3):
         assert [r["replayed"] for r in fleet.round(job_id, v)] == [False, False]
         assert unit_ctx.jobs.get(job_id).fields["recipe"] == ""
@@ -135,8 +176,10 @@ def test_weights_that_differ_from_the_aggregators_are_dropped_and_the_checkpoint
     assert module is not None
     with torch.no_grad():  # as another CPU's rounding, or a task that left the weights changed, would
         next(module.parameters()).view(-1)[0] += 1e-6
+    mismatched, replayed = replays("mismatch"), replays("replayed")
     results = [shard.train_shard(w, job_id, s, 1, 1, 0) for s, w in enumerate(fleet.workers)]
     assert [r["replayed"] for r in results] == [False, True]
+    assert (replays("mismatch"), replays("replayed")) == (mismatched + 1, replayed + 1)
     assert fleet.reads[-1] == keys.checkpoint(job_id, 1)
     assert_bitwise_equal(fleet.held(0, job_id, 1), fleet.checkpoint(job_id, 1))
 
@@ -152,7 +195,9 @@ def test_a_missing_or_corrupt_blob_leaves_the_module_untouched_and_the_checkpoin
     data = bytearray(unit_ctx.store.get(results[1]["key"]))
     data[-1] ^= 0xFF
     unit_ctx.store.put(results[1]["key"], bytes(data))
+    unreadable = replays("unreadable")
     assert not replay.advance(w, job_id, 1, raw, CPU)  # fails its digest: never folded into weights
+    assert replays("unreadable") == unreadable + 1
     assert_bitwise_equal(fleet.held(0, job_id, 0), v0)
     unit_ctx.store.delete(results[1]["key"])
     assert not replay.advance(w, job_id, 1, raw, CPU)
@@ -178,16 +223,19 @@ def test_a_recipe_for_another_version_a_cuda_device_or_replay_off_is_not_followe
     assert replay.advance(on.workers[0], job_id, 1, raw, CPU)
 
 
-def test_the_recipe_is_written_only_where_it_saves_bytes() -> None:
+def test_the_recipe_is_written_only_where_it_saves_bytes_and_checks_the_momentum_too() -> None:
     state = {"w": torch.zeros(1000)}  # 4,000 bytes of weights
     small = [("k0", "d0", 1000, 0), ("k1", "d1", 1000, 1)]
     big = [("k0", "d0", 4100, 0), ("k1", "d1", 4100, 1)]
     sgd = {"lr": 0.1, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0}
-    r = recipe(3, small, state, sgd)
+    r = recipe(3, small, state, sgd, {}, base_had_momentum=False)
     assert r["version"] == 3 and r["updates"] == [list(s) for s in small] and r["crc"] == state_crc(state)
-    assert recipe(3, big, state, sgd) == {}
-    assert recipe(3, small, state, {**sgd, "momentum": 0.9}) == {}
-    assert recipe(3, [], state, sgd) == {}
+    assert recipe(3, big, state, sgd, {}, base_had_momentum=False) == {}
+    assert recipe(3, [], state, sgd, {}, base_had_momentum=False) == {}
+    buf = {"w": torch.ones(1000)}
+    m = recipe(3, small, state, {**sgd, "momentum": 0.9}, buf, base_had_momentum=True)
+    assert m["base_momentum"] and m["hparams"]["momentum"] == 0.9
+    assert m["crc"] == state_crc({**state, **momentum_entries(buf)}) != r["crc"]
 
 
 def test_the_state_crc_sees_every_bit_name_and_shape() -> None:
