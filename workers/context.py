@@ -45,6 +45,9 @@ class LRU:
     def pop(self, key: str) -> Any | None:
         return self._d.pop(key, None)
 
+    def keys(self) -> list[str]:
+        return list(self._d)
+
     def clear(self) -> None:
         self._d.clear()
 
@@ -59,9 +62,9 @@ class Context(Services):
     # Shard workers: the module of the version they last trained on, built once per version and device.
     # One only: a large model's process holds one copy of its weights (a new version replaces it).
     models: LRU = field(default_factory=lambda: LRU(1))
-    # Shard workers: the compressed update blobs this process wrote last (key → buffers), which a replay of the
-    # next version folds from memory (workers/replay.py).
-    held_blobs: LRU = field(default_factory=lambda: LRU(4))
+    # Shard workers: the compressed update blobs this process wrote for one round (key → buffers), which a replay
+    # of the next version folds from memory (workers/replay.py); see ``hold_blob``.
+    held_blobs: LRU = field(default_factory=lambda: LRU(64))
     data: LRU = field(default_factory=lambda: LRU(64))
     update_cache: LRU = field(default_factory=lambda: LRU(256))  # async: decoded updates awaiting publish
     # Top-k error-feedback state per (job, shard): a workers.codec_state.CodecState (the step it follows).
@@ -200,6 +203,17 @@ class Context(Services):
     def cached_model(self, key: str, device: torch.device) -> torch.nn.Module | None:
         """The module of checkpoint `key` on `device` if this process holds it (see ``model``)."""
         return self.models.get(_model_key(key, device))  # type: ignore[no-any-return]
+
+    def hold_blob(self, key: str, parts: list[Any]) -> None:
+        """Keep an update blob this process wrote, dropping those of any other round (one round's worth: what
+        the next version's replay can use)."""
+        def round_of(k: str) -> tuple[str, int] | None:
+            g = keys.parse_gradient(k)
+            return None if g is None else (g.job, g.version)
+
+        if any(round_of(k) != round_of(key) for k in self.held_blobs.keys()):
+            self.held_blobs.clear()
+        self.held_blobs.put(key, parts)
 
     def held_momentum(self, key: str) -> dict[str, torch.Tensor] | None:
         """The optimizer's momentum buffers of checkpoint `key`, if this process holds them (workers/replay.py)."""

@@ -141,7 +141,7 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     faults.point("shard.before_upload", ctx.redis, job_id)
     ctx.store.put(key, parts, durable=False)  # recomputable: a torn or lost blob fails its digest or is missing
     if compress:
-        ctx.held_blobs.put(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
+        ctx.hold_blob(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
     ctx.jobs.add_bytes(job_id, up=size, down=ctx.take_unsent_down(job_id))  # the version's read, counted here
     # The envelope's digest: the reader checks it in its one pass over the bytes.
     return {"key": key, "sha256": blobs.digest_of(parts[0]), "bytes": size}

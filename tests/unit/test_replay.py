@@ -247,3 +247,16 @@ def test_the_state_crc_sees_every_bit_name_and_shape() -> None:
     assert state_crc({**a, "x": flipped}) != crc
     assert state_crc({"z": a["x"], "y": a["y"]}) != crc
     assert state_crc({**a, "x": a["x"].reshape(2, 3)}) != crc
+
+
+def test_a_worker_holds_its_blobs_of_one_round_only(unit_ctx) -> None:
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "shards": 4})
+    w = fleet.workers[0]
+    first = [shard.train_shard(w, job_id, s, 0, 0, 0)["key"] for s in range(4)]
+    assert sorted(w.held_blobs.keys()) == sorted(first)  # several shards of one round
+    results = [shard.train_shard(w, job_id, s, 0, 0, 0) for s in range(4)]
+    assert aggregator.aggregate_round(fleet.agg, job_id, 0, results).committed
+    second = shard.train_shard(w, job_id, 0, 1, 1, 0)
+    assert second["replayed"]  # from its own four blobs: nothing read
+    assert w.held_blobs.keys() == [second["key"]]
