@@ -132,7 +132,8 @@ def test_with_momentum_the_workers_hold_the_buffers_and_replay_bit_for_bit(unit_
         assert [r["replayed"] for r in fleet.round(job_id, v, step=h * v)] == [v > 0] * 2
     assert fleet.reads == [keys.checkpoint(job_id, 0)] * 2
     ckey = keys.checkpoint(job_id, 3)
-    stored = decode_checkpoint(unit_ctx.store.get(ckey), "test", opt_data=unit_ctx.store.get(keys.optimizer_state(ckey)))
+    opt = unit_ctx.store.get(keys.optimizer_state(ckey))
+    stored = decode_checkpoint(unit_ctx.store.get(ckey), "test", opt_data=opt)
     for i, w in enumerate(fleet.workers):
         assert_bitwise_equal(fleet.held(i, job_id, 3), stored.state)
         held = w.held_momentum(ckey)
