@@ -15,8 +15,16 @@ from typing import Any
 import torch
 
 from pipeline.blobs import BlobError
-from pipeline.checkpoint import (Checkpoint, check_model, checkpoint_parts, decode_checkpoint, encode_optimizer,
-                                 merge_parts, param_names, parts_of)
+from pipeline.checkpoint import (
+    Checkpoint,
+    check_model,
+    checkpoint_parts,
+    decode_checkpoint,
+    encode_optimizer,
+    merge_parts,
+    param_names,
+    parts_of,
+)
 from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -184,6 +192,8 @@ class Context(Services):
             arch = json.dumps([spec.get("model"), spec.get("model_args") or {}, str(device)], sort_keys=True)
             shell = self._shell[1] if self._shell is not None and self._shell[0] == arch else None
             self.models.clear()  # drop the old version before the new one is read: one copy at a time
+            if self._momentum is not None and self._momentum[0] != key:
+                self._momentum = None  # another version's buffers (workers/replay.py)
             self._shell = None
             cached = self.checkpoints.get(key + "#opt") or self.checkpoints.get(key)
             if cached is not None:  # shared with another user in this process (the aggregator): copy

@@ -94,6 +94,10 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
         log.warning("job %s v%d: cannot replay the round (%s); reading the checkpoint", job_id, version, e)
         observe_replay("unreadable")
         return False
+    except Exception:  # noqa: BLE001 - an optimisation: whatever went wrong, the checkpoint is still there
+        log.warning("job %s v%d: replaying the round failed; reading the checkpoint", job_id, version, exc_info=True)
+        observe_replay("unreadable")
+        return False
     finally:
         ctx.defer_down(job_id, down)  # counted with this task's upload, as a checkpoint read is
     ctx.forget_momentum()  # stepped in place next: held for the new version only if it checks out
