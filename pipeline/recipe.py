@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+Source = tuple[str, str | None, int, int]  # a folded update blob: key, digest (None: not known), size, shard
+
 
 def state_crc(state: Mapping[str, torch.Tensor]) -> int:
     """CRC-32 of a state dict's names, dtypes, shapes and bytes, in name order (~3 GB/s: 15 ms for 43 MB). It
@@ -34,7 +36,7 @@ def momentum_entries(momentum: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     return {f"\x00momentum\x00{n}": t for n, t in momentum.items()}
 
 
-def recipe(version: int, sources: list[tuple[str, str | None, int, int]], state: Mapping[str, torch.Tensor],
+def recipe(version: int, sources: list[Source], state: Mapping[str, torch.Tensor],
            hparams: Mapping[str, Any], momentum: Mapping[str, torch.Tensor], *, base_had_momentum: bool
            ) -> dict[str, Any]:
     """The aggregator's recipe for `version`: its new `state` and `momentum` buffers, stepped with `hparams` from

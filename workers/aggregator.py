@@ -20,6 +20,7 @@ from pipeline.aggregate import Accumulator, Update, UpdateRejected, check_update
 from pipeline.checkpoint import Checkpoint, checkpoint_parts, param_sizes
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
+from pipeline.recipe import Source
 from pipeline.recipe import recipe as replay_recipe
 from pipeline.spec import JobSpec
 from storage import keys
@@ -62,7 +63,6 @@ def check_gradient_key(job_id: str, key: str) -> None:
 
 
 Shapes = dict[str, tuple[int, ...]]
-Source = tuple[str, str | None, int, int]  # a folded blob: key, digest (None: not known), size, shard
 STREAM_MIN_BYTES = 8 << 20  # below this a blob is read whole: its memory is nothing, a stream's set-up is not
 
 

@@ -44,15 +44,23 @@ from workers.metrics import observe_replay
 log = logging.getLogger(__name__)
 
 
-def _parse(raw: str, version: int) -> dict[str, Any] | None:
-    r = json.loads(raw)
-    if int(r["version"]) != version:
+def _recipe(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> dict[str, Any] | None:
+    """Version `version`'s recipe from the job's ``recipe`` field, where this process may follow it: replay on,
+    a CPU module, and the recipe that of `version` (not an older version's). None otherwise."""
+    if not raw or not ctx.settings.replay_versions or device.type != "cpu" or version <= 0:
         return None
-    h = r["hparams"]
-    return {"updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
-            "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
-                        "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
-            "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"])}
+    try:
+        r = json.loads(raw)
+        if int(r["version"]) != version:
+            return None
+        h = r["hparams"]
+        return {"updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
+                "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
+                            "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
+                "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"])}
+    except (ValueError, KeyError, TypeError):
+        log.warning("job %s v%d: unreadable recipe; reading the checkpoint", job_id, version)
+        return None
 
 
 def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> bool:
@@ -60,13 +68,7 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
     ``recipe`` field); True when the module of `version` is now cached (``ctx.model`` then reads nothing).
     False, with nothing changed or the module dropped, when it cannot or should not: the caller reads the
     checkpoint."""
-    if not raw or not ctx.settings.replay_versions or device.type != "cpu":
-        return False
-    try:
-        r = _parse(raw, version)
-    except (ValueError, KeyError, TypeError):
-        log.warning("job %s v%d: unreadable recipe; reading the checkpoint", job_id, version)
-        return False
+    r = _recipe(ctx, job_id, version, raw, device)
     key, base = keys.checkpoint(job_id, version), keys.checkpoint(job_id, version - 1)
     if r is None or ctx.cached_model(key, device) is not None or ctx.holds_checkpoint(key):
         return False  # another version's recipe; built already, or from memory (a process that aggregates too)
@@ -90,12 +92,10 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
             n = fold_blob(ctx, job_id, bkey, digest, shapes, expect, acc, held=held[bkey])
             down += 0 if held[bkey] is not None else n
         mean, _, _ = acc.mean()
-    except (StoreError, blobs.BlobError, UpdateRejected) as e:  # nothing was changed: read the checkpoint
-        log.warning("job %s v%d: cannot replay the round (%s); reading the checkpoint", job_id, version, e)
-        observe_replay("unreadable")
-        return False
-    except Exception:  # noqa: BLE001 - an optimisation: whatever went wrong, the checkpoint is still there
-        log.warning("job %s v%d: replaying the round failed; reading the checkpoint", job_id, version, exc_info=True)
+    except Exception as e:  # noqa: BLE001 - nothing was changed, and the checkpoint is still there: read it
+        expected = isinstance(e, (StoreError, blobs.BlobError, UpdateRejected))  # a blob missing or bad
+        log.warning("job %s v%d: cannot replay the round (%s); reading the checkpoint", job_id, version, e,
+                    exc_info=not expected)
         observe_replay("unreadable")
         return False
     finally:
@@ -121,12 +121,7 @@ def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torc
     """After this process read checkpoint `version` rather than replaying it, read the momentum buffers stored
     beside it too where the job's recipes need them, so the next versions replay (one read of the buffers
     instead of one of the weights per version)."""
-    if not raw or not ctx.settings.replay_versions or device.type != "cpu" or version <= 0:
-        return
-    try:
-        r = _parse(raw, version)
-    except (ValueError, KeyError, TypeError):
-        return
+    r = _recipe(ctx, job_id, version, raw, device)
     key = keys.checkpoint(job_id, version)
     if r is None or not r["hparams"]["momentum"] or ctx.held_momentum(key) is not None or ctx.holds_checkpoint(key):
         return

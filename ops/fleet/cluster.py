@@ -119,28 +119,21 @@ class FleetCluster:
                 time.sleep(0.2)
         r.close()
 
-    def _start_workers(self) -> None:
+    def _start_workers(self, extra_env: dict[str, str] | None = None) -> None:
         from pipeline.client.processes import wait_for_workers, worker_argv
         from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS, app_for
 
-        self.group.start("agg", self.fleet.argv("agg", worker_argv("agg", QUEUE_AGGREGATE)))
+        self.group.start("agg", self.fleet.argv("agg", worker_argv("agg", QUEUE_AGGREGATE)), extra_env)
         for h in self.shard_hosts:
-            self.group.start(h, self.fleet.argv(h, worker_argv(h, QUEUE_SHARDS)))
+            self.group.start(h, self.fleet.argv(h, worker_argv(h, QUEUE_SHARDS)), extra_env)
         wait_for_workers(app_for(self.settings), ["agg", *self.shard_hosts], timeout_s=240)
 
     def restart_workers(self, extra_env: dict[str, str]) -> None:
         """Stop every worker (SIGTERM: a warm shutdown, after its current task) and start them again with
         `extra_env` over the fleet's environment (e.g. a setting turned off for a side-by-side row)."""
-        from pipeline.client.processes import wait_for_workers, worker_argv
-        from workers.app import QUEUE_AGGREGATE, QUEUE_SHARDS, app_for
-
-        names = ["agg", *self.shard_hosts]
-        for name in names:
+        for name in ["agg", *self.shard_hosts]:
             self.group.kill(name, signal.SIGTERM)
-        self.group.start("agg", self.fleet.argv("agg", worker_argv("agg", QUEUE_AGGREGATE)), extra_env)
-        for h in self.shard_hosts:
-            self.group.start(h, self.fleet.argv(h, worker_argv(h, QUEUE_SHARDS)), extra_env)
-        wait_for_workers(app_for(self.settings), names, timeout_s=240)
+        self._start_workers(extra_env)
 
     def start_in(self, host: str, name: str, argv: list[str], extra_env: dict[str, str] | None = None) -> Any:
         """Start any command on a host of the fleet (e.g. a DDP rank); the group stops it at close."""
