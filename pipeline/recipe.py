@@ -12,6 +12,10 @@ from typing import Any
 
 import torch
 
+from pipeline import blobs
+
+KIND = "recipe"
+
 Source = tuple[str, str | None, int, int]  # a folded update blob: key, digest (None: not known), size, shard
 
 
@@ -37,19 +41,65 @@ def momentum_entries(momentum: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def recipe(version: int, sources: list[Source], state: Mapping[str, torch.Tensor],
-           hparams: Mapping[str, Any], momentum: Mapping[str, torch.Tensor], *, base_had_momentum: bool
-           ) -> dict[str, Any]:
+           hparams: Mapping[str, Any], momentum: Mapping[str, torch.Tensor], *, base_had_momentum: bool,
+           full: int | None = None, always: bool = False) -> dict[str, Any]:
     """The aggregator's recipe for `version`: its new `state` and `momentum` buffers, stepped with `hparams` from
     the folded `sources` (in folding order), from a base whose buffers existed (`base_had_momentum`) or not (the
-    first step creates them). {} where replaying would not save bytes."""
+    first step creates them). {} where replaying would not save bytes, unless `version` has no checkpoint of its
+    own (`full`: the version of the full checkpoint it is rebuilt from), where the recipe is the version, or
+    `always` (a job whose versions between full checkpoints its workers replay anyway: replaying this one too
+    keeps their momentum buffers, which a checkpoint read would cost as many bytes again to restore)."""
     if not sources:
         return {}
     weights = state_bytes(state)
-    if sum(s[2] for s in sources) - max(s[2] for s in sources) >= weights:
+    if full is None and not always and sum(s[2] for s in sources) - max(s[2] for s in sources) >= weights:
         return {}  # uncompressed updates from several shards: the weights are fewer bytes
     mu = float(hparams.get("momentum") or 0.0)
     return {"version": version, "updates": [list(s) for s in sources], "bytes": weights,
             "hparams": {"lr": hparams["lr"], "momentum": mu, "nesterov": hparams["nesterov"],
                         "weight_decay": hparams["weight_decay"]},
             "base_momentum": base_had_momentum if mu else False,
-            "crc": state_crc({**state, **momentum_entries(momentum if mu else {})})}
+            "crc": state_crc({**state, **momentum_entries(momentum if mu else {})}),
+            **({} if full is None else {"full": full}), **({"always": True} if always else {})}
+
+
+def full_checkpoint_of(version: int, every: int) -> int:
+    """The version of the full checkpoint a version between full checkpoints is rebuilt from (every `every`)."""
+    return (version // every) * every
+
+
+def parse(r: Any) -> dict[str, Any]:
+    """A recipe (as ``recipe`` wrote it, read back from JSON) with every field checked and typed: ``updates``
+    as ``Source`` tuples; ``full`` None for a version that has its own checkpoint. ValueError when malformed."""
+    try:
+        h = r["hparams"]
+        full = r.get("full")
+        return {"version": int(r["version"]),
+                "updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
+                "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
+                            "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
+                "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"]),
+                "full": None if full is None else int(full), "always": bool(r.get("always"))}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"malformed recipe ({type(e).__name__}: {e})") from None
+
+
+def encode_recipe(r: dict[str, Any], *, signing_key: bytes | None = None) -> list[bytes | memoryview]:
+    """A version's recipe as a stored object: signed like a checkpoint, since it stands for one."""
+    return blobs.encode_parts({}, {"kind": KIND, "recipe": r}, signing_key=signing_key)
+
+
+def decode_recipe(data: bytes | bytearray, where: str, *, version: int, signing_key: bytes | None = None
+                  ) -> dict[str, Any]:
+    """A stored recipe, verified (signature, digest) and checked to be `version`'s (``parse``'s form)."""
+    blob = blobs.decode(data, where, signing_key=signing_key)
+    if blob.meta.get("kind") != KIND:
+        raise blobs.BlobError(where, f"not a recipe (kind {blob.meta.get('kind')!r})")
+    try:
+        r = parse(blob.meta.get("recipe"))
+    except ValueError as e:
+        raise blobs.BlobError(where, str(e)) from None
+    if r["version"] != version or r["full"] is None or not 0 <= r["full"] < version:
+        raise blobs.BlobError(where, f"not the recipe of version {version} between full checkpoints "
+                                     f"(version {r['version']}, full {r['full']})")
+    return r

@@ -265,6 +265,20 @@ def checkpoint_versions(listed: Iterable[str]) -> list[int]:
     return sorted(v for k in listed if (v := parse_checkpoint(k)) is not None)
 
 
+def version_recipe(job_id: str, version: int) -> str:
+    """A version stored between full checkpoints (``checkpoint_every_versions``): its recipe, from which it is
+    rebuilt (workers/replay.py); its checkpoint key then names no object."""
+    return f"jobs/{job_id}/ckpt/v{version:06d}.recipe.aast"
+
+
+_RECIPE = re.compile(r"^jobs/(?P<job>[^/]+)/ckpt/v(?P<version>\d+)\.recipe\.aast$")
+
+
+def recipe_versions(listed: Iterable[str]) -> list[int]:
+    """The versions among listed object keys that are stored as recipes, sorted."""
+    return sorted(int(m["version"]) for k in listed if (m := _RECIPE.match(k)))
+
+
 def checkpoint_part(job_id: str, version: int, part: int) -> str:
     """Parameter range `part` of a version aggregated in parts (its checkpoint key holds the list of parts)."""
     return f"jobs/{job_id}/ckpt/v{version:06d}.p{part:03d}.aast"

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-
 Data = bytes | bytearray | memoryview
 Parts = Data | Sequence[Data]  # one buffer, or several written one after the other (no concatenation)
 

@@ -44,12 +44,12 @@ from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL
 from workers import faults
-from workers.aggregator import KeyRefused, load_update, opt_hparams
+from workers.aggregator import opt_hparams
 from workers.commit import commit_next_version
 from workers.context import Context
 from workers.lifecycle import advance
 from workers.metrics import observe_rejected
-
+from workers.updates import KeyRefused, load_update
 
 DC_SLOT = "dc_mean_square"  # the optimizer slot of delay compensation's moving mean square
 

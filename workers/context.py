@@ -31,6 +31,8 @@ from storage.datastore import Manifest, read_split
 from storage.objectstore import ObjectNotFound
 from storage.services import Services, build_services, redis_client
 from workers.dispatch import Dispatcher
+from workers.rebuild import read_recipe
+from workers.rebuild import rebuild as rebuild_version
 
 
 class LRU:
@@ -148,10 +150,27 @@ class Context(Services):
         """The bytes read for this job and not yet counted (zero afterwards)."""
         return self._unsent_down.pop(job_id, 0)
 
-    def _read_checkpoint(self, key: str, job_id: str, *, with_opt: bool, defer_count: bool = False) -> Checkpoint:
-        """Weights (and optimizer state) from the store; a version aggregated in parts is read part by part.
-        The bytes are counted in the job now, or (`defer_count`) left for ``take_unsent_down``."""
-        data = self.store.get(key)
+    def _read_checkpoint(self, key: str, job_id: str, *, with_opt: bool, defer_count: bool = False,
+                         rebuild: bool = True) -> Checkpoint:
+        """Weights (and optimizer state) from the store; a version aggregated in parts is read part by part, and
+        a version stored between full checkpoints (its recipe only) is rebuilt (`rebuild`; its momentum buffers
+        come with it, whatever `with_opt`). The bytes are counted in the job now, or (`defer_count`) left for
+        ``take_unsent_down``."""
+        try:
+            data = self.store.get(key)
+        except ObjectNotFound:
+            version = keys.parse_checkpoint(key)
+            if not rebuild or version is None or not self.store.exists(keys.version_recipe(job_id, version)):
+                raise
+            last = read_recipe(self, job_id, version)
+            base = self._read_checkpoint(keys.checkpoint(job_id, last["full"]), job_id, with_opt=True,
+                                         defer_count=defer_count, rebuild=False)
+            ckpt, n = rebuild_version(self, job_id, base, last)
+            if defer_count:
+                self.defer_down(job_id, n)
+            else:
+                self.jobs.add_bytes(job_id, down=n)
+            return ckpt
         opt_data = None
         if with_opt:
             try:
@@ -206,6 +225,8 @@ class Context(Services):
                     hit = shell
                 else:
                     hit = ckpt.build(device, copy=False)
+                if ckpt.opt.get("momentum") and ckpt.meta.get("rebuilt_from") is not None:
+                    self._momentum = (key, ckpt.opt["momentum"])  # rebuilt with it: the next version replays
             self.models.put(mkey, hit)
             self._shell = (arch, hit)
         return hit
@@ -254,6 +275,10 @@ class Context(Services):
             self.store.put(keys.optimizer_state(key), opt)
         self.store.put(key, checkpoint_parts(ckpt, signing_key=self.signing_key, with_opt=False))
         self.checkpoints.put(key + "#opt", ckpt)  # the next round starts from it: no download of our own write
+
+    def keep_checkpoint(self, key: str, ckpt: Checkpoint) -> None:
+        """Cache a version this process computed and stored as its recipe only: the next round starts from it."""
+        self.checkpoints.put(key + "#opt", ckpt)
 
     def forget_checkpoint(self, key: str) -> None:
         """Drop a cached checkpoint (both forms): its caller is about to change its tensors in place."""

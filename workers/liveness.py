@@ -212,7 +212,8 @@ def slot_of_message(task: str, args: list[Any], kwargs: dict[str, Any]) -> tuple
     try:
         if task == TASK_TRAIN_SHARD:
             # shard_signature sends named arguments (readable in Flower); older messages are positional.
-            named = kwargs if "job_id" in kwargs else dict(zip(("job_id", "shard_id", "version", "step"), args))
+            fields = ("job_id", "shard_id", "version", "step")
+            named = kwargs if "job_id" in kwargs else dict(zip(fields, args, strict=False))
             job_id, shard = str(named["job_id"]), int(named["shard_id"])
             version, step = int(named["version"]), int(named["step"])
             return job_id, keys.slot_shard(version, shard) if version >= 0 else keys.slot_step(shard, step)

@@ -16,8 +16,8 @@ import logging
 import time
 from typing import Any
 
-from pipeline.checkpoint import Checkpoint
 from pipeline.artifacts import ArtifactChain, build_artifact, load_artifact
+from pipeline.checkpoint import Checkpoint
 from pipeline.names import registry_name
 from pipeline.security import holds_registry_right
 from pipeline.spec import JobSpec

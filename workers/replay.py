@@ -35,11 +35,12 @@ from pipeline import blobs
 from pipeline.aggregate import Accumulator, UpdateRejected, sgd_step_
 from pipeline.checkpoint import decode_optimizer
 from pipeline.recipe import momentum_entries, state_crc
+from pipeline.recipe import parse as parse_recipe
 from storage import keys
 from storage.objectstore import StoreError
-from workers.aggregator import fold_blob
 from workers.context import Context
 from workers.metrics import observe_replay
+from workers.updates import fold_blob
 
 log = logging.getLogger(__name__)
 
@@ -50,17 +51,11 @@ def _recipe(ctx: Context, job_id: str, version: int, raw: str | None, device: to
     if not raw or not ctx.settings.replay_versions or device.type != "cpu" or version <= 0:
         return None
     try:
-        r = json.loads(raw)
-        if int(r["version"]) != version:
-            return None
-        h = r["hparams"]
-        return {"updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
-                "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
-                            "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
-                "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"])}
-    except (ValueError, KeyError, TypeError):
+        r = parse_recipe(json.loads(raw))
+    except ValueError:
         log.warning("job %s v%d: unreadable recipe; reading the checkpoint", job_id, version)
         return None
+    return r if r["version"] == version else None
 
 
 def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> bool:
@@ -80,8 +75,8 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
     if module is None or buffers is None:
         return False
     held = {k: ctx.held_blobs.get(k) for k, _, _, _ in r["updates"]}
-    if sum(n for k, _, n, _ in r["updates"] if held[k] is None) >= r["bytes"]:
-        return False
+    if r["full"] is None and not r["always"] and sum(n for k, _, n, _ in r["updates"] if held[k] is None) >= r["bytes"]:
+        return False  # (a version without a checkpoint of its own is replayed whatever its bytes: see reconstruct)
     params = {n: p.data for n, p in module.named_parameters() if p.requires_grad}
     shapes = {n: tuple(t.shape) for n, t in params.items()}
     acc = Accumulator(shapes)
@@ -134,3 +129,4 @@ def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torc
         return
     ctx.defer_down(job_id, len(data))
     ctx.hold_momentum(key, opt.get("momentum", {}))
+

@@ -173,13 +173,15 @@ def _resolve_teacher(svc: Services, spec: JobSpec) -> str:
 
 
 def rebuild_job(svc: Services, job_id: str) -> JobState:
-    """Recreate a job's Redis state from what the object store keeps: its record and newest checkpoint."""
+    """Recreate a job's Redis state from what the object store keeps: its record and newest version."""
     try:
         record = json.loads(svc.store.get(keys.job_record(job_id)))
     except ObjectNotFound:
         raise JobNotFound(job_id) from None
-    versions = keys.checkpoint_versions(svc.store.list(keys.checkpoint_prefix(job_id)))
-    version = max(versions, default=0)
+    listed = list(svc.store.list(keys.checkpoint_prefix(job_id)))
+    # The newest version stored: as a full checkpoint, or as its recipe (``checkpoint_every_versions``; readers
+    # rebuild it from the full checkpoint it names).
+    version = max([*keys.checkpoint_versions(listed), *keys.recipe_versions(listed)], default=0)
     spec = JobSpec.model_validate(record["spec"])
     fields = dict(record["fields"])
     fields.update(version=version, checkpoint=keys.checkpoint(job_id, version), rebuilt_from_store="1")

@@ -27,8 +27,16 @@ from storage import keys
 from storage.jobstate import JobNotFound
 from storage.objectstore import StoreError
 from workers import aggregator, async_agg, liveness, publish, shard
-from workers.app import (TASK_AGGREGATE, TASK_AGGREGATE_PART, TASK_APPLY_UPDATE, TASK_PREDICT, TASK_PUBLISH, TASK_TRAIN_SHARD,
-                         TASK_WATCHDOG, app)
+from workers.app import (
+    TASK_AGGREGATE,
+    TASK_AGGREGATE_PART,
+    TASK_APPLY_UPDATE,
+    TASK_PREDICT,
+    TASK_PUBLISH,
+    TASK_TRAIN_SHARD,
+    TASK_WATCHDOG,
+    app,
+)
 from workers.context import Context, get_context
 from workers.lifecycle import advance, start_watchdog, watchdog_sweep
 

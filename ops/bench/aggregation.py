@@ -33,8 +33,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
@@ -156,7 +156,8 @@ def child_floor(job: dict[str, Any]) -> dict[str, Any]:
 def child_aggregate(job: dict[str, Any]) -> dict[str, Any]:
     from pipeline.aggregate import Accumulator
     from storage import keys
-    from workers.aggregator import aggregate_round, fold_blob
+    from workers.aggregator import aggregate_round
+    from workers.updates import fold_blob
 
     ctx = context()
     base = proc_kb("VmRSS")
@@ -186,7 +187,8 @@ def child_part(job: dict[str, Any], part: int) -> dict[str, Any]:
     """One aggregation part, in its own process (as K aggregator processes run them), after a warm-up."""
     from pipeline.aggregate import Accumulator
     from pipeline.spec import JobSpec
-    from workers.aggregator import aggregate_part, fold_blob, part_ranges
+    from workers.aggregator import aggregate_part, part_ranges
+    from workers.updates import fold_blob
 
     ctx = context()
     base = proc_kb("VmRSS")
@@ -265,7 +267,7 @@ def line(xs: list[float], ys: list[float]) -> tuple[float, float]:
     n = len(xs)
     mx, my = sum(xs) / n, sum(ys) / n
     var = sum((x - mx) ** 2 for x in xs)
-    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else 0.0
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
     return my - b * mx, b
 
 

@@ -27,7 +27,7 @@ from pipeline.models import BUILTIN as BUILTIN_MODELS
 from pipeline.settings import Settings
 from pipeline.spec import JobSpec, SpecError
 from storage import keys
-from workers import aggregator, shard
+from workers import aggregator, shard, updates
 
 BASE = {"shards": 2, "epochs": 1, "batch_size": 64}
 _word = st.text(alphabet=string.ascii_lowercase + "_-", min_size=1, max_size=12)
@@ -236,7 +236,7 @@ def test_any_single_bit_flip_anywhere_in_a_blob_is_detected(unit_ctx, round0, wh
     try:
         # sha256=None: the envelope's own digest must catch it (no shard result to compare with)
         with pytest.raises((blobs.BlobError, aggregator.UpdateRejected)):
-            aggregator.load_update(unit_ctx, job_id, key, None, params, {"job": job_id, "shard": 0, "base_version": 0})
+            updates.load_update(unit_ctx, job_id, key, None, params, {"job": job_id, "shard": 0, "base_version": 0})
     finally:
         unit_ctx.store.put(key, data)
 

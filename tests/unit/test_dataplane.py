@@ -16,7 +16,7 @@ from pipeline.client import Client
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.objectstore import LocalStore
-from workers import aggregator, liveness, shard
+from workers import aggregator, liveness, shard, updates
 from workers.lifecycle import advance
 
 TENSORS = {"w": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "h": torch.randn(9).half(),
@@ -127,7 +127,7 @@ def _round0(unit_ctx: Any, **spec: Any) -> tuple[str, list[dict[str, Any]]]:
 @pytest.fixture
 def streamed(monkeypatch: pytest.MonkeyPatch) -> None:
     """Stream every blob, however small (digits-cnn's are below the size where streaming starts)."""
-    monkeypatch.setattr(aggregator, "STREAM_MIN_BYTES", 0)
+    monkeypatch.setattr(updates, "STREAM_MIN_BYTES", 0)
 
 
 def test_the_streamed_aggregation_equals_the_in_memory_one(unit_ctx: Any, streamed: None) -> None:
@@ -138,8 +138,8 @@ def test_the_streamed_aggregation_equals_the_in_memory_one(unit_ctx: Any, stream
     streamed = aggregator.fold_round(unit_ctx, job_id, spec, 0, results, shapes)
     in_memory = Accumulator(shapes)
     for r in results:
-        in_memory.add(aggregator.load_update(unit_ctx, job_id, r["key"], r["sha256"], shapes,
-                                             {"job": job_id, "shard": r["shard"], "base_version": 0}))
+        in_memory.add(updates.load_update(unit_ctx, job_id, r["key"], r["sha256"], shapes,
+                                          {"job": job_id, "shard": r["shard"], "base_version": 0}))
     assert all(torch.equal(streamed.sum[n], in_memory.sum[n]) for n in shapes)
     assert [u.identity for u in streamed.folded] == [u.identity for u in in_memory.folded]
 

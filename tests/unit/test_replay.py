@@ -261,3 +261,146 @@ def test_a_worker_holds_its_blobs_of_one_round_only(unit_ctx) -> None:
     second = shard.train_shard(w, job_id, 0, 1, 1, 0)
     assert second["replayed"]  # from its own four blobs: nothing read
     assert w.held_blobs.keys() == [second["key"]]
+
+
+# ---------------------------------------------------------------- full checkpoints every K versions, recipes between
+
+
+def stored_version(ctx: Context, job_id: str, version: int) -> tuple[dict, dict]:
+    """Version `version` as a process holding nothing reads it (a fresh Context): weights and momentum buffers."""
+    fresh = Fleet(ctx).agg
+    ckpt = fresh.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
+    return ckpt.state, ckpt.opt.get("momentum", {})
+
+
+def assert_same_versions(ctx: Context, a: str, b: str, versions: range) -> None:
+    for v in versions:
+        (wa, ma), (wb, mb) = stored_version(ctx, a, v), stored_version(ctx, b, v)
+        assert_bitwise_equal(wa, wb)
+        assert_bitwise_equal(ma, mb)
+
+
+FP32_MOMENTUM = {**INT8, "codec": "none", "momentum": 0.9, "nesterov": True}  # no byte saving: replayed anyway
+
+
+@pytest.mark.parametrize("spec", [FP32_MOMENTUM, {**INT8, "local_steps": 2}], ids=["fp32-nesterov", "diloco-int8"])
+def test_versions_between_full_checkpoints_are_stored_as_recipes_and_rebuilt_bit_for_bit(unit_ctx, spec) -> None:
+    h = spec.get("local_steps", 1)
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
+    every = fleet.client.stage({**spec, "checkpoint_every_versions": 3})
+    whole = ref.client.stage(spec)
+    for v in range(5):
+        ref.round(whole, v, step=h * v)
+        results = fleet.round(every, v, step=h * v)
+        assert [r["replayed"] for r in results] == [v > 0] * 2  # fp32 too: a version without a checkpoint
+    listed = list(unit_ctx.store.list(keys.checkpoint_prefix(every)))
+    assert keys.checkpoint_versions(listed) == [0, 3]
+    assert keys.recipe_versions(listed) == [1, 2, 4, 5]
+    assert fleet.reads == [keys.checkpoint(every, 0)] * 2  # the workers never read a version whole
+    assert unit_ctx.jobs.get(every).version == 5
+    # Every version, read by a process that holds nothing, equals the job that checkpoints every version.
+    assert_same_versions(unit_ctx, every, whole, range(6))
+    for i in range(2):
+        assert_bitwise_equal(fleet.held(i, every, 4), ref.held(i, whole, 4))  # what each trained on last
+
+
+def test_the_last_version_is_always_a_full_checkpoint(unit_ctx) -> None:
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "epochs": 1, "checkpoint_every_versions": 100})
+    total = unit_ctx.jobs.get(job_id).total_rounds
+    for v in range(total):
+        fleet.round(job_id, v)
+    listed = list(unit_ctx.store.list(keys.checkpoint_prefix(job_id)))
+    assert keys.checkpoint_versions(listed) == [0, total]
+    assert keys.recipe_versions(listed) == list(range(1, total))
+
+
+def test_an_aggregator_restarted_between_full_checkpoints_rebuilds_its_version_and_continues_exactly(unit_ctx) -> None:
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
+    every = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(2):
+        ref.round(whole, v)
+        fleet.round(every, v)
+    fleet.agg = Fleet(unit_ctx).agg  # a new aggregator process: version 2 exists only as its recipe
+    for v in range(2, 6):
+        ref.round(whole, v)
+        fleet.round(every, v)
+    assert_same_versions(unit_ctx, every, whole, range(6))
+
+
+def test_a_worker_that_holds_nothing_rebuilds_the_version_then_replays_with_its_momentum(unit_ctx) -> None:
+    from storage.datastore import read_split
+
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 8})
+    for v in range(3):
+        fleet.round(job_id, v)
+    late = Fleet(unit_ctx).workers[0]  # joins at version 3: rebuilt from v0's checkpoint and three recipes
+    fleet.workers[0] = late
+    down = unit_ctx.jobs.get(job_id).num("bytes_down")
+    results = fleet.round(job_id, 3)
+    assert results[0]["replayed"] is False
+    ckpt0 = len(unit_ctx.store.get(keys.checkpoint(job_id, 0)))  # v0 has no optimizer state
+    blobs_v0_v2 = sum(len(unit_ctx.store.get(k)) for k in unit_ctx.store.list(keys.gradients_prefix(job_id))
+                      if (g := keys.parse_gradient(k)) is not None and g.version < 3)
+    round2 = sum(len(unit_ctx.store.get(keys.gradient(job_id, 2, s, 0))) for s in range(2))
+    aggregator_v3 = sum(r["bytes"] for r in results)
+    manifest = late.manifest(unit_ctx.jobs.get(job_id).fields["manifest"])
+    data = read_split(unit_ctx.store, manifest.shards[0])[2]
+    # The late worker read its shard's data, v0 and every blob of rounds 0-2 (no checkpoint of v3: there is
+    # none); the other replayed (round 2's blobs: fp32 ones are not kept in memory); the aggregator read round 3's.
+    assert unit_ctx.jobs.get(job_id).num("bytes_down") - down == (
+        data + ckpt0 + blobs_v0_v2 + round2 + aggregator_v3)
+    assert late.held_momentum(keys.checkpoint(job_id, 3)) is not None
+    assert [r["replayed"] for r in fleet.round(job_id, 4)] == [True, True]
+    ref = Fleet(unit_ctx)
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(5):
+        ref.round(whole, v)
+    assert_bitwise_equal(fleet.held(0, job_id, 4), ref.checkpoint(whole, 4))
+
+
+def test_a_recipe_that_does_not_rebuild_its_version_is_refused_by_name(unit_ctx) -> None:
+    from pipeline.blobs import BlobError
+    from pipeline.recipe import encode_recipe
+
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "checkpoint_every_versions": 4})
+    results = [fleet.round(job_id, v) for v in range(2)]  # v2 the newest: the job field holds its recipe
+    rkey = keys.version_recipe(job_id, 2)
+    good = unit_ctx.store.get(rkey)
+    r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])
+    unit_ctx.store.put(rkey, encode_recipe({**r, "hparams": {**r["hparams"], "lr": r["hparams"]["lr"] * 2}}))
+    with pytest.raises(BlobError, match=r"version 2 rebuilt from full checkpoint v0 differs .*CRC"):
+        stored_version(unit_ctx, job_id, 2)
+    unit_ctx.store.put(rkey, bytes(good[:-1]) + bytes([good[-1] ^ 1]))  # torn: fails its digest
+    with pytest.raises(BlobError, match=rkey):
+        stored_version(unit_ctx, job_id, 2)
+    unit_ctx.store.put(rkey, good)
+    unit_ctx.store.delete(results[1][0]["key"])  # a blob round 1 folded
+    with pytest.raises(Exception, match=results[1][0]["key"]):
+        stored_version(unit_ctx, job_id, 2)
+    with pytest.raises(Exception, match=keys.checkpoint(job_id, 7)):
+        stored_version(unit_ctx, job_id, 7)  # neither a checkpoint nor a recipe: the checkpoint's key is named
+
+
+def test_resume_from_the_store_finds_the_newest_version_stored_as_a_recipe(unit_ctx) -> None:
+    from storage.retention import forget_job
+    from workers.staging import rebuild_job
+
+    fleet = Fleet(unit_ctx)
+    job_id = fleet.client.stage({**INT8, "checkpoint_every_versions": 4})
+    for v in range(6):
+        fleet.round(job_id, v)
+    forget_job(unit_ctx.redis, job_id)  # Redis lost the job
+    assert rebuild_job(fleet.client.services, job_id).version == 6  # v6: a recipe (v4 is the newest checkpoint)
+
+
+def test_checkpoint_every_versions_is_refused_where_versions_cannot_be_rebuilt() -> None:
+    from pipeline.spec import SpecError, parse_spec
+
+    for bad in ({"mode": "async"}, {"aggregation_parts": 2}):
+        with pytest.raises(SpecError, match="checkpoint_every_versions: versions between full checkpoints"):
+            parse_spec({"checkpoint_every_versions": 4, **bad})
+    assert parse_spec({"checkpoint_every_versions": 4}).checkpoint_every_versions == 4

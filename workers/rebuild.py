@@ -1,0 +1,72 @@
+"""A version stored between full checkpoints, rebuilt exactly (``checkpoint_every_versions``).
+
+A sync job with ``checkpoint_every_versions`` K > 1 writes weights and momentum buffers whole only every K
+versions (and for the last); each version between is stored as its *recipe* (``pipeline/recipe.py``): the update
+blobs the aggregator folded, in order, with their digests, the optimizer's settings, and a CRC-32 of the weights
+and buffers it stepped to. The blobs are kept (a job never deletes the blobs it applied) and written durably for
+such a job, so the full checkpoint the recipe names and the recipes after it determine the version: each
+recipe's blobs are read and verified as the aggregator verifies them, folded and stepped with its code
+(``fold_blob``, ``Accumulator``, ``sgd_step_``), and checked against the CRC. Nothing half-built is ever
+returned: a missing or bad blob, or a CRC that differs, raises.
+
+Every reader of a version gets it this way without knowing (``Context._read_checkpoint``): the aggregator after
+a restart, a shard worker that holds no earlier version, the evaluation and registry task, ``aas resume``.
+A worker that holds the version before replays one round instead (``workers/replay.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from pipeline import blobs
+from pipeline.aggregate import Accumulator, sgd_step_
+from pipeline.checkpoint import Checkpoint, param_names
+from pipeline.recipe import decode_recipe, momentum_entries, state_crc
+from storage import keys
+from storage.services import Services
+from workers.updates import fold_blob
+
+log = logging.getLogger(__name__)
+
+
+def read_recipe(svc: Services, job_id: str, version: int) -> dict[str, Any]:
+    """Version `version`'s stored recipe, verified (signature, digest, version). ObjectNotFound when the version
+    is not stored that way."""
+    key = keys.version_recipe(job_id, version)
+    return decode_recipe(svc.store.get(key), key, version=version, signing_key=svc.signing_key)
+
+
+def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) -> tuple[Checkpoint, int]:
+    """Version ``last["version"]`` from `base` (the full checkpoint ``last["full"]``, weights and optimizer state,
+    owned by the caller: stepped in place) and the recipes from there to `last`. Returns the version and the
+    bytes of blobs read (for the caller to count in the job)."""
+    version, full = last["version"], last["full"]
+    if base.version != full:
+        raise blobs.BlobError(keys.version_recipe(job_id, version), f"names full checkpoint v{full}, given v"
+                                                                    f"{base.version}")
+    chain = [read_recipe(svc, job_id, v) for v in range(full + 1, version)] + [last]
+    state, momentum = base.state, dict(base.opt.get("momentum", {}))
+    names = param_names(base)
+    shapes = {n: tuple(state[n].shape) for n in names}
+    down = 0
+    for r in chain:
+        v, hp = r["version"], r["hparams"]
+        acc = Accumulator(shapes)
+        for bkey, digest, _, shard in r["updates"]:
+            expect = {"job": job_id, "shard": shard, "base_version": v - 1}
+            down += fold_blob(svc, job_id, bkey, digest, shapes, expect, acc)
+        mean, _, _ = acc.mean()
+        if not hp["momentum"] or not r["base_momentum"]:
+            momentum = {}  # the step creates the buffers (or keeps none), as the aggregator's did
+        with torch.no_grad():
+            sgd_step_({n: state[n] for n in names}, mean, momentum, **hp)
+        del mean, acc
+        if state_crc({**state, **momentum_entries(momentum if hp["momentum"] else {})}) != r["crc"]:
+            raise blobs.BlobError(keys.version_recipe(job_id, v), f"version {v} rebuilt from full checkpoint v{full} "
+                                                                  "differs from the aggregator's (CRC): not used")
+    log.info("job %s v%d rebuilt from checkpoint v%d and %d recipe(s)", job_id, version, full, len(chain))
+    return Checkpoint(base.model, base.model_args, version, state, {"momentum": momentum} if momentum else {},
+                      {"job": job_id, "rebuilt_from": full}), down
