@@ -19,8 +19,9 @@ round out, or its CRC differed) reads that version's buffers once beside it (``p
 next version on. That is one more model's worth of memory in the worker.
 
 Written only where it pays: a sync round aggregated in one part whose blobs, less the one a worker holds, are
-fewer bytes than the weights. Replayed on the CPU only. Checkpoints are still written every version: resume,
-the registry, inference and workers that hold no version read them as before.
+fewer bytes than the weights — and for every version of a job with ``checkpoint_every_versions`` > 1, whose
+versions between full checkpoints exist only as their recipes (workers/rebuild.py: how a process that holds no
+version reads one). Replayed on the CPU only.
 """
 
 from __future__ import annotations

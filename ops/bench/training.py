@@ -71,6 +71,7 @@ class Budget:
     seed: int = 0
     row_timeout_s: float = 600.0
     async_spec: dict[str, Any] = field(default_factory=dict)  # --async-spec: fields set on the async rows only
+    sync_spec: dict[str, Any] = field(default_factory=dict)  # --sync-spec: fields set on the sync pipeline rows only
     def spec(self, **overrides: Any) -> dict[str, Any]:
         base = {"model": self.model, "model_args": self.model_args, "dataset": self.dataset,
                 "dataset_args": self.dataset_args, "shards": self.shards, "batch_size": self.batch_size,
@@ -339,12 +340,13 @@ def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
 def pipeline_rows(b: Budget, workdir: Path) -> list[tuple[str, str, bool, Callable[[Cluster], dict[str, Any]]]]:
     t = b.row_timeout_s
     return [
-        ("c", "pipeline sync", False, lambda c: c.run(b.spec(mode="sync"), t)),
+        ("c", "pipeline sync", False, lambda c: c.run(b.spec(mode="sync", **b.sync_spec), t)),
         ("d", "pipeline async", False, lambda c: c.run(b.spec(mode="async", **b.async_spec), t)),
-        ("e", f"pipeline sync H={b.local_steps}", False, lambda c: c.run(b.spec(local_steps=b.local_steps), t)),
+        ("e", f"pipeline sync H={b.local_steps}", False,
+         lambda c: c.run(b.spec(local_steps=b.local_steps, **b.sync_spec), t)),
         ("f", f"async, 1 worker {SLOW_FACTOR}× slower", True,
          lambda c: c.run(b.spec(mode="async", **b.async_spec), t)),
-        ("g", f"sync, 1 worker {SLOW_FACTOR}× slower", True, lambda c: c.run(b.spec(mode="sync"), t)),
+        ("g", f"sync, 1 worker {SLOW_FACTOR}× slower", True, lambda c: c.run(b.spec(mode="sync", **b.sync_spec), t)),
     ]
 
 
@@ -374,7 +376,7 @@ def run_all(b: Budget, only: set[str] | None, cold: bool = False) -> list[dict[s
                 with Cluster(Path(d) / ("slow" if slow else "even"), b.shards, slow_worker=slow) as cluster:
                     if not cold:
                         print("[bench] warming the workers up ...", file=sys.stderr, flush=True)
-                        cluster.warm_up(b.spec(mode="sync"))
+                        cluster.warm_up(b.spec(mode="sync", **b.sync_spec))
                     rows += [guarded(r, label, lambda fn=fn: fn(cluster)) for r, label, _, fn in todo]
             except Exception as e:  # noqa: BLE001 - the cluster failed to start: each of its rows says so
                 rows += [{"row": r, "label": label, "error": f"cluster: {type(e).__name__}: {e}"[:200]}
@@ -395,8 +397,9 @@ def markdown(rows: list[dict[str, Any]], b: Budget) -> str:
         shares = f"{100 * r['compute']:.0f}/{100 * r['io']:.0f}/{100 * max(0.0, 1 - r['compute'] - r['io']):.0f}"
         agg = f"{100 * r['agg']:.0f}" if "agg" in r else "–"
         to_last = f"{r['samples'] / r['train_wall_s']:.0f}" if r.get("train_wall_s") else "–"
-        lines.append(f"| {r['row']} | {r['label']} | {r['samples'] / r['wall_s']:.0f} | {to_last} | {r['wall_s']:.1f} | "
-                     f"{value:.4g} | {r['bytes'] / 1e6:.1f} MB | {shares} | {agg} | {r.get('note', '')} |")
+        lines.append(f"| {r['row']} | {r['label']} | {r['samples'] / r['wall_s']:.0f} | {to_last} | "
+                     f"{r['wall_s']:.1f} | {value:.4g} | {r['bytes'] / 1e6:.1f} MB | {shares} | {agg} | "
+                     f"{r.get('note', '')} |")
     return "\n".join(lines)
 
 
@@ -409,11 +412,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--async-spec", default="{}", type=json.loads, metavar="JSON",
                     help='spec fields for the async rows only, e.g. \'{"delay_compensation": 0}\' (default: none)')
+    ap.add_argument("--sync-spec", default="{}", type=json.loads, metavar="JSON",
+                    help='spec fields for the sync pipeline rows only, e.g. \'{"checkpoint_every_versions": 16}\'')
     ap.add_argument("--epochs", type=int, default=0, help="epochs of every row (default: the budget's)")
     ap.add_argument("--seed", type=int, default=0, help="the job seed: initial weights and data order (default 0)")
     args = ap.parse_args(argv)
     b = budget_for(args.model, args.quick)
-    b = replace(b, async_spec=args.async_spec, epochs=args.epochs or b.epochs, seed=args.seed)
+    b = replace(b, async_spec=args.async_spec, sync_spec=args.sync_spec, epochs=args.epochs or b.epochs,
+                seed=args.seed)
     t0 = time.perf_counter()
     rows = run_all(b, set(args.rows) or None, cold=args.cold)
     table = markdown(rows, b)
@@ -425,8 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
-            "budget": asdict(b), "warm_workers": not args.cold, "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                                             "torch": torch.__version__, "python": platform.python_version()},
+            "budget": asdict(b), "warm_workers": not args.cold,
+            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                        "python": platform.python_version()},
             "rows": rows}, indent=2, default=str))
     return 0 if all("error" not in r for r in rows) else 1
 

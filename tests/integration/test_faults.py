@@ -89,6 +89,41 @@ def test_aggregator_killed_between_read_and_commit_loses_nothing_and_applies_not
     assert_one_blob_per_shard_per_version(client, job["job_id"], job["version"], 2)
 
 
+def test_aggregator_killed_after_a_version_stored_as_its_recipe_rebuilds_it_and_trains_to_the_same_weights(
+        workers) -> None:
+    """checkpoint_every_versions=4: version 1 is stored only as its recipe when the aggregator that committed it
+    dies; the one that takes over rebuilds it from version 0 and the kept blobs, and every version after is the
+    same as a job that checkpoints every version."""
+    from pipeline.client import Client
+
+    start = workers
+    start("shard0")
+    start("shard1")
+    start("aggregator", "aggregate")
+    client = Client()
+    clean = run_job(client)
+    group = start.group  # type: ignore[attr-defined]
+    group.kill("aggregator")
+    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": "aggregator.after_commit",
+                                                        "AAS_AGGREGATOR_PUBLISHES": "false"})
+    start("aggregator2", "aggregate")
+    job = run_job(client, {**SPEC, "checkpoint_every_versions": 4})
+    job_id, last = job["job_id"], job["version"]
+    assert client.redis.exists(keys.fault_fired("aggregator.after_commit", job_id)), "the fault never fired"
+    assert group.procs["faulty-aggregator"].poll() is not None, "the faulty aggregator should have died"
+    assert last == clean["version"] and len(job["metrics"]) == last
+    listed = list(client.store.list(keys.checkpoint_prefix(job_id)))
+    assert keys.checkpoint_versions(listed) == sorted({*range(0, last, 4), last})
+    assert keys.recipe_versions(listed) == [v for v in range(1, last) if v % 4]
+    assert_one_blob_per_shard_per_version(client, job_id, last, 2)
+    ctx = client._context()  # a process that holds no version: each one rebuilt from the store
+    for v in range(1, last + 1):
+        got = ctx.checkpoint(keys.checkpoint(job_id, v), job_id, with_opt=True)
+        want = ctx.checkpoint(keys.checkpoint(clean["job_id"], v), clean["job_id"], with_opt=True)
+        assert_same_weights(got.state, want.state)
+        assert_same_weights(got.opt["momentum"], want.opt["momentum"])
+
+
 def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers) -> None:
     import time
 
