@@ -100,7 +100,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     t2 = time.perf_counter()
     ranges = partition([(n, t.numel()) for n, t in result.update.items()], spec.aggregation_parts)
     out = upload_update(ctx, job_id, shard, version, step, attempt, enc, samples=result.samples, loss=result.loss,
-                        ranges=ranges, durable=spec.checkpoint_every_versions > 1)
+                        ranges=ranges, versions_from_blobs=spec.checkpoint_every_versions > 1)
     t_io += time.perf_counter() - t2
     observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=out["bytes"])
     return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4), "replayed": replayed}
@@ -108,11 +108,12 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
 
 def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int,
                   enc: codecs.Encoded, *, samples: int, loss: float, ranges: list[list[str]] | None = None,
-                  durable: bool = False) -> dict[str, Any]:
+                  versions_from_blobs: bool = False) -> dict[str, Any]:
     """Write one encoded update as its gradient blob (one blob per parameter range when the job aggregates
-    in parts); return the shard task's result (the claim check). `durable`: flushed to disk before the task
-    returns, where a version will be rebuilt from it (``checkpoint_every_versions``); otherwise a blob a power
-    loss tears is only recomputed."""
+    in parts); return the shard task's result (the claim check). `versions_from_blobs`: the job's versions between
+    full checkpoints are rebuilt from its blobs (``checkpoint_every_versions``), so the blob is flushed to disk
+    before the task returns (otherwise a blob a power loss tears is only recomputed), and kept in memory for the
+    next version's replay whatever its codec (otherwise only compressed ones are: see ``_put_blob``)."""
     meta = {"kind": "gradient", "job": job_id, "shard": shard, "base_version": version, "step": step,
             "attempt": attempt, "samples": samples, "loss": loss, "codec": enc.meta}
     if ranges is not None and len(ranges) > 1:
@@ -122,18 +123,19 @@ def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int
             tensors = {k: t for k, t in enc.tensors.items() if k.rsplit(".", 1)[0] in wanted}
             codec = {**enc.meta, "tensors": {n: enc.meta["tensors"][n] for n in names}}
             one = _put_blob(ctx, job_id, keys.gradient(job_id, version, shard, attempt, part), tensors,
-                            {**meta, "codec": codec, "part": part, "parts": len(ranges)}, durable)
+                            {**meta, "codec": codec, "part": part, "parts": len(ranges)}, versions_from_blobs)
             blobs_out.append(one)
         return {"shard": shard, "version": version, "step": step, "attempt": attempt, "key": blobs_out[0]["key"],
                 "sha256": blobs_out[0]["sha256"], "parts": blobs_out, "bytes": sum(b["bytes"] for b in blobs_out),
                 "samples": samples, "loss": loss}
-    one = _put_blob(ctx, job_id, keys.gradient(job_id, version, shard, attempt), enc.tensors, meta, durable)
+    one = _put_blob(ctx, job_id, keys.gradient(job_id, version, shard, attempt), enc.tensors, meta,
+                    versions_from_blobs)
     return {"shard": shard, "version": version, "step": step, "attempt": attempt, **one,
             "samples": samples, "loss": loss}
 
 
 def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-              durable: bool) -> dict[str, Any]:
+              versions_from_blobs: bool) -> dict[str, Any]:
     # Compressed codecs' payloads (sorted indices, int8 codes, half floats) still shrink under zstd;
     # fp32 gradients barely do (~1.1x), so they skip it. Written as the tensors' own buffers, never joined
     # into one copy of the whole update.
@@ -141,8 +143,9 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     parts = blobs.encode_parts(tensors, meta, compress=compress, signing_key=ctx.signing_key)
     size = blobs.size_of(parts)
     faults.point("shard.before_upload", ctx.redis, job_id)
-    ctx.store.put(key, parts, durable=durable)  # else recomputable: a torn or lost blob fails its digest or is missing
-    if compress:
+    # Else recomputable: a torn or lost blob fails its digest or is missing.
+    ctx.store.put(key, parts, durable=versions_from_blobs)
+    if compress or versions_from_blobs:  # (an fp32 update is the model's size: held where replay is certain)
         ctx.hold_blob(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
     ctx.jobs.add_bytes(job_id, up=size, down=ctx.take_unsent_down(job_id))  # the version's read, counted here
     # The envelope's digest: the reader checks it in its one pass over the bytes.

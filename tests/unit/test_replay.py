@@ -344,14 +344,15 @@ def test_a_worker_that_holds_nothing_rebuilds_the_version_then_replays_with_its_
     ckpt0 = len(unit_ctx.store.get(keys.checkpoint(job_id, 0)))  # v0 has no optimizer state
     blobs_v0_v2 = sum(len(unit_ctx.store.get(k)) for k in unit_ctx.store.list(keys.gradients_prefix(job_id))
                       if (g := keys.parse_gradient(k)) is not None and g.version < 3)
-    round2 = sum(len(unit_ctx.store.get(keys.gradient(job_id, 2, s, 0))) for s in range(2))
+    shard0_v2 = len(unit_ctx.store.get(keys.gradient(job_id, 2, 0, 0)))
     aggregator_v3 = sum(r["bytes"] for r in results)
     manifest = late.manifest(unit_ctx.jobs.get(job_id).fields["manifest"])
     data = read_split(unit_ctx.store, manifest.shards[0])[2]
     # The late worker read its shard's data, v0 and every blob of rounds 0-2 (no checkpoint of v3: there is
-    # none); the other replayed (round 2's blobs: fp32 ones are not kept in memory); the aggregator read round 3's.
+    # none); the other replayed, reading round 2's other blob (its own, fp32, is held in memory in such a job);
+    # the aggregator read round 3's blobs.
     assert unit_ctx.jobs.get(job_id).num("bytes_down") - down == (
-        data + ckpt0 + blobs_v0_v2 + round2 + aggregator_v3)
+        data + ckpt0 + blobs_v0_v2 + shard0_v2 + aggregator_v3)
     assert late.held_momentum(keys.checkpoint(job_id, 3)) is not None
     assert [r["replayed"] for r in fleet.round(job_id, 4)] == [True, True]
     ref = Fleet(unit_ctx)
