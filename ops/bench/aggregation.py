@@ -77,9 +77,11 @@ def context() -> Any:
     return Context(settings=s, redis=svc.redis, store=svc.store, jobs=svc.jobs, dispatch=StubDispatcher())
 
 
-def stage(params_m: float, shards: int, parts: int = 1, rounds: int = 1) -> dict[str, Any]:
-    """Stage a job and write every shard's update (one blob per range with `parts`) for `rounds` rounds; return
-    what the children need (``results``: round 0's claim checks; ``results1``: round 1's, with 2 rounds)."""
+def stage(params_m: float, shards: int, parts: int = 1, rounds: int = 1, spec: dict[str, Any] | None = None,
+          flush: bool = True) -> dict[str, Any]:
+    """Stage a job (`spec`: fields added to its spec) and write every shard's update (one blob per range with
+    `parts`) for `rounds` rounds; return what the children need (``results``: round 0's claim checks;
+    ``results1``: round 1's, with 2 rounds; ``rounds``: every round's). `flush`: empty the Redis db first."""
     import torch
 
     from pipeline import codecs
@@ -89,12 +91,13 @@ def stage(params_m: float, shards: int, parts: int = 1, rounds: int = 1) -> dict
     from workers.shard import upload_update
 
     ctx = context()
-    ctx.redis.flushdb()
+    if flush:
+        ctx.redis.flushdb()
     client = Client(ctx.settings, store=ctx.store, redis_client=ctx.redis, dispatch=ctx.dispatch)
     job_id = client.stage({"model": "gpt", "model_args": model_args(params_m), "dataset": "chars",
                            "dataset_args": {"block_size": 32, "max_chars": 40_000}, "shards": shards,
                            "batch_size": 4, "lr": 0.01, "momentum": 0.9, "publish_every_versions": 0,
-                           "aggregation_parts": parts})
+                           "aggregation_parts": parts, **(spec or {})})
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, 0), job_id)
     names = ctx.param_names(ckpt)
     n_params = sum(ckpt.state[n].numel() for n in names)
@@ -108,7 +111,7 @@ def stage(params_m: float, shards: int, parts: int = 1, rounds: int = 1) -> dict
             per_round[v].append(upload_update(ctx, job_id, s, v, v, 0, enc, samples=4, loss=1.0, ranges=ranges))
             del grads, enc
     out = {"job_id": job_id, "results": per_round[0], "params": n_params, "model_mb": 4 * n_params / MB,
-           "parts": len(ranges)}
+           "parts": len(ranges), "rounds": per_round}
     if rounds > 1:
         out["results1"] = per_round[1]
     return out
