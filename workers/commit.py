@@ -52,7 +52,7 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     t_write = time.perf_counter()
     if recipe and recipe.get("full") is not None:
         # A version between full checkpoints: its recipe (a few hundred bytes, signed) stands for it; any reader
-        # rebuilds it from the full checkpoint and the blobs (workers/replay.py reconstruct). This process
+        # rebuilds it from the full checkpoint and the blobs (workers/rebuild.py). This process
         # keeps it: the next round starts from it.
         ctx.store.put(keys.version_recipe(job_id, version + 1), encode_recipe(recipe, signing_key=ctx.signing_key))
         ctx.keep_checkpoint(ckey, new)
