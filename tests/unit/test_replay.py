@@ -405,3 +405,24 @@ def test_checkpoint_every_versions_is_refused_where_versions_cannot_be_rebuilt()
         with pytest.raises(SpecError, match="checkpoint_every_versions: versions between full checkpoints"):
             parse_spec({"checkpoint_every_versions": 4, **bad})
     assert parse_spec({"checkpoint_every_versions": 4}).checkpoint_every_versions == 4
+
+
+def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(unit_ctx) -> None:
+    from pipeline.artifacts import dequantized_state
+    from workers.publish import evaluate_and_publish
+
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
+    spec = {**FP32_MOMENTUM, "publish_every_versions": 2}
+    every = fleet.client.stage({**spec, "checkpoint_every_versions": 4})
+    whole = ref.client.stage(spec)
+    for v in range(3):
+        ref.round(whole, v)
+        fleet.round(every, v)
+    assert not unit_ctx.store.exists(keys.checkpoint(every, 2))  # v2: its recipe only
+    publisher = Fleet(unit_ctx).agg  # a process of its own (the publish queue's): it holds no version
+    out = evaluate_and_publish(publisher, every, 2)
+    assert out["registered"] is not None and out["registered"]["lineage"]["round"] == 2
+    reg = publisher.registry()
+    rec = reg.get(out["registered"]["model"], out["registered"]["version"])
+    served = dequantized_state(reg.fetch_artifact(rec.model, rec.version), rec.artifact_key)
+    assert_bitwise_equal(served, ref.checkpoint(whole, 2))  # the default chain (zstd) is lossless
