@@ -9,7 +9,8 @@ costs per round on the same workers in the same run: a chord of 2 ``celery.accum
     ops/bench/run versions [--epochs 5] [--chords 100] [--spec JSON] [--json FILE]
 
 Time per version is the median gap between consecutive commits (versions 5 onwards), and also the job's
-wall time over its versions; the ratio to the chord's median is the figure.
+wall time over its versions; the ratio to the chord's median is the figure. Beside it, the ratio to the chord
+plus the shard tasks' own compute (their mean ``compute_s``, the gradient: work a no-op chord does not do).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from training import Cluster  # ops/bench/training.py: the same processes as the training benchmark
+from training import Cluster, shard_task_times  # ops/bench/training.py: the same processes and task records
 
 
 def chord_floor(settings: Any, n: int) -> list[float]:
@@ -59,12 +60,14 @@ def main(argv: list[str] | None = None) -> int:
 
         client = Client(cluster.settings)
         t0 = time.perf_counter()
-        final = client.wait(client.submit(spec), timeout=600, poll_s=0.05)
+        job_id = client.submit(spec)
+        final = client.wait(job_id, timeout=600, poll_s=0.05)
         wall = time.perf_counter() - t0
+        compute_s, _, tasks = shard_task_times(client.redis, job_id)
         floor_after = chord_floor(cluster.settings, a.chords)  # the machine is shared: measure on both sides
     metrics = final["metrics"]
     stamps = [m["t"] for m in metrics]
-    gaps = [b - c for c, b in zip(stamps[4:], stamps[5:])]
+    gaps = [b - c for c, b in zip(stamps[4:], stamps[5:], strict=False)]
     chord_ms = 1e3 * statistics.median(floor + floor_after)
     row = {
         "versions": final["version"], "status": final["status"], "test_accuracy": final.get("test_accuracy"),
@@ -75,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         "fold_ms_median": 1e3 * statistics.median(m["fold_s"] for m in metrics),
         "write_ms_median": 1e3 * statistics.median(m["write_s"] for m in metrics),
     }
+    row["shard_compute_ms_mean"] = 1e3 * compute_s / max(1, tasks)
     row["ratio_median"] = row["version_ms_median"] / chord_ms
+    row["ratio_to_chord_and_compute"] = row["version_ms_median"] / (chord_ms + row["shard_compute_ms_mean"])
     row["ratio_mean"] = row["version_ms_mean"] / chord_ms
     print("| versions | accuracy | ms/version median (mean) | no-op chord ms median (before / after) "
-          "| ratio median (mean) | aggregator round ms: fold / write / all |")
-    print("|---:|---:|---|---|---|---|")
+          "| ratio median (mean) | shard compute ms | ratio to chord + compute "
+          "| aggregator round ms: fold / write / all |")
+    print("|---:|---:|---|---|---|---:|---:|---|")
     print(f"| {row['versions']} | {row['test_accuracy']:.4f} | {row['version_ms_median']:.1f} "
           f"({row['version_ms_mean']:.1f}) | {chord_ms:.1f} ({row['chord_ms_before']:.1f} / "
           f"{row['chord_ms_after']:.1f}) | {row['ratio_median']:.2f}× ({row['ratio_mean']:.2f}×) | "
+          f"{row['shard_compute_ms_mean']:.1f} | {row['ratio_to_chord_and_compute']:.2f}× | "
           f"{row['fold_ms_median']:.1f} / {row['write_ms_median']:.1f} / {1e3 * row['round_s_median']:.1f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(row, indent=1))
