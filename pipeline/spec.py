@@ -73,6 +73,8 @@ class JobSpec(BaseModel):
     # 25% to codec_density over this many epochs (exponential; 0: none).
     codec_momentum: float = Field(default=0.0, ge=0, lt=1)
     codec_warmup_epochs: float = Field(default=0.0, ge=0, le=1000)
+    # topk: tensors of at most this many elements (biases, norm gains) are sent whole (0: every tensor top-k)
+    codec_dense_below: int = Field(default=0, ge=0, le=1 << 30)
     # topk: where a shard's error-feedback state lives between steps. "store": in the object store, keyed by
     # (job, shard, step), so a shard that moves to another worker (or a redelivered task) continues exactly;
     # "process": only in the worker process's memory (no extra bytes; lost when the shard moves). The default:
@@ -212,6 +214,9 @@ class JobSpec(BaseModel):
                              f"(mode {self.mode!r}, aggregation_parts {self.aggregation_parts})")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
+        if self.codec_dense_below and self.codec not in ERROR_FEEDBACK:
+            raise ValueError(f"codec_dense_below: sends small tensors whole under a top-k codec "
+                             f"({', '.join(ERROR_FEEDBACK)}), not {self.codec!r}")
         if self.codec_momentum and self.codec not in ERROR_FEEDBACK:
             raise ValueError(f"codec_momentum: momentum correction needs a top-k codec ({', '.join(ERROR_FEEDBACK)}), "
                              f"not {self.codec!r}")

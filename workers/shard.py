@@ -88,8 +88,9 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     # Top-k error feedback: the state the shard's previous task (step − H) left, from this process or the store
     # (workers/codec_state.py); the density warms up over the first codec_warmup_epochs (DGC). This worker then
     # holds the shard's state: its next task is routed here while this process lives (workers/affinity.py).
-    cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, density=codecs.warmup_density(
-        spec.codec_density, step, round(spec.codec_warmup_epochs * bpe)))
+    density = codecs.warmup_density(spec.codec_density, step, round(spec.codec_warmup_epochs * bpe))
+    cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, dense_below=spec.codec_dense_below,
+                             density=density)
     prev_step = step - spec.local_steps if cfg.name in codecs.ERROR_FEEDBACK else -1
     local = codec_state.held(ctx, job_id, shard, prev_step) if prev_step >= 0 else None
     state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)

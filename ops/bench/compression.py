@@ -66,6 +66,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk+q4-dgc-3%": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-3%": {"codec": "topk+q2", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0},
     "topk+q2-dgc-5%": {"codec": "topk+q2", "codec_density": 0.05, "codec_momentum": 0.9, "momentum": 0.0},
+    # DGC momentum correction + masking at H=1, state in the worker process (no warm-up, no state bytes); "-dense":
+    # biases and norm gains (tensors of ≤ 1024 elements) sent whole. On char-lm these hold fp32 sync's perplexity
+    # at 1% density where plain top-k with server momentum is 20-40% worse (docs/benchmarks.md).
+    "topk+q4-dgc": {"codec": "topk+q4", "codec_momentum": 0.9, "momentum": 0.0},
+    "topk+q4-dgc-dense": {"codec": "topk+q4", "codec_momentum": 0.9, "momentum": 0.0, "codec_dense_below": 1024},
     # the same with the state in the store: exact whichever worker runs the shard, at the price of its bytes
     "topk+q4-dgc-3%-store": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0,
                              "codec_state": "store"},

@@ -340,3 +340,29 @@ def test_indices_use_the_narrowest_integer_that_holds_them() -> None:
         enc = encode({"w": torch.randn(numel)}, CodecConfig("topk", density=0.001))
         assert enc.tensors["w.indices"].dtype == dtype
         assert decode(enc.tensors, enc.meta)["w"].shape == (numel,)
+
+
+@pytest.mark.parametrize("name", ["topk", "topk+int8", "topk+q4"])
+def test_small_tensors_are_sent_whole_under_dense_below_and_the_large_ones_top_k(name: str) -> None:
+    g = {"bias": torch.randn(64), "weight": torch.randn(64, 64)}
+    cfg = codecs.CodecConfig(name, density=0.01, dense_below=64)
+    enc = codecs.encode(g, cfg, {k: torch.zeros_like(t) for k, t in g.items()})
+    out = codecs.decode(enc.tensors, enc.meta, "blob")
+    assert bool((out["bias"] != 0).all())  # every element of the bias arrives ...
+    assert int((out["weight"] != 0).sum()) == codecs.topk_count(64 * 64, 0.01)  # ... the weight's top 1% only
+    if name == "topk":  # fp32 values: the bias arrives exactly, and nothing of it is left behind
+        assert torch.equal(out["bias"], g["bias"]) and not bool(enc.residual["bias"].any())
+    else:  # quantised: only the rounding error stays behind, fed back next step
+        assert torch.allclose(out["bias"] + enc.residual["bias"], g["bias"], atol=1e-6)
+    plain = codecs.encode(g, codecs.CodecConfig(name, density=0.01), {k: torch.zeros_like(t) for k, t in g.items()})
+    assert int((codecs.decode(plain.tensors, plain.meta, "blob")["bias"] != 0).sum()) == 1
+
+
+def test_dense_below_is_for_top_k_jobs_and_never_negative() -> None:
+    from pipeline.spec import SpecError, parse_spec
+
+    with pytest.raises(codecs.CodecError, match="dense_below"):
+        codecs.CodecConfig("topk", dense_below=-1)
+    with pytest.raises(SpecError, match="codec_dense_below: sends small tensors whole under a top-k codec"):
+        parse_spec({"codec": "int8", "codec_dense_below": 1024})
+    assert parse_spec({"codec": "topk+q4", "codec_dense_below": 1024}).codec_dense_below == 1024
