@@ -192,7 +192,8 @@ def blob_anatomy(rows: list[str], density: float = 0.01, model: str = "digits-cn
     for text in rows:
         name, _ = parse_row(text, (1,))
         v = VARIANTS.get(name, {"codec": name})
-        cfg = codecs.CodecConfig(v["codec"], density=v.get("codec_density", density))
+        cfg = codecs.CodecConfig(v["codec"], density=v.get("codec_density", density),
+                                 dense_below=v.get("codec_dense_below", 0))
         enc = codecs.encode(grads, cfg)
         meta = {"kind": "gradient", "job": "0" * 32, "shard": 1, "base_version": 1000, "step": 1000, "attempt": 0,
                 "samples": 32, "loss": 0.12345678901234567, "codec": enc.meta}
