@@ -37,8 +37,8 @@ def _run_and_stop(sig: str, after_s: int, tmp_path: Path) -> tuple[dict[int, str
     env = {k: v for k, v in os.environ.items() if not k.startswith("AAS_")}
     env.update({"PYTHONPATH": str(REPO), "TMPDIR": str(tmp_path), mark: "1"})
     demo = subprocess.Popen(["timeout", "-s", sig, str(after_s), sys.executable, "-m", "pipeline.client.cli", "demo",
-                             "--workers", "1", "--no-serve", "--epochs", "200"], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                             "--workers", "1", "--no-serve", "--epochs", "200"], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: dict[int, str] = {}
     while demo.poll() is None:
         seen.update({pid: cmd for pid, cmd in _marked(mark).items() if pid != demo.pid})
