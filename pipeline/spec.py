@@ -40,7 +40,7 @@ class JobSpec(BaseModel):
     aggregation_parts: int = Field(default=1, ge=1, le=64)
     # Sync, one part: a full checkpoint (weights + optimizer state) every K versions and for the last; each
     # version between is stored as its recipe (the update blobs it folded, the optimizer's settings, a CRC of
-    # the result), from which any reader rebuilds it exactly (workers/replay.py). 1: every version whole.
+    # the result), from which any reader rebuilds it exactly (workers/rebuild.py). 1: every version whole.
     checkpoint_every_versions: int = Field(default=1, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=65_536)  # per shard and step
     epochs: int = Field(default=5, ge=1, le=100_000)

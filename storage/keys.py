@@ -267,7 +267,7 @@ def checkpoint_versions(listed: Iterable[str]) -> list[int]:
 
 def version_recipe(job_id: str, version: int) -> str:
     """A version stored between full checkpoints (``checkpoint_every_versions``): its recipe, from which it is
-    rebuilt (workers/replay.py); its checkpoint key then names no object."""
+    rebuilt (workers/rebuild.py); its checkpoint key then names no object."""
     return f"jobs/{job_id}/ckpt/v{version:06d}.recipe.aast"
 
 

@@ -158,11 +158,14 @@ class Context(Services):
         ``take_unsent_down``."""
         try:
             data = self.store.get(key)
-        except ObjectNotFound:
+        except ObjectNotFound as missing:
             version = keys.parse_checkpoint(key)
-            if not rebuild or version is None or not self.store.exists(keys.version_recipe(job_id, version)):
+            if not rebuild or version is None:
                 raise
-            last = read_recipe(self, job_id, version)
+            try:
+                last = read_recipe(self, job_id, version)
+            except ObjectNotFound:
+                raise missing from None  # neither a checkpoint nor a recipe: name the checkpoint
             base = self._read_checkpoint(keys.checkpoint(job_id, last["full"]), job_id, with_opt=True,
                                          defer_count=defer_count, rebuild=False)
             ckpt, n = rebuild_version(self, job_id, base, last)

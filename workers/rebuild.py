@@ -17,6 +17,7 @@ A worker that holds the version before replays one round instead (``workers/repl
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -39,6 +40,32 @@ def read_recipe(svc: Services, job_id: str, version: int) -> dict[str, Any]:
     return decode_recipe(svc.store.get(key), key, version=version, signing_key=svc.signing_key)
 
 
+def fold_recipe(svc: Services, job_id: str, r: dict[str, Any], shapes: dict[str, tuple[int, ...]], *,
+                held: Mapping[str, Any] | None = None, on_read: Callable[[int], None] | None = None
+                ) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of recipe `r`'s update blobs, folded in its order with the aggregator's code and
+    each verified as the aggregator verifies it. A blob in `held` (key → the bytes this process wrote) is read
+    from memory; `on_read` is called with the size of each blob read from the store."""
+    acc = Accumulator(shapes)
+    for bkey, digest, _, shard in r["updates"]:
+        mine = None if held is None else held.get(bkey)
+        expect = {"job": job_id, "shard": shard, "base_version": r["version"] - 1}
+        n = fold_blob(svc, job_id, bkey, digest, shapes, expect, acc, held=mine)
+        if mine is None and on_read is not None:
+            on_read(n)
+    return acc.mean()[0]
+
+
+def step_checked(r: dict[str, Any], params: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                 mean: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> bool:
+    """Step `params` (tensors of `state`) and the `momentum` buffers in place with `r`'s optimizer settings; True
+    when weights and buffers then match the CRC the aggregator recorded."""
+    hp = r["hparams"]
+    with torch.no_grad():
+        sgd_step_(params, mean, momentum, **hp)
+    return state_crc({**state, **momentum_entries(momentum if hp["momentum"] else {})}) == r["crc"]
+
+
 def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) -> tuple[Checkpoint, int]:
     """Version ``last["version"]`` from `base` (the full checkpoint ``last["full"]``, weights and optimizer state,
     owned by the caller: stepped in place) and the recipes from there to `last`. Returns the version and the
@@ -50,23 +77,17 @@ def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) 
     chain = [read_recipe(svc, job_id, v) for v in range(full + 1, version)] + [last]
     state, momentum = base.state, dict(base.opt.get("momentum", {}))
     names = param_names(base)
-    shapes = {n: tuple(state[n].shape) for n in names}
-    down = 0
+    params = {n: state[n] for n in names}
+    shapes = {n: tuple(t.shape) for n, t in params.items()}
+    read: list[int] = []
     for r in chain:
-        v, hp = r["version"], r["hparams"]
-        acc = Accumulator(shapes)
-        for bkey, digest, _, shard in r["updates"]:
-            expect = {"job": job_id, "shard": shard, "base_version": v - 1}
-            down += fold_blob(svc, job_id, bkey, digest, shapes, expect, acc)
-        mean, _, _ = acc.mean()
-        if not hp["momentum"] or not r["base_momentum"]:
+        mean = fold_recipe(svc, job_id, r, shapes, on_read=read.append)
+        if not r["hparams"]["momentum"] or not r["base_momentum"]:
             momentum = {}  # the step creates the buffers (or keeps none), as the aggregator's did
-        with torch.no_grad():
-            sgd_step_({n: state[n] for n in names}, mean, momentum, **hp)
-        del mean, acc
-        if state_crc({**state, **momentum_entries(momentum if hp["momentum"] else {})}) != r["crc"]:
-            raise blobs.BlobError(keys.version_recipe(job_id, v), f"version {v} rebuilt from full checkpoint v{full} "
-                                                                  "differs from the aggregator's (CRC): not used")
+        if not step_checked(r, params, state, mean, momentum):
+            raise blobs.BlobError(keys.version_recipe(job_id, r["version"]), f"version {r['version']} rebuilt from "
+                                  f"full checkpoint v{full} differs from the aggregator's (CRC): not used")
+        del mean
     log.info("job %s v%d rebuilt from checkpoint v%d and %d recipe(s)", job_id, version, full, len(chain))
     return Checkpoint(base.model, base.model_args, version, state, {"momentum": momentum} if momentum else {},
-                      {"job": job_id, "rebuilt_from": full}), down
+                      {"job": job_id, "rebuilt_from": full}), sum(read)

@@ -33,15 +33,14 @@ from typing import Any
 import torch
 
 from pipeline import blobs
-from pipeline.aggregate import Accumulator, UpdateRejected, sgd_step_
+from pipeline.aggregate import UpdateRejected
 from pipeline.checkpoint import decode_optimizer
-from pipeline.recipe import momentum_entries, state_crc
 from pipeline.recipe import parse as parse_recipe
 from storage import keys
 from storage.objectstore import StoreError
 from workers.context import Context
 from workers.metrics import observe_replay
-from workers.updates import fold_blob
+from workers.rebuild import fold_recipe, step_checked
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +76,20 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
         return False
     held = {k: ctx.held_blobs.get(k) for k, _, _, _ in r["updates"]}
     if r["full"] is None and not r["always"] and sum(n for k, _, n, _ in r["updates"] if held[k] is None) >= r["bytes"]:
-        return False  # (a version without a checkpoint of its own is replayed whatever its bytes: see reconstruct)
+        return False  # (a version without a checkpoint of its own is replayed whatever its bytes: workers/rebuild.py)
     params = {n: p.data for n, p in module.named_parameters() if p.requires_grad}
-    shapes = {n: tuple(t.shape) for n, t in params.items()}
-    acc = Accumulator(shapes)
-    down = 0
     try:
-        for bkey, digest, _, shard in r["updates"]:
-            expect = {"job": job_id, "shard": shard, "base_version": version - 1}
-            n = fold_blob(ctx, job_id, bkey, digest, shapes, expect, acc, held=held[bkey])
-            down += 0 if held[bkey] is not None else n
-        mean, _, _ = acc.mean()
+        # Counted with this task's upload, as a checkpoint read is.
+        mean = fold_recipe(ctx, job_id, r, {n: tuple(t.shape) for n, t in params.items()}, held=held,
+                           on_read=lambda n: ctx.defer_down(job_id, n))
     except Exception as e:  # noqa: BLE001 - nothing was changed, and the checkpoint is still there: read it
         expected = isinstance(e, (StoreError, blobs.BlobError, UpdateRejected))  # a blob missing or bad
         log.warning("job %s v%d: cannot replay the round (%s); reading the checkpoint", job_id, version, e,
                     exc_info=not expected)
         observe_replay("unreadable")
         return False
-    finally:
-        ctx.defer_down(job_id, down)  # counted with this task's upload, as a checkpoint read is
     ctx.forget_momentum()  # stepped in place next: held for the new version only if it checks out
-    with torch.no_grad():
-        sgd_step_(params, mean, buffers, **hp)
-    del mean, acc
-    if state_crc({**module.state_dict(), **momentum_entries(buffers)}) != r["crc"]:
+    if not step_checked(r, params, module.state_dict(), mean, buffers):  # (the state dict's tensors are params')
         ctx.drop_models()  # stepped to something else: never trained on
         log.warning("job %s v%d: the replayed weights differ from the aggregator's (CRC); reading the checkpoint",
                     job_id, version)

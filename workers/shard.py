@@ -144,7 +144,8 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     parts = blobs.encode_parts(tensors, meta, compress=compress, signing_key=ctx.signing_key)
     size = blobs.size_of(parts)
     faults.point("shard.before_upload", ctx.redis, job_id)
-    # Else recomputable: a torn or lost blob fails its digest or is missing.
+    # Flushed only where versions are rebuilt from it; otherwise a blob a power loss tears fails its digest (or is
+    # missing) and is recomputed.
     ctx.store.put(key, parts, durable=versions_from_blobs)
     if compress or versions_from_blobs:  # (an fp32 update is the model's size: held where replay is certain)
         ctx.hold_blob(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
