@@ -217,9 +217,10 @@ def delay_compensated(grad: Mapping[str, torch.Tensor], now: Mapping[str, torch.
 def select_round(
     results: Sequence[Mapping[str, object]], expected_shards: Sequence[int]
 ) -> tuple[dict[int, Mapping[str, object]], list[int]]:
-    """Pick one result per expected shard from a chord's results; return (by shard, missing shards).
+    """Pick one result per expected shard from a round's results; return (by shard, missing shards).
 
-    A chord counts completions, not shards: redelivery can give one shard twice and another none.
+    Results may name a shard twice (a Celery chord counts completions, not shards) or miss one (the monitor
+    sends an aggregation without results).
     Duplicates are dropped here; the caller must find or recompute every missing shard.
     """
     by_shard: dict[int, Mapping[str, object]] = {}

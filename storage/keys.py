@@ -108,6 +108,12 @@ def job_done(job_id: str, version: int) -> str:
     return f"{PREFIX}:job:{job_id}:done:v{version}"
 
 
+def job_results(job_id: str, version: int) -> str:
+    """Hash shard → JSON result of its task (blob key, digest, numbers) for the round computing on `version`:
+    what the shard that completes the round hands to the aggregation (the round's fan-in; no Celery chord)."""
+    return f"{PREFIX}:job:{job_id}:results:v{version}"
+
+
 def job_orphans(job_id: str) -> str:
     """Hash slot → when the monitor first saw it neither done, queued nor leased (relaunched after a grace)."""
     return f"{PREFIX}:job:{job_id}:orphans"

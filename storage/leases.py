@@ -157,19 +157,30 @@ class LeaseBook:
 
     # ------------------------------------------------------------ rounds
 
-    def mark_done(self, job_id: str, version: int, shard: int, *, then: Callable[[Any], Any] | None = None
-                  ) -> tuple[int, Any]:
-        """Record that shard `shard` of round `version` finished; returns how many shards have, and the reply
-        of `then(pipe)` (a read queued in the same round trip; None without one)."""
+    def mark_done(self, job_id: str, version: int, shard: int, *, result: dict[str, Any] | None = None,
+                  then: Callable[[Any], Any] | None = None) -> tuple[int, bool, Any]:
+        """Record that shard `shard` of round `version` finished, with its task's `result` (JSON); returns how
+        many shards have, whether this call added the shard (False for a repeat), and the reply of `then(pipe)`
+        (a read queued in the same round trip; None without one). One transaction: of the calls that add a
+        round's shards, exactly one sees the count reach the round's size."""
         key = keys.job_done(job_id, version)
         pipe = self.r.pipeline()
         pipe.sadd(key, shard)
         pipe.expire(key, DONE_TTL_S)
         pipe.scard(key)
+        if result is not None:
+            rkey = keys.job_results(job_id, version)
+            pipe.hset(rkey, str(shard), json.dumps(result))
+            pipe.expire(rkey, DONE_TTL_S)
         if then is not None:
             then(pipe)
         out = pipe.execute()
-        return int(out[2]), (out[3] if then is not None else None)
+        return int(out[2]), bool(out[0]), (out[-1] if then is not None else None)
+
+    def results(self, job_id: str, version: int) -> list[dict[str, Any]]:
+        """The results recorded by ``mark_done`` for round `version`, by shard."""
+        raw = self.r.hgetall(keys.job_results(job_id, version))
+        return [json.loads(raw[k]) for k in sorted(raw, key=int)]
 
     def done(self, job_id: str, version: int) -> set[int]:
         return {int(s) for s in self.r.smembers(keys.job_done(job_id, version))}
@@ -188,3 +199,21 @@ class LeaseBook:
         stale = [f for f in self.r.hkeys(key) if f.decode() not in slots]
         if stale:
             self.r.hdel(key, *stale)
+
+
+def shard_results(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:
+    """The results of the job's shard tasks: a sync round's as its shards recorded them (``LeaseBook.mark_done``:
+    one per shard and round, the last recorded), an async step's from the Celery result backend (the app sets
+    ``result_extended``, so each stored result names its task and, by name, its ``job_id``). For benches and
+    tests that read what the workers did."""
+    out: list[dict[str, Any]] = []
+    for key in r.scan_iter(match=keys.job_results(job_id, "*"), count=500):  # type: ignore[arg-type]
+        out += [json.loads(v) for v in r.hgetall(key).values()]
+    for key in r.scan_iter(match="celery-task-meta-*", count=500):
+        raw = r.get(key)
+        meta = json.loads(raw) if raw else {}
+        args, kwargs, res = meta.get("args") or [], meta.get("kwargs") or {}, meta.get("result")
+        job = kwargs.get("job_id", args[0] if args else None)  # positional in messages older than shard_signature
+        if meta.get("name") == "aas.train_shard" and job == job_id and isinstance(res, dict):
+            out.append(res)
+    return out

@@ -19,16 +19,18 @@ from pipeline.settings import Settings
 class Dispatcher(Protocol):
     def round(self, job_id: str, version: int, shards: int, step: int, *, queues: dict[int, str] | None = None
               ) -> None:
-        """Sync: one shard task per shard on `version`, then the aggregation of their results (a chord). Shard s
-        goes to ``queues[s]`` where given (a worker's own queue), else to the shared queue."""
+        """Sync: one shard task per shard on `version`; the shard that completes the round sends the aggregation
+        (``liveness.shard_finished``). Shard s goes to ``queues[s]`` where given (a worker's own queue), else to
+        the shared queue."""
 
     def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool,
               queue: str | None = None) -> None:
         """One shard task, to `queue` (a worker's own) or the shared queue; with `apply` (async mode) its result
         is applied on arrival."""
 
-    def aggregate(self, job_id: str, version: int) -> None:
-        """Sync: the aggregation of round `version` on its own (it finds the shards' blobs in the store)."""
+    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
+        """Sync: the aggregation of round `version`, given the shards' task results (their blob keys and digests),
+        or without them (it finds the shards' blobs in the store)."""
 
     def publish(self, job_id: str, version: int) -> None:
         """Evaluate committed `version` and register it (off the commit path, on the ``publish`` queue)."""
@@ -53,15 +55,15 @@ class CeleryDispatcher:
 
     def round(self, job_id: str, version: int, shards: int, step: int, *, queues: dict[int, str] | None = None
               ) -> None:
-        from celery import chord, group
+        from celery import group
 
-        from workers.app import TASK_AGGREGATE, shard_signature
+        from workers.app import shard_signature
 
         capp = self._app()
         queues = queues or {}
-        header = group(self._routed(capp, shard_signature(capp, job_id, s, version, step, 0), queues.get(s))
-                       for s in range(shards))
-        chord(header, app=capp)(capp.signature(TASK_AGGREGATE, kwargs={"job_id": job_id, "version": version}))
+        # No result stored: the shard records its result for the round itself (liveness.shard_finished).
+        group(self._routed(capp, shard_signature(capp, job_id, s, version, step, 0), queues.get(s))
+              .set(ignore_result=True) for s in range(shards)).apply_async()
 
     def shard(self, job_id: str, shard: int, version: int, step: int, attempt: int, *, apply: bool,
               queue: str | None = None) -> None:
@@ -71,10 +73,12 @@ class CeleryDispatcher:
         link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
         self._routed(capp, shard_signature(capp, job_id, shard, version, step, attempt, link=link), queue).apply_async()
 
-    def aggregate(self, job_id: str, version: int) -> None:
+    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
         from workers.app import TASK_AGGREGATE
 
-        self._app().signature(TASK_AGGREGATE, args=([],), kwargs={"job_id": job_id, "version": version}).apply_async()
+        # No result stored: the commit is the job's own record (and Flower's task events show the return value).
+        self._app().signature(TASK_AGGREGATE, args=(list(results or []),),
+                              kwargs={"job_id": job_id, "version": version}).apply_async(ignore_result=True)
 
     def publish(self, job_id: str, version: int) -> None:
         from workers.app import TASK_PUBLISH
@@ -109,8 +113,9 @@ class StubDispatcher:
         self.sent.append(("shard", {"job_id": job_id, "shard": shard, "version": version, "step": step,
                                     "attempt": attempt, "apply": apply, **routed}))
 
-    def aggregate(self, job_id: str, version: int) -> None:
-        self.sent.append(("aggregate", {"job_id": job_id, "version": version}))
+    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
+        given = {"results": list(results)} if results else {}
+        self.sent.append(("aggregate", {"job_id": job_id, "version": version, **given}))
 
     def publish(self, job_id: str, version: int) -> None:
         self.sent.append(("publish", {"job_id": job_id, "version": version}))

@@ -187,21 +187,29 @@ def agent_for(ctx: Context, hostname: str | None = None) -> WorkerAgent:
         return _agent
 
 
-def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt: int) -> None:
-    """Record a sync shard's blob as done; the last shard of a round that had relaunches sends the aggregation
-    itself (a relaunched shard is outside the round's chord, so the chord would never fire)."""
+def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt: int,
+                   result: dict[str, Any] | None = None) -> None:
+    """Record a sync shard's blob as done, with its task's `result`: the round's fan-in. The shard that completes
+    the round sends its aggregation with the round's results (a Celery chord would cost a result write and a
+    chord counter per shard, and a chord setup per round, for the count kept here anyway). A relaunched shard
+    sends it too when the round is complete (it may be recomputing a rejected blob: the round was complete
+    before it); an aggregation sent twice commits once. A process that dies between the record and the send
+    leaves a complete round without an aggregation: the monitor relaunches it (``needed_slots``)."""
     if version < 0:
         return  # async: progress is the job's own record
     # The job is read in the same round trip (one per shard task, on the round's critical path).
-    n, raw = book_of(ctx).mark_done(job_id, version, shard, then=lambda pipe: pipe.hgetall(keys.job(job_id)))
+    book = book_of(ctx)
+    n, added, raw = book.mark_done(job_id, version, shard, result=result,
+                                   then=lambda pipe: pipe.hgetall(keys.job(job_id)))
     try:
         job = ctx.jobs.parse(job_id, raw)
     except JobNotFound:
         return
     spec = JobSpec.model_validate(job.spec)
     relaunched = attempt > 0 or job.fields.get("relaunched_round") == str(version)
-    if n >= spec.shards and relaunched and job.status == "running" and job.version == version:
-        ctx.dispatch.aggregate(job_id, version)
+    completes = (added and n == spec.shards) or (relaunched and n >= spec.shards)
+    if completes and job.status == "running" and job.version == version:
+        ctx.dispatch.aggregate(job_id, version, book.results(job_id, version))
 
 
 # ---------------------------------------------------------------- what the broker holds

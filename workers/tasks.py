@@ -131,15 +131,17 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
             else f"shard {shard_id} of job {job_id} step {step}")
     out = _guarded(self, job_id, what, lambda ctx: shard.train_shard(ctx, job_id, shard_id, version, step, attempt),
                    slot=slot)
-    if "failed" not in out and "ignored" not in out:
-        liveness.shard_finished(get_context(), job_id, shard_id, version, attempt)
     out["worker"] = self.request.hostname
+    if "failed" not in out and "ignored" not in out:
+        liveness.shard_finished(get_context(), job_id, shard_id, version, attempt, out)
     return out
 
 
 @app.task(name=TASK_AGGREGATE, bind=True)
 def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) -> dict[str, Any]:
-    """Apply round `version`'s updates (a chord body): commit version+1, then start the next round."""
+    """Apply round `version`'s updates (sent by the shard that completes the round, with the round's results;
+    or by the monitor, without them: the blobs are then found in the store): commit version+1, then start the
+    next round."""
     job_id, version = str(job_id), int(version)
     results = results if isinstance(results, list) else []
 

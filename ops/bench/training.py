@@ -310,28 +310,12 @@ def staleness_note(metrics: list[dict[str, Any]]) -> str:
 
 
 def shard_task_times(r: Any, job_id: str) -> tuple[float, float, int]:
-    """Σ compute_s, Σ io_s and the count of this job's shard task results in the Celery result backend.
+    """Σ compute_s, Σ io_s and the count of this job's shard task results (``storage.leases.shard_results``)."""
+    from storage.leases import shard_results
 
-    The app sets ``result_extended``, so each stored result names its task and arguments (``job_id`` by name).
-    """
-    compute = io = 0.0
-    n = 0
-    for key in r.scan_iter(match="celery-task-meta-*", count=500):
-        raw = r.get(key)
-        if raw is None:
-            continue
-        meta = json.loads(raw)
-        args = meta.get("args") or []
-        kwargs = meta.get("kwargs") or {}
-        task_job = kwargs.get("job_id", args[0] if args else None)  # named since workers/app.py shard_signature
-        res = meta.get("result")
-        if meta.get("name") != "aas.train_shard" or task_job != job_id or not isinstance(res, dict):
-            continue
-        if "compute_s" in res:
-            compute += float(res["compute_s"])
-            io += float(res.get("io_s", 0.0))
-            n += 1
-    return compute, io, n
+    done = [res for res in shard_results(r, job_id) if "compute_s" in res]
+    return (sum(float(res["compute_s"]) for res in done), sum(float(res.get("io_s", 0.0)) for res in done),
+            len(done))
 
 
 # ------------------------------------------------------------------ rows, table, entry point

@@ -537,7 +537,7 @@ class JobRun:
             name = c.start_worker("aggregate")
             self._extra_aggs.append(name)
             capp = app_for(c.settings())
-            for _ in range(2):  # duplicate aggregations of the same round race the chord's own
+            for _ in range(2):  # duplicate aggregations of the same round race the round's own
                 capp.signature("aas.aggregate", args=([], self.job_id, version)).apply_async()
             rec.update(target=name)
         else:

@@ -102,20 +102,10 @@ def compute_shares(tasks: list[tuple[int, float]], commits: list[float], submitt
 
 def shard_task_compute(r: Any, job_id: str, below_version: int) -> list[tuple[int, float]]:
     """(version, compute_s) of this job's shard tasks on versions < `below_version` (those that were committed)."""
-    out = []
-    for key in r.scan_iter(match="celery-task-meta-*", count=500):
-        raw = r.get(key)
-        if raw is None:
-            continue
-        meta = json.loads(raw)
-        res = meta.get("result")
-        # Shard tasks are sent with named arguments (workers/app.py shard_signature); positional ones are older.
-        job = (meta.get("kwargs") or {}).get("job_id") or next(iter(meta.get("args") or []), None)
-        if meta.get("name") != "aas.train_shard" or job != job_id or not isinstance(res, dict):
-            continue
-        if "compute_s" in res and 0 <= int(res.get("version", -1)) < below_version:
-            out.append((int(res["version"]), float(res["compute_s"])))
-    return out
+    from storage.leases import shard_results
+
+    return [(int(res["version"]), float(res["compute_s"])) for res in shard_results(r, job_id)
+            if "compute_s" in res and 0 <= int(res.get("version", -1)) < below_version]
 
 
 def wait_idle(cluster: FleetCluster, timeout_s: float = 180.0) -> None:

@@ -4,7 +4,6 @@ version is committed exactly once, and with the state in the store the weights e
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import time
@@ -14,6 +13,7 @@ from typing import Any
 import pytest
 
 from storage import keys
+from storage.leases import shard_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -21,14 +21,9 @@ SPEC = {"shards": 2, "epochs": 1, "batch_size": 64, "seed": 3, "codec": "topk", 
 
 
 def shard_runs(r: Any, job_id: str) -> dict[int, dict[int, str]]:
-    """shard → {data step: the worker node that ran it}, from the shard tasks' results (``result_extended``)."""
+    """shard → {data step: the worker node that ran it}, from the shard tasks' results."""
     out: dict[int, dict[int, str]] = defaultdict(dict)
-    for key in r.scan_iter(match="celery-task-meta-*", count=500):
-        raw = r.get(key)
-        meta = json.loads(raw) if raw else {}
-        res, kwargs = meta.get("result"), meta.get("kwargs") or {}
-        if meta.get("name") != "aas.train_shard" or kwargs.get("job_id") != job_id or not isinstance(res, dict):
-            continue
+    for res in shard_results(r, job_id):
         if "key" in res:
             out[int(res["shard"])][int(res["step"])] = str(res["worker"]).split("@", 1)[0]
     return out

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from storage import keys
+from storage.leases import shard_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -167,7 +168,6 @@ def in_process_result(spec: dict, tmp_path) -> dict:
 def test_workers_build_versions_from_compressed_blobs_and_train_to_the_in_process_weights(workers, tmp_path) -> None:
     """DiLoCo with an int8 Δ and plain averaging: each worker replays the next version from the round's blobs
     (workers/replay.py) instead of downloading its weights; the final weights equal the in-process run's."""
-    import json
 
     import torch
 
@@ -186,11 +186,7 @@ def test_workers_build_versions_from_compressed_blobs_and_train_to_the_in_proces
     assert final["version"] == final["total_rounds"] == 12  # ceil(2 epochs x 23 batches / 4)
     for v in range(1, final["version"] + 1):
         assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
-    replayed = []
-    for key in client.redis.scan_iter(match="celery-task-meta-*", count=500):
-        meta = json.loads(client.redis.get(key) or b"{}")
-        if meta.get("name") == "aas.train_shard" and (meta.get("kwargs") or {}).get("job_id") == job_id:
-            replayed.append(bool((meta.get("result") or {}).get("replayed")))
+    replayed = [bool(res.get("replayed")) for res in shard_results(client.redis, job_id)]
     # A worker that ran a shard of the round before replays the version with its first task of the round (a
     # second task on the same version finds it built); one that sat the round out reads the checkpoint. Two
     # workers, two shards: usually one shard each, so about half the tasks after round 0 replay at the least.
@@ -203,7 +199,6 @@ def test_workers_build_versions_from_compressed_blobs_and_train_to_the_in_proces
 
 
 def test_elastic_fleet_a_worker_joining_mid_job_takes_shards_and_one_leaving_loses_nothing(workers) -> None:
-    import json
     import signal
     import time
 
@@ -227,12 +222,7 @@ def test_elastic_fleet_a_worker_joining_mid_job_takes_shards_and_one_leaving_los
     final = client.wait(job_id, timeout=240)
     assert final["status"] == "succeeded", final.get("error")
     assert final["version"] == final["total_rounds"] == 69
-    workers_seen = set()
-    for key in client.redis.scan_iter("celery-task-meta-*"):
-        meta = json.loads(client.redis.get(key))
-        result = meta.get("result")
-        if isinstance(result, dict) and result.get("key", "").startswith(f"jobs/{job_id}/"):
-            workers_seen.add(result["worker"].split("@")[0])
+    workers_seen = {str(res["worker"]).split("@")[0] for res in shard_results(client.redis, job_id) if "key" in res}
     assert {"first", "late"} <= workers_seen
     for v in range(1, final["version"] + 1):
         assert len(client.jobs.consumed(job_id, v)) == 2

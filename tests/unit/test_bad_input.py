@@ -247,7 +247,7 @@ def test_a_recomputed_shard_replaces_its_rejected_blob_and_the_round_commits(uni
     with pytest.raises(aggregator.RoundIncomplete):
         aggregator.aggregate_round(unit_ctx, job_id, 0, [results[0], bad])
     shard.train_shard(unit_ctx, job_id, 1, 0, 0, 1)  # the retry's recompute: attempt 1
-    # The chord's result list is unchanged on retry: it still names the rejected (now deleted) attempt 0.
+    # The round's result list is unchanged on retry: it still names the rejected (now deleted) attempt 0.
     outcome = aggregator.aggregate_round(unit_ctx, job_id, 0, [results[0], bad])
     assert outcome.committed
     assert unit_ctx.jobs.consumed(job_id, 1) == {keys.gradient_identity(job_id, 0, 0, 0),

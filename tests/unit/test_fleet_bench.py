@@ -60,6 +60,7 @@ def test_task_compute_is_read_from_results_sent_with_named_or_positional_argumen
     import fakeredis
 
     from ops.fleet.bench import shard_task_compute
+    from storage import keys
 
     r = fakeredis.FakeRedis()
     def meta(name: str, job: str, version: int, compute_s: float, positional: bool = False) -> dict[str, object]:
@@ -75,4 +76,7 @@ def test_task_compute_is_read_from_results_sent_with_named_or_positional_argumen
     ]
     for i, m in enumerate(metas):
         r.set(f"celery-task-meta-{i}", json.dumps(m))
-    assert sorted(shard_task_compute(r, "j1", below_version=1)) == [(0, 2.0), (0, 3.0)]
+    # A sync round's results are recorded by its shards, not stored by Celery.
+    r.hset(keys.job_results("j1", 0), "1", json.dumps({"shard": 1, "version": 0, "compute_s": 4.0}))
+    r.hset(keys.job_results("j2", 0), "0", json.dumps({"shard": 0, "version": 0, "compute_s": 6.0}))
+    assert sorted(shard_task_compute(r, "j1", below_version=1)) == [(0, 2.0), (0, 3.0), (0, 4.0)]

@@ -45,7 +45,7 @@ def test_shard_tasks_travel_with_named_arguments_job_id_first() -> None:
 
 
 def test_the_aggregate_message_keeps_job_and_version_legible_at_1000_shards() -> None:
-    """Celery cuts argsrepr/kwargsrepr at 1 KB each (what Flower shows): the chord body's results list is
+    """Celery cuts argsrepr/kwargsrepr at 1 KB each (what Flower shows): the aggregation's results list is
     cut, but job id and version travel as kwargs, so they survive."""
     from pipeline.settings import Settings
     from workers.app import TASK_AGGREGATE, make_app

@@ -87,10 +87,10 @@ def test_on_rabbitmq_a_busy_queue_may_hold_the_work_and_an_empty_one_does_not(un
 def test_a_round_whose_shards_are_done_but_whose_aggregation_never_came_gets_one(unit_ctx) -> None:
     job_id = stage(unit_ctx)
     b = book(unit_ctx)
-    assert b.mark_done(job_id, 0, 0) == (1, None)
-    assert b.mark_done(job_id, 0, 1) == (2, None)
+    assert b.mark_done(job_id, 0, 0) == (1, True, None)
+    assert b.mark_done(job_id, 0, 1) == (2, True, None)
     probe = Probe()
-    probe.queued.slots.add((job_id, "v0:agg"))  # the chord body is queued: fine
+    probe.queued.slots.add((job_id, "v0:agg"))  # the aggregation is queued: fine
     assert liveness.sweep(unit_ctx, probe, now=1000.0) == []
     probe.queued.slots.clear()  # ... and then lost
     liveness.sweep(unit_ctx, probe, now=1001.0)
@@ -100,12 +100,27 @@ def test_a_round_whose_shards_are_done_but_whose_aggregation_never_came_gets_one
     assert unit_ctx.dispatch.of("shard") == []
 
 
+def test_the_shard_that_completes_a_round_sends_its_aggregation_once_with_the_rounds_results(unit_ctx) -> None:
+    job_id = stage(unit_ctx)
+    r0 = {"shard": 0, "version": 0, "key": "k0", "sha256": "d0"}
+    r1 = {"shard": 1, "version": 0, "key": "k1", "sha256": "d1"}
+    liveness.shard_finished(unit_ctx, job_id, 0, 0, attempt=0, result=r0)
+    assert unit_ctx.dispatch.of("aggregate") == []  # the round is not complete
+    liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
+    assert unit_ctx.dispatch.of("aggregate") == [{"job_id": job_id, "version": 0, "results": [r0, r1]}]
+    # The same shard delivered again (its worker died before the ack): the round was already complete.
+    liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
+    assert len(unit_ctx.dispatch.of("aggregate")) == 1
+
+
 def test_the_last_relaunched_shard_of_a_round_sends_the_aggregation_itself(unit_ctx) -> None:
     job_id = stage(unit_ctx)
     liveness.shard_finished(unit_ctx, job_id, 0, 0, attempt=0)
-    assert unit_ctx.dispatch.of("aggregate") == []  # the chord fires when its own shards are done
-    liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=3)  # a relaunch is outside the chord
-    assert unit_ctx.dispatch.of("aggregate") == [{"job_id": job_id, "version": 0}]
+    liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0)
+    assert len(unit_ctx.dispatch.of("aggregate")) == 1
+    # Shard 1 recomputed (its blob was rejected): the round is still complete, so its new blob is aggregated.
+    liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=3)
+    assert unit_ctx.dispatch.of("aggregate")[1] == {"job_id": job_id, "version": 0}
 
 
 def test_a_task_whose_workers_keep_dying_fails_the_job_with_a_reason_naming_it(unit_ctx) -> None:
