@@ -177,11 +177,6 @@ class LeaseBook:
         out = pipe.execute()
         return int(out[2]), bool(out[0]), (out[-1] if then is not None else None)
 
-    def results(self, job_id: str, version: int) -> list[dict[str, Any]]:
-        """The results recorded by ``mark_done`` for round `version`, by shard."""
-        raw = self.r.hgetall(keys.job_results(job_id, version))
-        return [json.loads(raw[k]) for k in sorted(raw, key=int)]
-
     def done(self, job_id: str, version: int) -> set[int]:
         return {int(s) for s in self.r.smembers(keys.job_done(job_id, version))}
 
@@ -199,6 +194,12 @@ class LeaseBook:
         stale = [f for f in self.r.hkeys(key) if f.decode() not in slots]
         if stale:
             self.r.hdel(key, *stale)
+
+
+def round_results(r: redis.Redis, job_id: str, version: int) -> list[dict[str, Any]]:
+    """The results the shards of sync round `version` recorded (``LeaseBook.mark_done``), by shard."""
+    raw = r.hgetall(keys.job_results(job_id, version))
+    return [json.loads(raw[k]) for k in sorted(raw, key=int)]
 
 
 def shard_results(r: redis.Redis, job_id: str) -> list[dict[str, Any]]:

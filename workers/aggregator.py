@@ -23,6 +23,7 @@ from pipeline.recipe import recipe as replay_recipe
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
+from storage.leases import round_results
 from storage.objectstore import ObjectNotFound
 from workers import faults
 from workers.commit import Commit, commit_next_version
@@ -125,7 +126,8 @@ def fold_round(ctx: Context, job_id: str, spec: JobSpec, version: int, results: 
     blobs are read again to name the shard(s) at fault (the rare path). `sources`: filled with the blobs
     folded, in order (what a shard worker needs to fold the same sum: workers/replay.py)."""
     shards = list(range(spec.shards))
-    by_shard, _missing = select_round(results, shards)
+    # The results the round's shards recorded, unless the caller holds them (a process running the shards itself).
+    by_shard, _missing = select_round(results or round_results(ctx.redis, job_id, version), shards)
     problems = _Problems()
     acc = Accumulator(shapes)
     used: dict[int, str] = {}

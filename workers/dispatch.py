@@ -28,9 +28,9 @@ class Dispatcher(Protocol):
         """One shard task, to `queue` (a worker's own) or the shared queue; with `apply` (async mode) its result
         is applied on arrival."""
 
-    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
-        """Sync: the aggregation of round `version`, given the shards' task results (their blob keys and digests),
-        or without them (it finds the shards' blobs in the store)."""
+    def aggregate(self, job_id: str, version: int) -> None:
+        """Sync: the aggregation of round `version` (it reads the results its shards recorded, else finds their
+        blobs in the store)."""
 
     def publish(self, job_id: str, version: int) -> None:
         """Evaluate committed `version` and register it (off the commit path, on the ``publish`` queue)."""
@@ -73,11 +73,11 @@ class CeleryDispatcher:
         link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
         self._routed(capp, shard_signature(capp, job_id, shard, version, step, attempt, link=link), queue).apply_async()
 
-    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
+    def aggregate(self, job_id: str, version: int) -> None:
         from workers.app import TASK_AGGREGATE
 
         # No result stored: the commit is the job's own record (and Flower's task events show the return value).
-        self._app().signature(TASK_AGGREGATE, args=(list(results or []),),
+        self._app().signature(TASK_AGGREGATE, args=([],),
                               kwargs={"job_id": job_id, "version": version}).apply_async(ignore_result=True)
 
     def publish(self, job_id: str, version: int) -> None:
@@ -113,9 +113,8 @@ class StubDispatcher:
         self.sent.append(("shard", {"job_id": job_id, "shard": shard, "version": version, "step": step,
                                     "attempt": attempt, "apply": apply, **routed}))
 
-    def aggregate(self, job_id: str, version: int, results: list[Any] | None = None) -> None:
-        given = {"results": list(results)} if results else {}
-        self.sent.append(("aggregate", {"job_id": job_id, "version": version, **given}))
+    def aggregate(self, job_id: str, version: int) -> None:
+        self.sent.append(("aggregate", {"job_id": job_id, "version": version}))
 
     def publish(self, job_id: str, version: int) -> None:
         self.sent.append(("publish", {"job_id": job_id, "version": version}))

@@ -190,8 +190,9 @@ def agent_for(ctx: Context, hostname: str | None = None) -> WorkerAgent:
 def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt: int,
                    result: dict[str, Any] | None = None) -> None:
     """Record a sync shard's blob as done, with its task's `result`: the round's fan-in. The shard that completes
-    the round sends its aggregation with the round's results (a Celery chord would cost a result write and a
-    chord counter per shard, and a chord setup per round, for the count kept here anyway). A relaunched shard
+    the round sends its aggregation, which reads the round's results from there (a Celery chord would cost a
+    result write and a chord counter per shard, a chord setup per round, and a message carrying every result,
+    for the count kept here anyway). A relaunched shard
     sends it too when the round is complete (it may be recomputing a rejected blob: the round was complete
     before it); an aggregation sent twice commits once. A process that dies between the record and the send
     leaves a complete round without an aggregation: the monitor relaunches it (``needed_slots``)."""
@@ -209,7 +210,7 @@ def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt:
     relaunched = attempt > 0 or job.fields.get("relaunched_round") == str(version)
     completes = (added and n == spec.shards) or (relaunched and n >= spec.shards)
     if completes and job.status == "running" and job.version == version:
-        ctx.dispatch.aggregate(job_id, version, book.results(job_id, version))
+        ctx.dispatch.aggregate(job_id, version)
 
 
 # ---------------------------------------------------------------- what the broker holds

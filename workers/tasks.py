@@ -139,9 +139,8 @@ def train_shard_task(self: Task, job_id: str, shard_id: int, version: int, step:
 
 @app.task(name=TASK_AGGREGATE, bind=True)
 def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) -> dict[str, Any]:
-    """Apply round `version`'s updates (sent by the shard that completes the round, with the round's results;
-    or by the monitor, without them: the blobs are then found in the store): commit version+1, then start the
-    next round."""
+    """Apply round `version`'s updates (sent by the shard that completes the round, or by the monitor; the
+    round's results are those its shards recorded): commit version+1, then start the next round."""
     job_id, version = str(job_id), int(version)
     results = results if isinstance(results, list) else []
 

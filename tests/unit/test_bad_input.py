@@ -241,6 +241,23 @@ def test_any_single_bit_flip_anywhere_in_a_blob_is_detected(unit_ctx, round0, wh
         unit_ctx.store.put(key, data)
 
 
+def test_an_aggregation_sent_without_results_checks_each_blob_against_the_digest_its_shard_recorded(
+        unit_ctx, round0) -> None:
+    """The shard that completes a round sends the aggregation without results (workers/liveness.py); the
+    aggregation reads the results the shards recorded, digests included: a blob replaced after its shard
+    recorded it (here by another validly signed blob) is rejected, not applied."""
+    from workers import liveness
+
+    job_id, results = round0
+    for s, r in enumerate(results):
+        liveness.shard_finished(unit_ctx, job_id, s, 0, 0, r)
+    rewrite(unit_ctx, results[1], lambda t, m: t.update({n: v * 2 for n, v in t.items() if v.is_floating_point()}))
+    with pytest.raises(aggregator.RoundIncomplete) as err:
+        aggregator.aggregate_round(unit_ctx, job_id, 0, [])
+    assert "shard 1" in str(err.value) and "differs from what the writer reported" in str(err.value)
+    assert_not_applied(unit_ctx, job_id)
+
+
 def test_a_recomputed_shard_replaces_its_rejected_blob_and_the_round_commits(unit_ctx, round0) -> None:
     job_id, results = round0
     bad = DEFECTS["NaN values"][0](unit_ctx, results[1])

@@ -7,7 +7,7 @@ import json
 
 from pipeline.client import Client
 from storage import keys
-from storage.leases import LeaseBook
+from storage.leases import LeaseBook, round_results
 from workers import lifecycle, liveness
 from workers.liveness import Queued
 
@@ -100,14 +100,15 @@ def test_a_round_whose_shards_are_done_but_whose_aggregation_never_came_gets_one
     assert unit_ctx.dispatch.of("shard") == []
 
 
-def test_the_shard_that_completes_a_round_sends_its_aggregation_once_with_the_rounds_results(unit_ctx) -> None:
+def test_the_shard_that_completes_a_round_sends_its_aggregation_once_and_records_the_rounds_results(unit_ctx) -> None:
     job_id = stage(unit_ctx)
     r0 = {"shard": 0, "version": 0, "key": "k0", "sha256": "d0"}
     r1 = {"shard": 1, "version": 0, "key": "k1", "sha256": "d1"}
     liveness.shard_finished(unit_ctx, job_id, 0, 0, attempt=0, result=r0)
     assert unit_ctx.dispatch.of("aggregate") == []  # the round is not complete
     liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
-    assert unit_ctx.dispatch.of("aggregate") == [{"job_id": job_id, "version": 0, "results": [r0, r1]}]
+    assert unit_ctx.dispatch.of("aggregate") == [{"job_id": job_id, "version": 0}]
+    assert round_results(unit_ctx.redis, job_id, 0) == [r0, r1]  # what the aggregation reads
     # The same shard delivered again (its worker died before the ack): the round was already complete.
     liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
     assert len(unit_ctx.dispatch.of("aggregate")) == 1
