@@ -20,6 +20,10 @@ import redis
 from storage import keys
 
 DONE_TTL_S = 24 * 3600  # a round's done-set outlives any round
+# A round's recorded results (~350 bytes a shard) are read by its aggregation, seconds later. An hour bounds what
+# a fast job leaves in Redis (a small model commits ~20 versions a second); a round that outlasts it loses only
+# the digests: its aggregation then finds the blobs in the store and checks each one's own digest.
+RESULTS_TTL_S = 3600
 
 
 @dataclass(frozen=True)
@@ -171,7 +175,7 @@ class LeaseBook:
         if result is not None:
             rkey = keys.job_results(job_id, version)
             pipe.hset(rkey, str(shard), json.dumps(result))
-            pipe.expire(rkey, DONE_TTL_S)
+            pipe.expire(rkey, RESULTS_TTL_S)
         if then is not None:
             then(pipe)
         out = pipe.execute()

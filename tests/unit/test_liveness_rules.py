@@ -7,7 +7,7 @@ import json
 
 from pipeline.client import Client
 from storage import keys
-from storage.leases import LeaseBook, round_results
+from storage.leases import RESULTS_TTL_S, LeaseBook, round_results
 from workers import lifecycle, liveness
 from workers.liveness import Queued
 
@@ -109,6 +109,7 @@ def test_the_shard_that_completes_a_round_sends_its_aggregation_once_and_records
     liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
     assert unit_ctx.dispatch.of("aggregate") == [{"job_id": job_id, "version": 0}]
     assert round_results(unit_ctx.redis, job_id, 0) == [r0, r1]  # what the aggregation reads
+    assert 0 < unit_ctx.redis.ttl(keys.job_results(job_id, 0)) <= RESULTS_TTL_S  # a fast job leaves them briefly
     # The same shard delivered again (its worker died before the ack): the round was already complete.
     liveness.shard_finished(unit_ctx, job_id, 1, 0, attempt=0, result=r1)
     assert len(unit_ctx.dispatch.of("aggregate")) == 1
