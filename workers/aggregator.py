@@ -99,8 +99,8 @@ def _read_shard(ctx: Context, job_id: str, version: int, s: int, r: Any, shapes:
         try:
             return read(key, digest)
         except ObjectNotFound:
-            # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry
-            # gets the same chord results, which still name the deleted attempt.
+            # Rejected (and deleted) on an earlier try: the recomputed attempt takes its place. A retry may
+            # still be given results naming the deleted attempt (a caller's, or read before the recompute).
             newer = _find_blob(ctx, job_id, version, s, part)
             if newer is None or newer == key:
                 raise

@@ -124,7 +124,8 @@ def make_app(settings: Settings | None = None) -> Celery:
         broker_connection_retry_on_startup=True,
         task_time_limit=s.task_time_limit_s,
         task_soft_time_limit=max(1, s.task_time_limit_s - 10),
-        # Results are a convenience (chord bodies need them); job state lives in its own keys.
+        # Results are a convenience (async shard tasks' link callbacks take theirs; sync rounds record their own,
+        # storage/leases.py); job state lives in its own keys.
         result_expires=24 * 3600,
         result_extended=True,
         task_track_started=True,

@@ -11,7 +11,7 @@ aggregation; each async shard's next data step). A slot is alive while a task fo
 the broker's queues: the shared ones, and the own shard queue of each live worker (``workers/affinity.py``; a
 task waiting in a dead worker's queue is not queued). A slot whose lease was lost (worker dead or hung) is
 relaunched at once; a slot that is neither done, queued nor leased (kombu's Redis transport lost its message
-between BRPOP and the unacked record, a chord's body was never sent, or the message waits in a dead worker's own
+between BRPOP and the unacked record, a round's aggregation was never sent, or the message waits in a dead worker's own
 queue) is relaunched once it has stayed so for ``relaunch_grace_s``. Relaunches go to the shared queues. Only
 the missing slots are relaunched; duplicates are harmless by design (deterministic shard work, guarded
 commits). A slot whose worker died ``max_deliveries`` times is a poison message: the job fails, naming it.
