@@ -71,7 +71,9 @@ class CeleryDispatcher:
 
         capp = self._app()
         link = capp.signature(TASK_APPLY_UPDATE, kwargs={"job_id": job_id}) if apply else None
-        self._routed(capp, shard_signature(capp, job_id, shard, version, step, attempt, link=link), queue).apply_async()
+        # A sync shard records its result for the round itself; an async one's result is stored (what benches read).
+        sig = shard_signature(capp, job_id, shard, version, step, attempt, link=link)
+        self._routed(capp, sig, queue).apply_async(ignore_result=not apply)
 
     def aggregate(self, job_id: str, version: int) -> None:
         from workers.app import TASK_AGGREGATE

@@ -11,9 +11,9 @@ aggregation; each async shard's next data step). A slot is alive while a task fo
 the broker's queues: the shared ones, and the own shard queue of each live worker (``workers/affinity.py``; a
 task waiting in a dead worker's queue is not queued). A slot whose lease was lost (worker dead or hung) is
 relaunched at once; a slot that is neither done, queued nor leased (kombu's Redis transport lost its message
-between BRPOP and the unacked record, a round's aggregation was never sent, or the message waits in a dead worker's own
-queue) is relaunched once it has stayed so for ``relaunch_grace_s``. Relaunches go to the shared queues. Only
-the missing slots are relaunched; duplicates are harmless by design (deterministic shard work, guarded
+between BRPOP and the unacked record, a round's aggregation was never sent, or the message waits in a dead
+worker's own queue) is relaunched once it has stayed so for ``relaunch_grace_s``. Relaunches go to the shared
+queues. Only the missing slots are relaunched; duplicates are harmless by design (deterministic shard work, guarded
 commits). A slot whose worker died ``max_deliveries`` times is a poison message: the job fails, naming it.
 
 The sweep also notices that Redis lost its state (its epoch key is gone) and rebuilds the jobs that were
@@ -192,10 +192,10 @@ def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt:
     """Record a sync shard's blob as done, with its task's `result`: the round's fan-in. The shard that completes
     the round sends its aggregation, which reads the round's results from there (a Celery chord would cost a
     result write and a chord counter per shard, a chord setup per round, and a message carrying every result,
-    for the count kept here anyway). A relaunched shard
-    sends it too when the round is complete (it may be recomputing a rejected blob: the round was complete
-    before it); an aggregation sent twice commits once. A process that dies between the record and the send
-    leaves a complete round without an aggregation: the monitor relaunches it (``needed_slots``)."""
+    for the count kept here anyway). A relaunched shard sends it too when the round is complete (it may be
+    recomputing a rejected blob: the round was complete before it); an aggregation sent twice commits once. A
+    process that dies between the record and the send leaves a complete round without an aggregation: the
+    monitor relaunches it (``needed_slots``)."""
     if version < 0:
         return  # async: progress is the job's own record
     # The job is read in the same round trip (one per shard task, on the round's critical path).
