@@ -199,9 +199,8 @@ def shard_finished(ctx: Context, job_id: str, shard: int, version: int, attempt:
     if version < 0:
         return  # async: progress is the job's own record
     # The job is read in the same round trip (one per shard task, on the round's critical path).
-    book = book_of(ctx)
-    n, added, raw = book.mark_done(job_id, version, shard, result=result,
-                                   then=lambda pipe: pipe.hgetall(keys.job(job_id)))
+    n, added, raw = book_of(ctx).mark_done(job_id, version, shard, result=result,
+                                           then=lambda pipe: pipe.hgetall(keys.job(job_id)))
     try:
         job = ctx.jobs.parse(job_id, raw)
     except JobNotFound:

@@ -119,4 +119,3 @@ def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torc
         return
     ctx.defer_down(job_id, len(data))
     ctx.hold_momentum(key, opt.get("momentum", {}))
-
