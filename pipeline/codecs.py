@@ -22,7 +22,10 @@ Reducing the Communication Bandwidth for Distributed Training", ICLR) that make 
   the aggregator then applies plain SGD (the job's server momentum is 0);
 - momentum-factor masking: where v is sent, u is zeroed too, so stale momentum does not push a coordinate
   again after its update was delivered;
-- density warm-up (``warmup_density``): exponentially from 25% down to the target over the first steps.
+- density warm-up (``warmup_density``): exponentially from 25% down to the target over the first steps;
+- local gradient clipping (``CodecConfig.clip_norm`` c > 0): each worker scales its gradient to an L2 norm of at
+  most c before it enters the velocity and the residual (DGC clips at the sync threshold · N^-1/2 for N
+  workers, so that the sum of N clipped gradients is clipped as sync training would clip it).
 
 Small tensors whole (``CodecConfig.dense_below`` n > 0): a tensor of at most n elements (biases, norm gains) is
 sent entirely (k = numel, in the same format), as DGC and PowerSGD leave biases uncompressed. At 1% a
@@ -84,6 +87,7 @@ class CodecConfig:
     chunk: int = 4096
     momentum: float = 0.0  # DGC momentum correction (topk codecs only); 0: plain error feedback
     dense_below: int = 0  # topk codecs: tensors of at most this many elements are sent whole (0: none)
+    clip_norm: float = 0.0  # topk codecs: DGC local gradient clipping, the gradient's L2 norm at most this (0: none)
 
     def __post_init__(self) -> None:
         if self.name not in CODECS:
@@ -98,6 +102,10 @@ class CodecConfig:
             raise CodecError(f"codec momentum (momentum correction) needs a topk codec, not {self.name!r}")
         if isinstance(self.dense_below, bool) or not isinstance(self.dense_below, int) or self.dense_below < 0:
             raise CodecError(f"codec dense_below must be an integer ≥ 0, got {self.dense_below!r}")
+        if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm >= 0):
+            raise CodecError(f"codec clip_norm must be a finite number ≥ 0, got {self.clip_norm!r}")
+        if self.clip_norm and self.name not in _SPARSE:
+            raise CodecError(f"codec clip_norm (local gradient clipping) needs a topk codec, not {self.name!r}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +126,13 @@ def warmup_density(target: float, step: int, warmup_steps: int, start: float = 0
     if warmup_steps <= 0 or step >= warmup_steps or target >= start:
         return target
     return max(target, start * (target / start) ** (max(0, step) / warmup_steps))
+
+
+def clip_scale(grads: dict[str, Tensor], max_norm: float) -> float:
+    """The factor that brings the gradients' joint L2 norm down to ``max_norm`` (1.0 when it is already at most
+    that, or when the norm is not finite: the encoder then refuses the gradient by name)."""
+    norm = math.sqrt(sum(float(g.detach().to(torch.float32).square().sum()) for g in grads.values()))
+    return max_norm / norm if math.isfinite(norm) and norm > max_norm else 1.0
 
 
 def topk_count(numel: int, density: float) -> int:
@@ -167,12 +182,14 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
     """Encode gradients with ``cfg``. For topk codecs the input is grads + residual (with momentum correction:
     velocity' = m·velocity + grads, input = residual + velocity') and the returned residual is that sum minus
     exactly what the receiver will decode; the returned velocity is velocity' zeroed where values were sent.
+    With ``cfg.clip_norm`` the gradients are first scaled to that L2 norm over all tensors (never up).
     Other codecs ignore ``residual`` and ``velocity``."""
     name = cfg.name
     ef = name in _SPARSE
     if ef:
         _check_state("residual", residual, grads)
         _check_state("velocity", velocity if cfg.momentum else None, grads)
+    scale = clip_scale(grads, cfg.clip_norm) if cfg.clip_norm else 1.0
     new_velocity: dict[str, Tensor] = {}
     payload: dict[str, Tensor] = {}
     layout: dict[str, dict[str, Any]] = {}
@@ -182,6 +199,8 @@ def encode(grads: dict[str, Tensor], cfg: CodecConfig, residual: dict[str, Tenso
         if not torch.is_floating_point(g):
             raise CodecError(f"gradient {key!r} has dtype {g.dtype}, expected a floating-point tensor")
         x = g.detach().to(torch.float32).flatten()  # (n,)
+        if scale != 1.0:
+            x = x * scale
         u = None
         if ef and cfg.momentum:
             u = x if velocity is None else cfg.momentum * velocity[key].detach().to(x).flatten() + x  # (n,)

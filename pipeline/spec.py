@@ -75,6 +75,9 @@ class JobSpec(BaseModel):
     codec_warmup_epochs: float = Field(default=0.0, ge=0, le=1000)
     # topk: tensors of at most this many elements (biases, norm gains) are sent whole (0: every tensor top-k)
     codec_dense_below: int = Field(default=0, ge=0, le=1 << 30)
+    # topk: DGC local gradient clipping at this L2 norm, as sync training would clip the summed gradient; each of
+    # the N shards clips its own at norm · N^-1/2, before its velocity and residual (0: none)
+    codec_clip_norm: float = Field(default=0.0, ge=0, le=1e6)
     # topk: where a shard's error-feedback state lives between steps. "store": in the object store, keyed by
     # (job, shard, step), so a shard that moves to another worker (or a redelivered task) continues exactly;
     # "process": only in the worker process's memory (no extra bytes; lost when the shard moves). The default:
@@ -216,6 +219,9 @@ class JobSpec(BaseModel):
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
         if self.codec_dense_below and self.codec not in ERROR_FEEDBACK:
             raise ValueError(f"codec_dense_below: sends small tensors whole under a top-k codec "
+                             f"({', '.join(ERROR_FEEDBACK)}), not {self.codec!r}")
+        if self.codec_clip_norm and self.codec not in ERROR_FEEDBACK:
+            raise ValueError(f"codec_clip_norm: local gradient clipping comes with a top-k codec "
                              f"({', '.join(ERROR_FEEDBACK)}), not {self.codec!r}")
         if self.codec_momentum and self.codec not in ERROR_FEEDBACK:
             raise ValueError(f"codec_momentum: momentum correction needs a top-k codec ({', '.join(ERROR_FEEDBACK)}), "

@@ -6,6 +6,7 @@ The work is deterministic in (job, shard, version, step), so a redelivered task 
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -90,7 +91,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     # holds the shard's state: its next task is routed here while this process lives (workers/affinity.py).
     density = codecs.warmup_density(spec.codec_density, step, round(spec.codec_warmup_epochs * bpe))
     cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, dense_below=spec.codec_dense_below,
-                             density=density)
+                             density=density, clip_norm=spec.codec_clip_norm / math.sqrt(spec.shards))
     prev_step = step - spec.local_steps if cfg.name in codecs.ERROR_FEEDBACK else -1
     local = codec_state.held(ctx, job_id, shard, prev_step) if prev_step >= 0 else None
     state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)

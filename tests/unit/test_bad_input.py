@@ -69,6 +69,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
                                        "int8:64"]),
     "codec_momentum": st.floats(max_value=-0.01) | st.floats(min_value=1.0) | st.just(math.nan),
     "codec_warmup_epochs": st.floats(max_value=-0.01) | st.floats(min_value=1001),
+    "codec_clip_norm": st.floats(max_value=-0.01) | st.floats(min_value=1.01e6) | st.just(math.nan),
     "codec_state": st.sampled_from(["disk", "", "redis"]),
     "promote": st.sampled_from(["a b", "latest", "123", "../prod", "", "x" * 200]),
     "model_args": st.sampled_from([{"hidden": -1}, {"no_such_arg": 1}, {"channels": [1]}, []]),

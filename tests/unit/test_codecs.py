@@ -366,3 +366,35 @@ def test_dense_below_is_for_top_k_jobs_and_never_negative() -> None:
     with pytest.raises(SpecError, match="codec_dense_below: sends small tensors whole under a top-k codec"):
         parse_spec({"codec": "int8", "codec_dense_below": 1024})
     assert parse_spec({"codec": "topk+q4", "codec_dense_below": 1024}).codec_dense_below == 1024
+
+
+def test_local_clipping_scales_the_gradient_to_the_norm_before_it_is_accumulated() -> None:
+    g = {"a": torch.full((30,), 3.0), "b": torch.full((10,), -4.0)}  # joint L2 norm sqrt(270 + 160)
+    norm = math.sqrt(430.0)
+    cfg = codecs.CodecConfig("topk", density=1.0, clip_norm=2.0)
+    enc = codecs.encode(g, cfg, {k: torch.zeros_like(t) for k, t in g.items()})
+    out = codecs.decode(enc.tensors, enc.meta, "blob")
+    sent = math.sqrt(sum(float(t.square().sum()) for t in out.values()))
+    assert sent == pytest.approx(2.0, rel=1e-5)
+    assert torch.allclose(out["a"], g["a"] * (2.0 / norm)) and torch.allclose(out["b"], g["b"] * (2.0 / norm))
+    # What is held back (the residual) and the velocity are of the clipped gradient too.
+    half = codecs.encode(g, codecs.CodecConfig("topk", density=0.5, clip_norm=2.0, momentum=0.9),
+                         {k: torch.zeros_like(t) for k, t in g.items()})
+    total = {k: codecs.decode(half.tensors, half.meta, "blob")[k] + half.residual[k] for k in g}
+    assert all(torch.allclose(total[k], g[k] * (2.0 / norm)) for k in g)
+    # Below the norm nothing changes; the norm is a top-k codec's knob, never negative or NaN.
+    small = codecs.encode(g, codecs.CodecConfig("topk", density=1.0, clip_norm=100.0))
+    assert torch.equal(codecs.decode(small.tensors, small.meta, "blob")["a"], g["a"])
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(codecs.CodecError, match="clip_norm"):
+            codecs.CodecConfig("topk", clip_norm=bad)
+    with pytest.raises(codecs.CodecError, match="clip_norm .* needs a topk codec"):
+        codecs.CodecConfig("int8", clip_norm=1.0)
+
+
+def test_a_job_clips_each_shard_at_its_norm_over_the_square_root_of_the_shards() -> None:
+    from pipeline.spec import SpecError, parse_spec
+
+    with pytest.raises(SpecError, match="codec_clip_norm: local gradient clipping comes with a top-k codec"):
+        parse_spec({"codec": "none", "codec_clip_norm": 1.0})
+    assert parse_spec({"codec": "topk+q4", "codec_clip_norm": 1.0}).codec_clip_norm == 1.0
