@@ -76,7 +76,8 @@ class JobSpec(BaseModel):
     # topk: tensors of at most this many elements (biases, norm gains) are sent whole (0: every tensor top-k)
     codec_dense_below: int = Field(default=0, ge=0, le=1 << 30)
     # topk: DGC local gradient clipping at this L2 norm, as sync training would clip the summed gradient; each of
-    # the N shards clips its own at norm · N^-1/2, before its velocity and residual (0: none)
+    # the N shards clips its own at norm · N^-1/2, before its velocity and residual (0: none). Off by default: on
+    # char-lm at 4 epochs a norm of 1.0 (about the sync gradient's own) cost +12% perplexity against the same job
     codec_clip_norm: float = Field(default=0.0, ge=0, le=1e6)
     # topk: where a shard's error-feedback state lives between steps. "store": in the object store, keyed by
     # (job, shard, step), so a shard that moves to another worker (or a redelivered task) continues exactly;

@@ -24,6 +24,18 @@ def test_a_row_names_a_codec_or_variant_and_optionally_its_local_steps() -> None
         bench.parse_row("none@0", (1,))
 
 
+
+@pytest.mark.parametrize("model", ["digits-cnn", "char-lm"])
+def test_every_variant_is_a_valid_job_on_the_budget_at_one_and_at_eight_local_steps(model: str) -> None:
+    from pipeline.spec import parse_spec
+
+    bench = load_bench("compression")
+    spec = bench.budget_for(model, quick=True).spec(mode="sync")
+    for name, fields in bench.VARIANTS.items():
+        for h in (1, 8):
+            parsed = parse_spec({**spec, **fields, "local_steps": h})
+            assert parsed.codec == fields["codec"] and parsed.local_steps == h, name
+
 def test_the_blob_anatomy_shows_the_packed_codec_header_is_a_few_dozen_bytes() -> None:
     bench = load_bench("compression")
     by_row = {a["row"]: a for a in bench.blob_anatomy(["topk", "topk+q4"])}
