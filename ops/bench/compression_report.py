@@ -31,19 +31,37 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for (codec, h), rs in groups.items():
         acc = [r["accuracy"] for r in rs]
-        delta = [r.get("accuracy_delta_pts", 0.0) for r in rs]
-        ratio = [r.get("ratio_vs_fp32_step", 0.0) for r in rs]
+        delta = [r.get("accuracy_delta_pts") for r in rs]
+        ratio = [r.get("ratio_vs_fp32_step") for r in rs]
         out.append({"codec": codec, "H": h, "seeds": sorted(r.get("seed", 0) for r in rs),
                     "bytes_per_sample": sum(r["bytes_per_sample"] for r in rs) / len(rs),
-                    "ratio_min": min(ratio), "accuracy_mean": sum(acc) / len(acc),
-                    "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": min(delta),
-                    "delta_max": max(delta), "samples_vs_fp32": [r.get("samples_vs_fp32", 1.0) for r in rs]})
+                    "ratio_min": _least(ratio), "accuracy_mean": sum(acc) / len(acc),
+                    "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": _least(delta),
+                    "delta_max": _most(delta), "samples_vs_fp32": [r.get("samples_vs_fp32") for r in rs]})
         if all(r.get("perplexity") is not None for r in rs):
             ppl = [r["perplexity"] for r in rs]
-            pct = [r.get("perplexity_delta_pct", 0.0) for r in rs]
+            pct = [r.get("perplexity_delta_pct") for r in rs]
             out[-1] |= {"perplexity_mean": sum(ppl) / len(ppl), "perplexity_by_seed": ppl,
-                        "ppl_delta_pct_min": min(pct), "ppl_delta_pct_max": max(pct)}
+                        "ppl_delta_pct_min": _least(pct), "ppl_delta_pct_max": _most(pct)}
     return out
+
+
+def _least(values: list[float | None]) -> float | None:
+    """The smallest of a row's values over its seeds; None when a seed had no fp32 run to compare with."""
+    return None if None in values else min(v for v in values if v is not None)
+
+
+def _most(values: list[float | None]) -> float | None:
+    return None if None in values else max(v for v in values if v is not None)
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A comparison with fp32 sync, or "–" for a run that had no fp32 row to compare with."""
+    return "–" if value is None else format(value, spec)
+
+
+def _range(worst: float | None, best: float | None) -> str:
+    return "–" if worst is None or best is None else f"{worst:+.2f} … {best:+.2f}"
 
 
 def codec_table(result: dict[str, Any]) -> list[str]:
@@ -64,8 +82,8 @@ def codec_table(result: dict[str, Any]) -> list[str]:
                  else "")
         value, delta_key, digits = show(r)
         out.append(f"| {r['codec']} | {r['H']} | {r.get('seed', 0)} | {r['samples']:,} | {r['bytes_per_sample']:.1f} "
-                   f"| {r.get('ratio_vs_fp32_step', 0):.1f} | {value:.{digits}f} "
-                   f"| {r.get(delta_key, 0):+.2f} | {r.get('state_bytes_per_sample', 0):.1f} "
+                   f"| {_num(r.get('ratio_vs_fp32_step'), '.1f')} | {value:.{digits}f} "
+                   f"| {_num(r.get(delta_key), '+.2f')} | {r.get('state_bytes_per_sample', 0):.1f} "
                    f"| {moved} | {r['wall_s']:.1f} |")
     return out
 
@@ -77,8 +95,8 @@ def summary_table(result: dict[str, Any]) -> list[str]:
            "(pts) | Δ pts vs fp32 (worst … best) |", "|---|---:|---|---:|---:|---:|---:|---|"]
     for s in summary(result["codecs"]):
         out.append(f"| {s['codec']} | {s['H']} | {','.join(map(str, s['seeds']))} | {s['bytes_per_sample']:.1f} "
-                   f"| {s['ratio_min']:.1f} | {s['accuracy_mean']:.4f} | {s['accuracy_spread_pts']:.2f} "
-                   f"| {s['delta_min']:+.2f} … {s['delta_max']:+.2f} |")
+                   f"| {_num(s['ratio_min'], '.1f')} | {s['accuracy_mean']:.4f} | {s['accuracy_spread_pts']:.2f} "
+                   f"| {_range(s['delta_min'], s['delta_max'])} |")
     return out
 
 
@@ -89,8 +107,8 @@ def lm_summary_table(result: dict[str, Any]) -> list[str]:
     for s in summary(result["codecs"]):
         by_seed = " / ".join(f"{p:.3f}" for p in s["perplexity_by_seed"])
         out.append(f"| {s['codec']} | {s['H']} | {','.join(map(str, s['seeds']))} | {s['bytes_per_sample']:.1f} "
-                   f"| {s['ratio_min']:.1f} | {s['perplexity_mean']:.3f} | {by_seed} "
-                   f"| {s['ppl_delta_pct_max']:+.2f} … {s['ppl_delta_pct_min']:+.2f} |")
+                   f"| {_num(s['ratio_min'], '.1f')} | {s['perplexity_mean']:.3f} | {by_seed} "
+                   f"| {_range(s['ppl_delta_pct_max'], s['ppl_delta_pct_min'])} |")
     return out
 
 

@@ -36,6 +36,7 @@ def test_every_variant_is_a_valid_job_on_the_budget_at_one_and_at_eight_local_st
             parsed = parse_spec({**spec, **fields, "local_steps": h})
             assert parsed.codec == fields["codec"] and parsed.local_steps == h, name
 
+
 def test_the_blob_anatomy_shows_the_packed_codec_header_is_a_few_dozen_bytes() -> None:
     bench = load_bench("compression")
     by_row = {a["row"]: a for a in bench.blob_anatomy(["topk", "topk+q4"])}
@@ -61,6 +62,18 @@ def test_the_summary_gives_each_row_its_spread_between_seeds_and_worst_change() 
     assert "| topk+q4 | 1 | 0,1 | 39.0 | 123.5 | 0.9805 | 1.12 | -0.28 … +0.28 |" in text
     assert "error: boom" in text
 
+
+
+def test_rows_run_without_an_fp32_row_show_no_comparison_rather_than_a_zero_one() -> None:
+    report = load_bench("compression_report")
+    rows = [{"row": "topk+q4 H=1", "codec": "topk+q4", "H": 1, "seed": s, "samples": 100, "accuracy": 0.5,
+             "perplexity": p, "bytes_per_sample": 600.0, "wall_s": 1.0} for s, p in ((0, 6.065), (1, 5.927))]
+    (s,) = report.summary(rows)
+    assert s["ratio_min"] is None and s["ppl_delta_pct_max"] is None and s["delta_min"] is None
+    text = report.markdown({"codecs": rows})
+    assert "| topk+q4 | 1 | 0 | 100 | 600.0 | – | 6.065 | – |" in text
+    assert "| topk+q4 | 1 | 0,1 | 600.0 | – | 5.996 | 6.065 / 5.927 | – |" in text
+    assert "+0.00" not in text
 
 def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
     report = load_bench("compression_report")
