@@ -131,7 +131,7 @@ def warmup_density(target: float, step: int, warmup_steps: int, start: float = 0
 def clip_scale(grads: dict[str, Tensor], max_norm: float) -> float:
     """The factor that brings the gradients' joint L2 norm down to ``max_norm`` (1.0 when it is already at most
     that, or when the norm is not finite: the encoder then refuses the gradient by name)."""
-    norm = math.sqrt(sum(float(g.detach().to(torch.float32).square().sum()) for g in grads.values()))
+    norm = math.hypot(*(float(torch.linalg.vector_norm(g.detach(), dtype=torch.float32)) for g in grads.values()))
     return max_norm / norm if math.isfinite(norm) and norm > max_norm else 1.0
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +36,20 @@ def summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = [r.get("ratio_vs_fp32_step") for r in rs]
         out.append({"codec": codec, "H": h, "seeds": sorted(r.get("seed", 0) for r in rs),
                     "bytes_per_sample": sum(r["bytes_per_sample"] for r in rs) / len(rs),
-                    "ratio_min": _least(ratio), "accuracy_mean": sum(acc) / len(acc),
-                    "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": _least(delta),
-                    "delta_max": _most(delta), "samples_vs_fp32": [r.get("samples_vs_fp32") for r in rs]})
+                    "ratio_min": _over_seeds(ratio, min), "accuracy_mean": sum(acc) / len(acc),
+                    "accuracy_spread_pts": 100 * (max(acc) - min(acc)), "delta_min": _over_seeds(delta, min),
+                    "delta_max": _over_seeds(delta, max), "samples_vs_fp32": [r.get("samples_vs_fp32") for r in rs]})
         if all(r.get("perplexity") is not None for r in rs):
             ppl = [r["perplexity"] for r in rs]
             pct = [r.get("perplexity_delta_pct") for r in rs]
             out[-1] |= {"perplexity_mean": sum(ppl) / len(ppl), "perplexity_by_seed": ppl,
-                        "ppl_delta_pct_min": _least(pct), "ppl_delta_pct_max": _most(pct)}
+                        "ppl_delta_pct_min": _over_seeds(pct, min), "ppl_delta_pct_max": _over_seeds(pct, max)}
     return out
 
 
-def _least(values: list[float | None]) -> float | None:
-    """The smallest of a row's values over its seeds; None when a seed had no fp32 run to compare with."""
-    return None if None in values else min(v for v in values if v is not None)
-
-
-def _most(values: list[float | None]) -> float | None:
-    return None if None in values else max(v for v in values if v is not None)
+def _over_seeds(values: list[Any], pick: Callable[[list[float]], float]) -> float | None:
+    """``pick`` (min or max) of a row's comparisons over its seeds; None when a seed had no fp32 run to compare with."""
+    return None if None in values else pick(values)
 
 
 def _num(value: float | None, spec: str) -> str:

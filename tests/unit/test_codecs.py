@@ -392,7 +392,7 @@ def test_local_clipping_scales_the_gradient_to_the_norm_before_it_is_accumulated
         codecs.CodecConfig("int8", clip_norm=1.0)
 
 
-def test_a_job_clips_each_shard_at_its_norm_over_the_square_root_of_the_shards() -> None:
+def test_clip_norm_is_a_setting_of_top_k_jobs_only() -> None:
     from pipeline.spec import SpecError, parse_spec
 
     with pytest.raises(SpecError, match="codec_clip_norm: local gradient clipping comes with a top-k codec"):

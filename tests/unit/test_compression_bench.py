@@ -24,7 +24,6 @@ def test_a_row_names_a_codec_or_variant_and_optionally_its_local_steps() -> None
         bench.parse_row("none@0", (1,))
 
 
-
 @pytest.mark.parametrize("model", ["digits-cnn", "char-lm"])
 def test_every_variant_is_a_valid_job_on_the_budget_at_one_and_at_eight_local_steps(model: str) -> None:
     from pipeline.spec import parse_spec
@@ -63,7 +62,6 @@ def test_the_summary_gives_each_row_its_spread_between_seeds_and_worst_change() 
     assert "error: boom" in text
 
 
-
 def test_rows_run_without_an_fp32_row_show_no_comparison_rather_than_a_zero_one() -> None:
     report = load_bench("compression_report")
     rows = [{"row": "topk+q4 H=1", "codec": "topk+q4", "H": 1, "seed": s, "samples": 100, "accuracy": 0.5,
@@ -74,6 +72,7 @@ def test_rows_run_without_an_fp32_row_show_no_comparison_rather_than_a_zero_one(
     assert "| topk+q4 | 1 | 0 | 100 | 600.0 | – | 6.065 | – |" in text
     assert "| topk+q4 | 1 | 0,1 | 600.0 | – | 5.996 | 6.065 / 5.927 | – |" in text
     assert "+0.00" not in text
+
 
 def test_the_plot_is_a_png_of_every_row(tmp_path: Path) -> None:
     report = load_bench("compression_report")

@@ -165,7 +165,6 @@ def test_a_shard_that_moves_to_a_fresh_worker_continues_from_its_stored_error_fe
     assert int(unit_ctx.jobs.get(job_id).fields["bytes_state"]) > 0  # written twice and read once, counted
 
 
-
 def test_local_clipping_holds_each_shards_update_to_the_norm_over_root_shards(unit_ctx) -> None:
     """DGC local gradient clipping: with N shards each clips its gradient at codec_clip_norm / sqrt(N), so the sum
     of the N is held as sync training's clip would hold it."""
@@ -178,6 +177,7 @@ def test_local_clipping_holds_each_shards_update_to_the_norm_over_root_shards(un
         update = codecs.decode(blob.tensors, blob.meta["codec"], out["key"])
         norm = sum(float(t.square().sum()) for t in update.values()) ** 0.5
         assert norm == pytest.approx(0.2 / 2, rel=1e-4), s  # digits' gradient at v0 is far above 0.1
+
 
 def test_a_redelivered_topk_task_reads_the_state_of_its_own_step_and_writes_the_same_bytes(unit_ctx) -> None:
     job_id = stage(unit_ctx, shards=1, codec="topk", codec_density=0.01, codec_momentum=0.9, codec_state="store")
