@@ -21,6 +21,9 @@ class ShardResult:
     update: dict[str, torch.Tensor]  # gradient (H=1) or pseudo-gradient w_start − w_end (H>1), fp32
     samples: int  # samples that contributed (the aggregator's weight)
     loss: float  # mean training loss over those samples (before the update, for H=1)
+    # H>1 with a stateful inner optimizer (AdamW) asked to keep it: its state after the H steps, by
+    # "<param>.<exp_avg|exp_avg_sq|step>" (inner_state_tensors), for the shard's next round
+    inner_state: dict[str, torch.Tensor] | None = None
 
 
 def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -116,19 +119,28 @@ def local_steps(
     alpha: float = 0.7,
     micro_batch_size: int | None = None,
     precision: str = "fp32",
+    state: dict[str, torch.Tensor] | None = None,
+    keep_state: bool = False,
 ) -> ShardResult:
     """H inner optimizer steps (DiLoCo); returns Δ = w_start − w_end and the mean loss of the steps.
 
     The model's weights are restored to w_start on return (an error included): workers keep the module
     of a version between tasks, and the next task on that version must start from it.
+
+    ``state``: the inner optimizer's state to start from (AdamW's moments and step count, as a previous call
+    returned it with ``keep_state``); None starts fresh. DiLoCo (Douillard et al. 2023) keeps each worker's inner
+    AdamW state from round to round rather than resetting it: a reset restarts Adam's bias correction, whose
+    first steps move every weight by ~lr whatever its gradient's size, every H steps.
     """
     params = trainable(model)
     start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
     opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+        if state is not None:
+            _load_adam_state(opt, params, state)
     else:
-        opt = torch.optim.SGD(params.values(), lr=lr)
+        opt = torch.optim.SGD(params.values(), lr=lr)  # stateless: nothing to keep
     samples, loss_sum = 0, 0.0
     try:
         for x, y in batches:
@@ -139,12 +151,50 @@ def local_steps(
             samples += int(x.shape[0])
             loss_sum += loss * int(x.shape[0])
         delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
+        kept = _adam_state(opt, params) if keep_state and optimizer == "adamw" else None
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(start[n])
                 p.grad = None
-    return ShardResult(delta, samples, loss_sum / samples if samples else 0.0)
+    return ShardResult(delta, samples, loss_sum / samples if samples else 0.0, kept)
+
+
+_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def _adam_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter state as "<param>.<key>" tensors (a parameter never stepped has none)."""
+    out: dict[str, torch.Tensor] = {}
+    for n, p in params.items():
+        st = opt.state.get(p)
+        if st:
+            out |= {f"{n}.{k}": st[k].detach().clone() for k in _ADAM_KEYS}
+    return out
+
+
+def _load_adam_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
+                     state: dict[str, torch.Tensor]) -> None:
+    """Start AdamW from ``state`` (see _adam_state), checked against the model: a name or shape that does not
+    fit raises ValueError naming it (a state from another model or a torn one is never half applied)."""
+    names = {f"{n}.{k}" for n in params for k in _ADAM_KEYS}
+    extra = sorted(set(state) - names)
+    if extra:
+        raise ValueError(f"inner optimizer state holds tensors the model does not have: {extra[:3]}")
+    loaded = {}
+    for n, p in params.items():
+        got = [state.get(f"{n}.{k}") for k in _ADAM_KEYS]
+        if all(t is None for t in got):
+            continue
+        avg, sq, step = got
+        if avg is None or sq is None or step is None:
+            raise ValueError(f"inner optimizer state of {n!r} is incomplete (needs {', '.join(_ADAM_KEYS)})")
+        if tuple(avg.shape) != tuple(p.shape) or tuple(sq.shape) != tuple(p.shape) or step.numel() != 1:
+            raise ValueError(f"inner optimizer state of {n!r} has shapes {tuple(avg.shape)}/{tuple(sq.shape)}/"
+                             f"{tuple(step.shape)}, the parameter's is {tuple(p.shape)}")
+        loaded[p] = {"step": step.detach().to(torch.float32).cpu().reshape(()).clone(),
+                     "exp_avg": avg.detach().to(p).clone(), "exp_avg_sq": sq.detach().to(p).clone()}
+    opt.state.update(loaded)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
-"""Shard-to-worker affinity: a shard's next task goes to the worker process that holds its codec state.
+"""Shard-to-worker affinity: a shard's next task goes to the worker process that holds its state.
 
-Top-k error feedback keeps each shard's residual (and DGC velocity) in the worker process that ran the shard last
+Top-k error feedback keeps each shard's residual (and DGC velocity), and local steps with a kept inner optimizer
+(``inner_state="keep"``) its AdamW state, in the worker process that ran the shard last
 (``workers/codec_state.py``). On the one shared ``shards`` queue a shard's next task lands on whichever worker is
 free first, which continues from a stale state. So every shard worker also consumes a queue of its own
 (``shards.<node name>``, ``workers/app.py``), and:
@@ -12,7 +13,7 @@ free first, which continues from a stale state. So every shard worker also consu
   takes at most ceil(shards / live shard workers) of a job's shards this way: the others go to the shared queue,
   so a worker that holds every shard (it was alone for a while) hands some back and the load evens out;
 - relaunches (the liveness monitor, an incomplete round's recompute) name no queue: shared;
-- codecs without state record nothing and route nothing: their tasks never touch a worker's own queue.
+- jobs without such state (``JobSpec.shard_state``) record nothing and route nothing: their tasks never touch a worker's own queue.
 
 The liveness monitor reads the own queues of live workers too (``workers/liveness.py``): a task waiting there is
 queued; a task in a dead worker's queue is not, and its slot is relaunched to the shared queue.
@@ -33,7 +34,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline import codecs
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.leases import LeaseBook
@@ -54,8 +54,9 @@ class Holder:
 
 
 def keeps_state(ctx: Context, spec: JobSpec) -> bool:
-    """Whether the job's shards are routed to their workers: affinity on, and a codec with error feedback."""
-    return ctx.settings.shard_affinity and spec.codec in codecs.ERROR_FEEDBACK
+    """Whether the job's shards are routed to their workers: affinity on, and state a shard carries (a codec with
+    error feedback, a kept inner optimizer state)."""
+    return ctx.settings.shard_affinity and spec.shard_state
 
 
 def identity() -> tuple[str, str] | None:

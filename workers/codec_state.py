@@ -1,4 +1,5 @@
-"""A shard's top-k error-feedback state (residual, and the velocity under momentum correction) between steps.
+"""A shard's state between steps: top-k error feedback (residual, and the velocity under momentum correction)
+and, for local steps with a stateful inner optimizer (AdamW, ``inner_state="keep"``), that optimizer's state.
 
 The state after the task at data step s is what the shard's next task (at step s + H) starts from. It is kept
 in the worker process (``Context.residuals``) and, with ``codec_state="store"``, written beside the gradient
@@ -47,6 +48,7 @@ class CodecState:
     step: int
     residual: dict[str, Tensor] | None
     velocity: dict[str, Tensor] | None
+    inner: dict[str, Tensor] | None = None  # the inner optimizer's ("<param>.exp_avg", ...: pipeline/training.py)
 
 
 def held(ctx: Context, job_id: str, shard: int, prev_step: int) -> bool:
@@ -79,25 +81,31 @@ def load(ctx: Context, job_id: str, shard: int, prev_step: int, mode: str) -> Co
                                    f"step {m.get('step')!r})")
     residual = {k[2:]: t for k, t in blob.tensors.items() if k.startswith("r.")}
     velocity = {k[2:]: t for k, t in blob.tensors.items() if k.startswith("u.")}
-    if len(residual) + len(velocity) != len(blob.tensors):
-        raise blobs.BlobError(key, "codec state holds tensors that are neither residual (r.) nor velocity (u.)")
-    return CodecState(prev_step, residual or None, velocity or None)
+    inner = {k[2:]: t for k, t in blob.tensors.items() if k.startswith("o.")}
+    if len(residual) + len(velocity) + len(inner) != len(blob.tensors):
+        raise blobs.BlobError(key, "codec state holds tensors that are neither residual (r.), velocity (u.) nor "
+                                   "inner optimizer state (o.)")
+    return CodecState(prev_step, residual or None, velocity or None, inner or None)
 
 
-def save(ctx: Context, job_id: str, shard: int, step: int, enc: Encoded, mode: str) -> None:
-    """Keep the state ``enc`` leaves after the task at ``step``; write it to the store in "store" mode.
-    Deterministic bytes: a redelivered task overwrites the object with what it already held."""
-    if enc.residual is None:
-        return
-    state = CodecState(step, enc.residual, enc.velocity)
+def save(ctx: Context, job_id: str, shard: int, step: int, enc: Encoded, mode: str,
+         inner: dict[str, Tensor] | None = None) -> bool:
+    """Keep the state ``enc`` (and the inner optimizer's ``inner``) leaves after the task at ``step``; write it to
+    the store in "store" mode; whether there was any. Deterministic bytes: a redelivered task overwrites the
+    object with what it already held."""
+    if enc.residual is None and not inner:
+        return False
+    state = CodecState(step, enc.residual, enc.velocity, inner or None)
     hit = ctx.residuals.get((job_id, shard))
     if not isinstance(hit, CodecState) or hit.step <= step:  # a redelivered older task leaves the newer one
         ctx.residuals[(job_id, shard)] = state
     if mode != "store":
-        return
-    tensors = {f"r.{k}": t.detach().cpu().contiguous() for k, t in enc.residual.items()}
+        return True
+    tensors = {f"r.{k}": t.detach().cpu().contiguous() for k, t in (enc.residual or {}).items()}
     tensors |= {f"u.{k}": t.detach().cpu().contiguous() for k, t in (enc.velocity or {}).items()}
+    tensors |= {f"o.{k}": t.detach().cpu().contiguous() for k, t in (inner or {}).items()}
     meta = {"kind": KIND, "job": job_id, "shard": shard, "step": step}
     data = blobs.encode(tensors, meta, compress=True, signing_key=ctx.signing_key)
     ctx.store.put(keys.codec_state(job_id, shard, step), data)
     ctx.jobs.add_bytes(job_id, state=len(data))
+    return True

@@ -12,7 +12,6 @@ import threading
 import time
 
 from pipeline import async_plan
-from pipeline.codecs import ERROR_FEEDBACK
 from pipeline.spec import JobSpec
 from pipeline.stop_rule import Progress, is_finished
 from storage import keys
@@ -98,7 +97,7 @@ def async_steps(ctx: Context, job: JobState, spec: JobSpec) -> list[tuple[int, i
     workers = len(affinity.live_queues(LeaseBook(ctx.redis, ctx.settings.lease_ttl_s).workers()))
     return async_plan.frontier(ctx.jobs.progress(job.job_id), ctx.jobs.ahead(job.job_id), shards=spec.shards,
                                local_steps=spec.local_steps, steps_per_shard=budget // spec.shards * spec.local_steps,
-                               lookahead=spec.codec not in ERROR_FEEDBACK, workers=workers)
+                               lookahead=not spec.shard_state, workers=workers)
 
 
 def next_attempt(ctx: Context, job_id: str, shard: int) -> int:

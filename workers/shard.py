@@ -64,6 +64,11 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     for k in range(step, step + spec.local_steps):
         rows = batch_rows(size, spec.batch_size, k, bpe, spec.seed, shard)
         batches.append((x[rows].to(device), y[rows].to(device)))
+    # The state the shard's previous task (step − H) left, from this process or the store (workers/codec_state.py):
+    # top-k error feedback, and a kept inner optimizer's (DiLoCo keeps each worker's AdamW state across rounds).
+    prev_step = step - spec.local_steps if spec.shard_state else -1
+    local = codec_state.held(ctx, job_id, shard, prev_step) if prev_step >= 0 else None
+    state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)
     t1 = time.perf_counter()
     if spec.local_steps == 1:
         result = gradient(model, *batches[0], teacher, spec.temperature, spec.alpha,
@@ -72,7 +77,9 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         lr = spec.inner_lr
         result = local_steps(model, batches, optimizer=spec.inner_optimizer, lr=lr, teacher=teacher,
                              temperature=spec.temperature, alpha=spec.alpha,
-                             micro_batch_size=spec.micro_batch_size, precision=spec.precision)
+                             micro_batch_size=spec.micro_batch_size, precision=spec.precision,
+                             state=state.inner if spec.keeps_inner_state else None,
+                             keep_state=spec.keeps_inner_state)
     if ctx.settings.slow_factor > 1:
         time.sleep((time.perf_counter() - t1) * (ctx.settings.slow_factor - 1))
     t_compute = time.perf_counter() - t1
@@ -86,18 +93,13 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         return {"shard": shard, "version": version, "step": step, "attempt": attempt, "rejected": reason,
                 "samples": 0, "loss": float("nan"), "compute_s": round(t_compute, 4), "io_s": round(t_io, 4)}
 
-    # Top-k error feedback: the state the shard's previous task (step − H) left, from this process or the store
-    # (workers/codec_state.py); the density warms up over the first codec_warmup_epochs (DGC). This worker then
-    # holds the shard's state: its next task is routed here while this process lives (workers/affinity.py).
+    # Top-k's density warms up over the first codec_warmup_epochs (DGC). This worker then holds the shard's state:
+    # its next task is routed here while this process lives (workers/affinity.py).
     density = codecs.warmup_density(spec.codec_density, step, round(spec.codec_warmup_epochs * bpe))
     cfg = codecs.CodecConfig(name=spec.codec, momentum=spec.codec_momentum, dense_below=spec.codec_dense_below,
                              density=density, clip_norm=spec.codec_clip_norm / math.sqrt(spec.shards))
-    prev_step = step - spec.local_steps if cfg.name in codecs.ERROR_FEEDBACK else -1
-    local = codec_state.held(ctx, job_id, shard, prev_step) if prev_step >= 0 else None
-    state = codec_state.load(ctx, job_id, shard, prev_step, spec.codec_state)
     enc = codecs.encode(result.update, cfg, state.residual, state.velocity)
-    codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state)
-    if enc.residual is not None:
+    if codec_state.save(ctx, job_id, shard, step, enc, spec.codec_state, inner=result.inner_state):
         affinity.record(ctx, job_id, shard, step, local=local)
     t2 = time.perf_counter()
     ranges = partition([(n, t.numel()) for n, t in result.update.items()], spec.aggregation_parts)

@@ -6,7 +6,8 @@
 ``ddp`` is the benchmark's reference (``reference_adamw``: AdamW on the union of every worker's step-k batch),
 printing the test perplexity every `--every` steps. ``diloco`` runs what the pipeline's DiLoCo rounds compute,
 with the pipeline's own functions: each worker's H AdamW steps from the round's weights
-(``pipeline.training.local_steps``, a fresh inner optimizer every round, as a shard task has), the
+(``pipeline.training.local_steps``, each worker's inner AdamW state kept from its round to its next, as a shard
+keeps it with ``inner_state="keep"``, the default; ``--reset-inner`` starts it fresh every round), the
 sample-weighted mean Δ, and the aggregator's outer step (``pipeline.aggregate.sgd_step``, Nesterov), printing
 the perplexity after every outer step. Same model, initialisation, mini-batches and test split as
 ``ops/fleet/run bench`` with the same --steps and --batch; the fleet adds only the network, the store and
@@ -25,7 +26,8 @@ import torch
 from ops.fleet.workload import Workload, initial_model, load, perplexity, worker_batches
 
 
-def diloco(w: Workload, local_steps: int, on_round: Callable[[str], None] | None = None) -> list[float]:
+def diloco(w: Workload, local_steps: int, on_round: Callable[[str], None] | None = None,
+           keep_inner: bool = True) -> list[float]:
     """Perplexity after each outer step of `w.steps // local_steps` DiLoCo rounds."""
     from pipeline.aggregate import Update, sgd_step, weighted_mean
     from pipeline.training import local_steps as inner_steps
@@ -35,11 +37,14 @@ def diloco(w: Workload, local_steps: int, on_round: Callable[[str], None] | None
     model = initial_model(w)
     per_worker = [worker_batches(ds, w, r) for r in range(w.workers)]
     bufs: dict[str, torch.Tensor] = {}
+    inner: list[dict[str, torch.Tensor] | None] = [None] * w.workers
     out = []
     for k in range(w.steps // local_steps):
         updates = []
         for r, batches in enumerate(per_worker):
-            res = inner_steps(model, batches[k * local_steps:(k + 1) * local_steps], optimizer="adamw", lr=w.adamw_lr)
+            res = inner_steps(model, batches[k * local_steps:(k + 1) * local_steps], optimizer="adamw", lr=w.adamw_lr,
+                              state=inner[r], keep_state=keep_inner)
+            inner[r] = res.inner_state
             updates.append(Update(f"sweep/{r}/{k}", r, res.update, res.samples, res.loss))
         mean, _, _ = weighted_mean(updates)
         params = {n: p.detach().clone() for n, p in trainable(model).items()}
@@ -86,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer-lr", type=float, default=Workload.outer_lr)
     ap.add_argument("--outer-momentum", type=float, default=Workload.outer_momentum)
     ap.add_argument("--every", type=int, default=64, help="evaluate every this many steps (ddp)")
+    ap.add_argument("--reset-inner", action="store_true", help="a fresh inner AdamW every round (diloco)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     w = replace(Workload(), steps=args.steps, batch=args.batch, outer_lr=args.outer_lr,
@@ -94,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "ddp":
         ddp(w, args.every, on_eval=lambda s: print(s, flush=True))
     else:
-        diloco(w, args.local_steps, on_round=lambda s: print(s, flush=True))
+        diloco(w, args.local_steps, on_round=lambda s: print(s, flush=True), keep_inner=not args.reset_inner)
     print(f"{time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

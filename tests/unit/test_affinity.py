@@ -71,6 +71,16 @@ def test_a_top_k_round_sends_each_shard_to_the_live_worker_holding_its_state(uni
     assert sent["queues"] == {0: QA, 1: QB}
 
 
+def test_local_steps_keeping_their_inner_adamw_state_route_like_top_k_and_a_reset_does_not(unit_ctx) -> None:
+    local = {"codec": "none", "local_steps": 2, "inner_optimizer": "adamw"}
+    for spec in (local, {**local, "inner_state": "reset"}, {**local, "inner_optimizer": "sgd"}):
+        job_id = stage(unit_ctx, **spec)
+        hold(unit_ctx, job_id, 0, A)
+        beat(unit_ctx, A)
+        lifecycle.advance(unit_ctx, job_id)
+    assert [m.get("queues") for m in unit_ctx.dispatch.of("round")] == [{0: QA}, None, None]
+
+
 def test_a_shard_whose_holder_is_dead_or_unknown_goes_to_the_shared_queue(unit_ctx) -> None:
     job_id = stage(unit_ctx)
     hold(unit_ctx, job_id, 0, A)

@@ -53,6 +53,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "codec_density": st.floats(max_value=0) | st.floats(min_value=1.0, exclude_min=True),
     "optimizer": _not("sgd"),
     "inner_optimizer": _not("sgd", "adamw"),
+    "inner_state": _not("keep", "reset"),
     "staleness_rule": _not("inverse", "constant"),
     "target_accuracy": st.floats(max_value=0) | st.floats(min_value=1.0, exclude_min=True),
     "publish_every": st.integers(max_value=0),

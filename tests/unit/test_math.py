@@ -98,3 +98,54 @@ def test_staleness_takes_asynchronys_implicit_momentum_off_the_explicit_one() ->
     assert staleness_momentum(0.5, [9]) == 0.0  # never negative
     assert staleness_momentum(0.9, [1], fraction=0.5) == pytest.approx(0.9 - 0.25)
     assert staleness_momentum(0.9, [1], fraction=0.0) == 0.9
+
+
+def _tiny_model_and_batches(steps: int) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    batches = [(torch.randn(5, 6), torch.randint(0, 3, (5,))) for _ in range(steps)]
+    return model, batches
+
+
+def _apply(model: torch.nn.Module, delta: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.sub_(delta[n])
+
+
+def test_a_kept_adamw_state_makes_two_rounds_of_h_steps_one_run_of_2h_and_a_reset_does_not() -> None:
+    from pipeline.training import local_steps
+
+    model, batches = _tiny_model_and_batches(6)
+    whole = local_steps(model, batches, optimizer="adamw", lr=1e-2)
+    first = local_steps(model, batches[:3], optimizer="adamw", lr=1e-2, keep_state=True)
+    assert first.inner_state is not None and {k.rsplit(".", 1)[1] for k in first.inner_state} == {
+        "exp_avg", "exp_avg_sq", "step"}
+    assert float(first.inner_state["0.weight.step"]) == 3.0
+    _apply(model, first.update)  # one shard, outer lr 1: the next round starts where this one ended
+    kept = local_steps(model, batches[3:], optimizer="adamw", lr=1e-2, state=first.inner_state, keep_state=True)
+    reset = local_steps(model, batches[3:], optimizer="adamw", lr=1e-2)
+    assert float(kept.inner_state["0.weight.step"]) == 6.0
+    for n in whole.update:
+        two = first.update[n] + kept.update[n]
+        assert torch.allclose(two, whole.update[n], atol=1e-6), n
+        assert not torch.allclose(first.update[n] + reset.update[n], whole.update[n], atol=1e-4), n
+    assert local_steps(model, batches[:3], optimizer="sgd", lr=0.1, keep_state=True).inner_state is None
+
+
+def test_an_inner_state_that_does_not_fit_the_model_is_refused_naming_the_tensor() -> None:
+    from pipeline.training import local_steps
+
+    model, batches = _tiny_model_and_batches(2)
+    state = local_steps(model, batches, optimizer="adamw", lr=1e-2, keep_state=True).inner_state
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    bad_shape = {**state, "2.weight.exp_avg": torch.zeros(3, 9)}
+    with pytest.raises(ValueError, match=r"'2\.weight'.*shapes"):
+        local_steps(model, batches, optimizer="adamw", lr=1e-2, state=bad_shape)
+    with pytest.raises(ValueError, match=r"'0\.bias' is incomplete"):
+        local_steps(model, batches, optimizer="adamw", lr=1e-2,
+                    state={k: v for k, v in state.items() if k != "0.bias.exp_avg_sq"})
+    with pytest.raises(ValueError, match="does not have.*'head"):
+        local_steps(model, batches, optimizer="adamw", lr=1e-2, state={**state, "head.weight.step": torch.ones(())})
+    for n, p in model.named_parameters():  # nothing was stepped
+        assert torch.equal(p, before[n]), n

@@ -214,3 +214,38 @@ def test_in_process_mode_a_newer_held_residual_is_never_sent_again(unit_ctx) -> 
     redelivered = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)  # step 1 again: step 2's residual is not its input
     unit_ctx.residuals.clear()
     assert redelivered["sha256"] == shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)["sha256"]
+
+
+def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_keeps_none(unit_ctx) -> None:
+    spec = {"shards": 1, "local_steps": 2, "inner_optimizer": "adamw", "inner_lr": 1e-3, "codec_state": "process"}
+    job_id = stage(unit_ctx, **spec)
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    held = unit_ctx.residuals[(job_id, 0)]
+    assert held.step == 0 and held.residual is None
+    assert {float(v) for k, v in held.inner.items() if k.endswith(".step")} == {2.0}  # AdamW's count: H steps
+    kept = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)  # the shard's next round (step 0 + H)
+    assert unit_ctx.residuals[(job_id, 0)].step == 2
+    unit_ctx.residuals.clear()  # a worker that never ran the shard starts its AdamW afresh
+    fresh = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
+    assert kept["sha256"] != fresh["sha256"]
+    assert not list(unit_ctx.store.list(f"jobs/{job_id}/codec-state/"))
+
+    reset_id = stage(unit_ctx, **spec, inner_state="reset")
+    shard.train_shard(unit_ctx, reset_id, 0, 0, 0, 0)
+    assert (reset_id, 0) not in unit_ctx.residuals
+    reset = shard.train_shard(unit_ctx, reset_id, 0, 0, 2, 0)
+    tensors = [blobs.decode(unit_ctx.store.get(r["key"])).tensors for r in (reset, fresh)]
+    assert tensors[0].keys() == tensors[1].keys()
+    assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])  # reset = a fresh start, each round
+
+
+def test_a_shard_that_moves_continues_from_its_stored_inner_state_and_its_error_feedback(unit_ctx) -> None:
+    job_id = stage(unit_ctx, shards=1, local_steps=2, inner_optimizer="adamw", inner_lr=1e-3, codec="topk+q2",
+                   codec_density=0.05, codec_state="store")
+    shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
+    stored = blobs.decode(unit_ctx.store.get(keys.codec_state(job_id, 0, 0))).tensors
+    assert any(k.startswith("o.") for k in stored) and any(k.startswith("r.") for k in stored)
+    warm = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
+    unit_ctx.residuals.clear()  # another worker process: both states come from the store
+    moved = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
+    assert moved["sha256"] == warm["sha256"]
