@@ -53,11 +53,12 @@ class JobSpec(BaseModel):
     inner_lr: float = Field(default=0.05, gt=0, le=100)
     outer_lr: float = Field(default=0.7, gt=0, le=100)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
-    # A stateful inner optimizer (AdamW) at H>1: "keep" its state from each shard's round to the shard's next, as
-    # DiLoCo does (Douillard et al. 2023; held like top-k's error feedback, see codec_state), or "reset" it every
-    # round. Measured on char-lm at 4 epochs (H=8, AdamW 1e-3, plain averaging; docs/benchmarks.md): perplexity
-    # 4.31 kept against 5.16 reset (fp32 sync 6.28). Inner SGD has no state: nothing changes.
-    inner_state: Literal["keep", "reset"] = "keep"
+    # A stateful inner optimizer (AdamW) at H>1: "reset" it every round (the default), or "keep" its state from each
+    # shard's round to the shard's next, as DiLoCo's workers do (Douillard et al. 2023; held and routed like top-k's
+    # error feedback, see codec_state). Measured (docs/benchmarks.md): on char-lm at 4 epochs (H=8, 73 outer steps,
+    # AdamW 1e-3, plain averaging) kept 4.31 against 5.16 reset (fp32 sync 6.28); on the fleet workload (H=32, 8
+    # outer steps) kept was worse, 11.81 against 10.29. Inner SGD has no state: nothing changes for it.
+    inner_state: Literal["keep", "reset"] = "reset"
     max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
     # async: delay compensation's λ0 (DC-ASGD-a, Zheng et al. 2017; 0: none), applied to every stale update.

@@ -13,7 +13,8 @@ free first, which continues from a stale state. So every shard worker also consu
   takes at most ceil(shards / live shard workers) of a job's shards this way: the others go to the shared queue,
   so a worker that holds every shard (it was alone for a while) hands some back and the load evens out;
 - relaunches (the liveness monitor, an incomplete round's recompute) name no queue: shared;
-- jobs without such state (``JobSpec.shard_state``) record nothing and route nothing: their tasks never touch a worker's own queue.
+- jobs without such state (``JobSpec.shard_state``) record nothing and route nothing: their tasks never touch a
+  worker's own queue.
 
 The liveness monitor reads the own queues of live workers too (``workers/liveness.py``): a task waiting there is
 queued; a task in a dead worker's queue is not, and its slot is relaunched to the shared queue.

@@ -81,8 +81,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # with plain averaging of the pseudo-gradients (outer lr 1, no outer momentum): H=8 alone, and its
     # pseudo-gradient top-k'd to 8% in 2 bits with error feedback (small tensors whole), ~440x fewer bytes than
     # fp32 sync. On char-lm the outer Nesterov step on a top-k'd pseudo-gradient cost +84% perplexity at 3%; AdamW
-    # at 3e-3 reset every round was 24% above fp32 sync at 4 epochs, 1e-3 kept is 29-31% below it
-    # (docs/benchmarks.md). "-reset": the same H=8 job with the inner state reset every round.
+    # at 3e-3 reset every round was 24% above fp32 sync at 4 epochs; at 1e-3 kept, H=8 alone is 31-33% below it and
+    # the 2-bit top-k 29-31% below (docs/benchmarks.md). "-reset": the inner state reset every round (the default).
     "none-adamw-avg-reset": {"codec": "none", **_ADAMW_AVG, "inner_state": "reset"},
     "none-adamw-avg": {"codec": "none", **_ADAMW_AVG},
     "topk+q2-8%-adamw-avg": {"codec": "topk+q2", "codec_density": 0.08, "codec_dense_below": 1024, **_ADAMW_AVG},

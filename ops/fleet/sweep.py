@@ -6,8 +6,8 @@
 ``ddp`` is the benchmark's reference (``reference_adamw``: AdamW on the union of every worker's step-k batch),
 printing the test perplexity every `--every` steps. ``diloco`` runs what the pipeline's DiLoCo rounds compute,
 with the pipeline's own functions: each worker's H AdamW steps from the round's weights
-(``pipeline.training.local_steps``, each worker's inner AdamW state kept from its round to its next, as a shard
-keeps it with ``inner_state="keep"``, the default; ``--reset-inner`` starts it fresh every round), the
+(``pipeline.training.local_steps``, a fresh inner optimizer every round, as a shard task has by default;
+``--keep-inner``: each worker's AdamW state kept from its round to its next, as ``inner_state="keep"``), the
 sample-weighted mean Δ, and the aggregator's outer step (``pipeline.aggregate.sgd_step``, Nesterov), printing
 the perplexity after every outer step. Same model, initialisation, mini-batches and test split as
 ``ops/fleet/run bench`` with the same --steps and --batch; the fleet adds only the network, the store and
@@ -27,7 +27,7 @@ from ops.fleet.workload import Workload, initial_model, load, perplexity, worker
 
 
 def diloco(w: Workload, local_steps: int, on_round: Callable[[str], None] | None = None,
-           keep_inner: bool = True) -> list[float]:
+           keep_inner: bool = False) -> list[float]:
     """Perplexity after each outer step of `w.steps // local_steps` DiLoCo rounds."""
     from pipeline.aggregate import Update, sgd_step, weighted_mean
     from pipeline.training import local_steps as inner_steps
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--outer-lr", type=float, default=Workload.outer_lr)
     ap.add_argument("--outer-momentum", type=float, default=Workload.outer_momentum)
     ap.add_argument("--every", type=int, default=64, help="evaluate every this many steps (ddp)")
-    ap.add_argument("--reset-inner", action="store_true", help="a fresh inner AdamW every round (diloco)")
+    ap.add_argument("--keep-inner", action="store_true", help="keep each worker's inner AdamW state (diloco)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     w = replace(Workload(), steps=args.steps, batch=args.batch, outer_lr=args.outer_lr,
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "ddp":
         ddp(w, args.every, on_eval=lambda s: print(s, flush=True))
     else:
-        diloco(w, args.local_steps, on_round=lambda s: print(s, flush=True), keep_inner=not args.reset_inner)
+        diloco(w, args.local_steps, on_round=lambda s: print(s, flush=True), keep_inner=args.keep_inner)
     print(f"{time.perf_counter() - t0:.0f} s", flush=True)
     return 0
 

@@ -72,7 +72,7 @@ def test_a_top_k_round_sends_each_shard_to_the_live_worker_holding_its_state(uni
 
 
 def test_local_steps_keeping_their_inner_adamw_state_route_like_top_k_and_a_reset_does_not(unit_ctx) -> None:
-    local = {"codec": "none", "local_steps": 2, "inner_optimizer": "adamw"}
+    local = {"codec": "none", "local_steps": 2, "inner_optimizer": "adamw", "inner_state": "keep"}
     for spec in (local, {**local, "inner_state": "reset"}, {**local, "inner_optimizer": "sgd"}):
         job_id = stage(unit_ctx, **spec)
         hold(unit_ctx, job_id, 0, A)

@@ -217,7 +217,8 @@ def test_in_process_mode_a_newer_held_residual_is_never_sent_again(unit_ctx) -> 
 
 
 def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_keeps_none(unit_ctx) -> None:
-    spec = {"shards": 1, "local_steps": 2, "inner_optimizer": "adamw", "inner_lr": 1e-3, "codec_state": "process"}
+    spec = {"shards": 1, "local_steps": 2, "inner_optimizer": "adamw", "inner_lr": 1e-3, "codec_state": "process",
+            "inner_state": "keep"}
     job_id = stage(unit_ctx, **spec)
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
     held = unit_ctx.residuals[(job_id, 0)]
@@ -230,7 +231,7 @@ def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_ke
     assert kept["sha256"] != fresh["sha256"]
     assert not list(unit_ctx.store.list(f"jobs/{job_id}/codec-state/"))
 
-    reset_id = stage(unit_ctx, **spec, inner_state="reset")
+    reset_id = stage(unit_ctx, **{**spec, "inner_state": "reset"})
     shard.train_shard(unit_ctx, reset_id, 0, 0, 0, 0)
     assert (reset_id, 0) not in unit_ctx.residuals
     reset = shard.train_shard(unit_ctx, reset_id, 0, 0, 2, 0)
@@ -240,8 +241,8 @@ def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_ke
 
 
 def test_a_shard_that_moves_continues_from_its_stored_inner_state_and_its_error_feedback(unit_ctx) -> None:
-    job_id = stage(unit_ctx, shards=1, local_steps=2, inner_optimizer="adamw", inner_lr=1e-3, codec="topk+q2",
-                   codec_density=0.05, codec_state="store")
+    job_id = stage(unit_ctx, shards=1, local_steps=2, inner_optimizer="adamw", inner_lr=1e-3, inner_state="keep",
+                   codec="topk+q2", codec_density=0.05, codec_state="store")
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
     stored = blobs.decode(unit_ctx.store.get(keys.codec_state(job_id, 0, 0))).tensors
     assert any(k.startswith("o.") for k in stored) and any(k.startswith("r.") for k in stored)
