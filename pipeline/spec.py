@@ -56,8 +56,8 @@ class JobSpec(BaseModel):
     # A stateful inner optimizer (AdamW) at H>1: "reset" it every round (the default), or "keep" its state from each
     # shard's round to the shard's next, as DiLoCo's workers do (Douillard et al. 2023; held and routed like top-k's
     # error feedback, see codec_state). Measured (docs/benchmarks.md): on char-lm at 4 epochs (H=8, 73 outer steps,
-    # AdamW 1e-3, plain averaging) kept 4.31 against 5.16 reset (fp32 sync 6.28); on the fleet workload (H=32, 8
-    # outer steps) kept was worse, 11.81 against 10.29. Inner SGD has no state: nothing changes for it.
+    # AdamW 1e-3, plain averaging) kept 4.31 against 5.16 reset (fp32 sync 6.28); on the fleet workload (a 13x
+    # larger char-lm) kept was worse: 11.81 against 10.29 at H=32, 11.23 against 8.59 at H=8. SGD has no state.
     inner_state: Literal["keep", "reset"] = "reset"
     max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
