@@ -22,7 +22,7 @@ class ShardResult:
     samples: int  # samples that contributed (the aggregator's weight)
     loss: float  # mean training loss over those samples (before the update, for H=1)
     # H>1 with a stateful inner optimizer (AdamW) asked to keep it: its state after the H steps, by
-    # "<param>.<exp_avg|exp_avg_sq|step>" (inner_state_tensors), for the shard's next round
+    # "<param>.<exp_avg|exp_avg_sq|step>" (_adam_state), for the shard's next round
     inner_state: dict[str, torch.Tensor] | None = None
 
 
@@ -130,7 +130,8 @@ def local_steps(
     ``state``: the inner optimizer's state to start from (AdamW's moments and step count, as a previous call
     returned it with ``keep_state``); None starts fresh. DiLoCo (Douillard et al. 2023) keeps each worker's inner
     AdamW state from round to round rather than resetting it: a reset restarts Adam's bias correction, whose
-    first steps move every weight by ~lr whatever its gradient's size, every H steps.
+    first steps move every weight by ~lr whatever its gradient's size, every H steps. Which is better depends on
+    the workload (JobSpec.inner_state).
     """
     params = trainable(model)
     start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
