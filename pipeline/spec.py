@@ -88,9 +88,8 @@ class JobSpec(BaseModel):
     # topk error feedback and a kept inner optimizer state: where a shard's state lives between steps. "store": in
     # the object store, keyed by (job, shard, step), so a shard that moves to another worker (or a redelivered
     # task) continues exactly; "process": only in the worker process's memory (no extra bytes; lost when the
-    # shard moves). The default:
-    # storing the dense state costs ~50-100x the top-k gradient's bytes and bought no accuracy in
-    # docs/benchmarks.md's runs (the store and process rows differ by less than the seed-to-seed spread).
+    # shard moves). The default: storing the dense state costs ~50-100x the top-k gradient's bytes and bought no
+    # accuracy in docs/benchmarks.md's runs (the store and process rows differ by less than the seed-to-seed spread).
     codec_state: Literal["store", "process"] = "process"
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
     target_accuracy: float | None = Field(default=None, gt=0, le=1)  # stop rule: stop once reached

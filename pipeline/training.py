@@ -165,12 +165,13 @@ _ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
 
 
 def _adam_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state as "<param>.<key>" tensors (a parameter never stepped has none)."""
+    """AdamW's per-parameter state as "<param>.<key>" tensors (a parameter never stepped has none). Not copied: the
+    optimizer is dropped on return, and _load_adam_state copies what it starts from."""
     out: dict[str, torch.Tensor] = {}
     for n, p in params.items():
         st = opt.state.get(p)
         if st:
-            out |= {f"{n}.{k}": st[k].detach().clone() for k in _ADAM_KEYS}
+            out |= {f"{n}.{k}": st[k].detach() for k in _ADAM_KEYS}
     return out
 
 
