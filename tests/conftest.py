@@ -81,11 +81,14 @@ def _run_published(ctx) -> list[dict]:
 
 
 def _db_for_worker() -> int:
-    # AAS_TEST_REDIS_DB pins one (two suites side by side); pytest-xdist workers get their own; else 14.
-    if os.environ.get("AAS_TEST_REDIS_DB"):
-        return int(os.environ["AAS_TEST_REDIS_DB"])
-    wid = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return 14 - int(wid.removeprefix("gw") or 0)
+    # Each pytest-xdist worker (gw0, gw1, ...) flushes a db of its own, counting down from 14, or from
+    # AAS_TEST_REDIS_DB (for two suites side by side on one Redis, give each its own range).
+    top = int(os.environ.get("AAS_TEST_REDIS_DB", "14"))
+    db = top - int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    if db < 0:
+        pytest.fail(f"no Redis db left for xdist worker {os.environ.get('PYTEST_XDIST_WORKER')}: "
+                    f"AAS_TEST_REDIS_DB={top} leaves dbs {top}..0; run fewer workers (-n) or raise it")
+    return db
 
 
 @pytest.fixture
@@ -102,6 +105,14 @@ def redis_url() -> Iterator[str]:
     yield url
     r.flushdb()
     r.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # The RabbitMQ tests share one vhost and delete this system's queues in it: under pytest-xdist
+    # (`--dist loadgroup`, as ops/test runs) they all go to one worker, one after another.
+    for item in items:
+        if "rabbitmq_url" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("rabbitmq"))
 
 
 @pytest.fixture
