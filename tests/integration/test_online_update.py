@@ -35,7 +35,6 @@ from workers.inference import create_app
 
 M = "digits-cnn"
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/13"  # a db of its own, flushed before and after
 
 
 def publish(reg: Registry, alias: str | None = "production", seed: int | None = None) -> int:
@@ -149,17 +148,10 @@ def test_a_rollback_swaps_back_to_the_version_kept_in_memory(local: tuple[Regist
 
 
 @pytest.fixture
-def redis_db() -> Iterator[redis.Redis]:
-    r = redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2)
-    try:
-        r.ping()
-    except redis.ConnectionError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"Redis at {REDIS_URL} is not answering under CI=true: {e}")
-        pytest.skip(f"Redis at {REDIS_URL} is not answering: {e}")
-    r.flushdb()
+def redis_db(redis_url: str) -> Iterator[redis.Redis]:
+    """The test's own Redis db (tests/conftest.py: flushed before and after, one per pytest-xdist process)."""
+    r = redis.Redis.from_url(redis_url, socket_connect_timeout=2)
     yield r
-    r.flushdb()
     r.close()
 
 
@@ -197,12 +189,12 @@ class Worker:
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path, redis_db: redis.Redis) -> Iterator[Callable[[], Worker]]:
+def start_worker(tmp_path: Path, redis_db: redis.Redis, redis_url: str) -> Iterator[Callable[[], Worker]]:
     """Start inference worker processes on free loopback ports; all are stopped at teardown."""
     started: list[Worker] = []
     env = {
         **os.environ,
-        "AAS_REDIS_URL": REDIS_URL,
+        "AAS_REDIS_URL": redis_url,
         "AAS_STORE_ROOT": str(tmp_path / "store"),
         "AAS_TORCH_THREADS": "1",
         "AAS_INSECURE_DEV": "1",  # unsigned on purpose: these workers test following, not signatures

@@ -72,7 +72,7 @@ def test_invalid_spec_is_rejected_at_submit_and_nothing_is_enqueued(services_env
     assert r.llen("shards") == 0
 
 
-def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path) -> None:
+def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path, redis_url: str) -> None:
     from pipeline.client.processes import free_port
 
     port = free_port()
@@ -84,7 +84,7 @@ def test_unreachable_services_give_a_one_line_error_naming_the_endpoint(tmp_path
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
 
     port2 = free_port()
-    env2 = {**env, "AAS_REDIS_URL": "redis://127.0.0.1:6379/14", "AAS_S3_ENDPOINT": f"127.0.0.1:{port2}"}
+    env2 = {**env, "AAS_REDIS_URL": redis_url, "AAS_S3_ENDPOINT": f"127.0.0.1:{port2}"}
     p2 = subprocess.run([sys.executable, "-m", "pipeline.client.cli", "submit"], env=env2, capture_output=True,
                         text=True,
                         timeout=120)
