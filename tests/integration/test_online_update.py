@@ -189,7 +189,7 @@ class Worker:
 
 
 @pytest.fixture
-def start_worker(tmp_path: Path, redis_db: redis.Redis, redis_url: str) -> Iterator[Callable[[], Worker]]:
+def start_worker(tmp_path: Path, redis_url: str) -> Iterator[Callable[[], Worker]]:
     """Start inference worker processes on free loopback ports; all are stopped at teardown."""
     started: list[Worker] = []
     env = {
