@@ -7,6 +7,7 @@ arguments so a resume can rebuild the module and check every shape before loadin
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,6 +65,16 @@ def param_sizes(model_name: str, model_args: dict[str, Any]) -> list[tuple[str, 
     return [(n, p.numel()) for n, p in model.named_parameters() if p.requires_grad]
 
 
+def part_state(state: Mapping[str, torch.Tensor], ranges: list[list[str]], part: int) -> dict[str, torch.Tensor]:
+    """Range `part`'s entries of a state dict: its parameters and, in the first range, every entry no range names
+    (buffers: a version aggregated in parts stores them with part 0)."""
+    out = {n: state[n] for n in ranges[part]}
+    if part == 0:
+        named = {n for r in ranges for n in r}
+        out.update({k: v for k, v in state.items() if k not in named})
+    return out
+
+
 def parts_of(ckpt: Checkpoint) -> list[str]:
     """The keys of a version aggregated in parts (its checkpoint is then a list of them); [] otherwise."""
     parts = ckpt.meta.get("parts")
@@ -85,6 +96,8 @@ def merge_parts(manifest: Checkpoint, parts: list[Checkpoint], where: str) -> Ch
         for slot, named in p.opt.items():
             opt.setdefault(slot, {}).update(named)
     meta = {k: v for k, v in manifest.meta.items() if k != "parts"}
+    if parts and all("rebuilt_from" in p.meta for p in parts):  # stored as recipes: rebuilt with its momentum
+        meta["rebuilt_from"] = parts[0].meta["rebuilt_from"]
     return Checkpoint(manifest.model, manifest.model_args, manifest.version, state, opt, meta)
 
 

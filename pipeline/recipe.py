@@ -42,13 +42,14 @@ def momentum_entries(momentum: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 def recipe(version: int, sources: list[Source], state: Mapping[str, torch.Tensor],
            hparams: Mapping[str, Any], momentum: Mapping[str, torch.Tensor], *, base_had_momentum: bool,
-           full: int | None = None, always: bool = False) -> dict[str, Any]:
+           full: int | None = None, always: bool = False, part: int | None = None) -> dict[str, Any]:
     """The aggregator's recipe for `version`: its new `state` and `momentum` buffers, stepped with `hparams` from
     the folded `sources` (in folding order), from a base whose buffers existed (`base_had_momentum`) or not (the
     first step creates them). {} where replaying would not save bytes, unless `version` has no checkpoint of its
     own (`full`: the version of the full checkpoint it is rebuilt from), where the recipe is the version, or
     `always` (a job whose versions between full checkpoints its workers replay anyway: replaying this one too
-    keeps their momentum buffers, which a checkpoint read would cost as many bytes again to restore)."""
+    keeps their momentum buffers, which a checkpoint read would cost as many bytes again to restore). `part`: the
+    parameter range of a job aggregated in parts that `state` and `momentum` are (its blobs are that range's)."""
     if not sources:
         return {}
     weights = state_bytes(state)
@@ -60,7 +61,8 @@ def recipe(version: int, sources: list[Source], state: Mapping[str, torch.Tensor
                         "weight_decay": hparams["weight_decay"]},
             "base_momentum": base_had_momentum if mu else False,
             "crc": state_crc({**state, **momentum_entries(momentum if mu else {})}),
-            **({} if full is None else {"full": full}), **({"always": True} if always else {})}
+            **({} if full is None else {"full": full}), **({"always": True} if always else {}),
+            **({} if part is None else {"part": part})}
 
 
 def full_checkpoint_of(version: int, every: int) -> int:
@@ -70,16 +72,18 @@ def full_checkpoint_of(version: int, every: int) -> int:
 
 def parse(r: Any) -> dict[str, Any]:
     """A recipe (as ``recipe`` wrote it, read back from JSON) with every field checked and typed: ``updates``
-    as ``Source`` tuples; ``full`` None for a version that has its own checkpoint. ValueError when malformed."""
+    as ``Source`` tuples; ``full`` None for a version that has its own checkpoint; ``part`` None for a version
+    aggregated in one part. ValueError when malformed."""
     try:
         h = r["hparams"]
-        full = r.get("full")
+        full, part = r.get("full"), r.get("part")
         return {"version": int(r["version"]),
                 "updates": [(str(k), None if d is None else str(d), int(n), int(s)) for k, d, n, s in r["updates"]],
                 "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
                             "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
                 "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"]),
-                "full": None if full is None else int(full), "always": bool(r.get("always"))}
+                "full": None if full is None else int(full), "always": bool(r.get("always")),
+                "part": None if part is None else int(part)}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed recipe ({type(e).__name__}: {e})") from None
 
@@ -89,9 +93,26 @@ def encode_recipe(r: dict[str, Any], *, signing_key: bytes | None = None) -> lis
     return blobs.encode_parts({}, {"kind": KIND, "recipe": r}, signing_key=signing_key)
 
 
-def decode_recipe(data: bytes | bytearray, where: str, *, version: int, signing_key: bytes | None = None
-                  ) -> dict[str, Any]:
-    """A stored recipe, verified (signature, digest) and checked to be `version`'s (``parse``'s form)."""
+def parse_round(raw: Any) -> list[dict[str, Any]]:
+    """The recipes of one version as a job's ``recipe`` field holds them: one recipe, or (a job aggregated in
+    parts) ``{"version": v, "parts": [recipe of part 0, ...]}``, each of `v` and of its part. ValueError when
+    malformed."""
+    if not isinstance(raw, dict) or "parts" not in raw:
+        return [parse(raw)]
+    try:
+        version, listed = int(raw["version"]), list(raw["parts"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed recipe ({type(e).__name__}: {e})") from None
+    out = [parse(r) for r in listed]
+    if not out or any(r["version"] != version or r["part"] != p for p, r in enumerate(out)):
+        raise ValueError(f"malformed recipe: its parts are not those of version {version} in order")
+    return out
+
+
+def decode_recipe(data: bytes | bytearray, where: str, *, version: int, signing_key: bytes | None = None,
+                  part: int | None = None) -> dict[str, Any]:
+    """A stored recipe, verified (signature, digest) and checked to be `version`'s (and `part`'s, for a version
+    aggregated in parts) in ``parse``'s form."""
     blob = blobs.decode(data, where, signing_key=signing_key)
     if blob.meta.get("kind") != KIND:
         raise blobs.BlobError(where, f"not a recipe (kind {blob.meta.get('kind')!r})")
@@ -99,7 +120,8 @@ def decode_recipe(data: bytes | bytearray, where: str, *, version: int, signing_
         r = parse(blob.meta.get("recipe"))
     except ValueError as e:
         raise blobs.BlobError(where, str(e)) from None
-    if r["version"] != version or r["full"] is None or not 0 <= r["full"] < version:
-        raise blobs.BlobError(where, f"not the recipe of version {version} between full checkpoints "
-                                     f"(version {r['version']}, full {r['full']})")
+    if r["version"] != version or r["full"] is None or not 0 <= r["full"] < version or r["part"] != part:
+        raise blobs.BlobError(where, f"not the recipe of version {version}{'' if part is None else f' part {part}'} "
+                                     f"between full checkpoints (version {r['version']}, full {r['full']}, part "
+                                     f"{r['part']})")
     return r

@@ -38,9 +38,10 @@ class JobSpec(BaseModel):
     # Sync: K aggregation tasks, each owning a contiguous range of the parameters (ps-lite's servers); shards
     # upload one blob per range, the K tasks run in parallel, the last one commits the version.
     aggregation_parts: int = Field(default=1, ge=1, le=64)
-    # Sync, one part: a full checkpoint (weights + optimizer state) every K versions and for the last; each
-    # version between is stored as its recipe (the update blobs it folded, the optimizer's settings, a CRC of
-    # the result), from which any reader rebuilds it exactly (workers/rebuild.py). 1: every version whole.
+    # Sync: a full checkpoint (weights + optimizer state) every K versions and for the last; each version between
+    # is stored as its recipe (the update blobs it folded, the optimizer's settings, a CRC of the result; one per
+    # parameter range with aggregation_parts), from which any reader rebuilds it exactly (workers/rebuild.py).
+    # 1: every version whole.
     checkpoint_every_versions: int = Field(default=1, ge=1, le=10_000)
     batch_size: int = Field(default=32, ge=1, le=65_536)  # per shard and step
     epochs: int = Field(default=5, ge=1, le=100_000)
@@ -218,10 +219,9 @@ class JobSpec(BaseModel):
         if self.aggregation_parts > 1 and self.codec in PACKED_BITS:
             raise ValueError(f"aggregation_parts: codec {self.codec!r} packs the whole update into one payload, "
                              "which cannot be split by parameter range; use topk or topk+int8")
-        if self.checkpoint_every_versions > 1 and (self.mode != "sync" or self.aggregation_parts > 1):
+        if self.checkpoint_every_versions > 1 and self.mode != "sync":
             raise ValueError("checkpoint_every_versions: versions between full checkpoints are rebuilt from their "
-                             "round's update blobs, which only sync jobs aggregated in one part have "
-                             f"(mode {self.mode!r}, aggregation_parts {self.aggregation_parts})")
+                             f"round's update blobs, which only sync jobs have (mode {self.mode!r})")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
         if self.codec_dense_below and self.codec not in ERROR_FEEDBACK:

@@ -271,10 +271,16 @@ def checkpoint_versions(listed: Iterable[str]) -> list[int]:
     return sorted(v for k in listed if (v := parse_checkpoint(k)) is not None)
 
 
-def version_recipe(job_id: str, version: int) -> str:
+def version_recipe(job_id: str, version: int, part: int | None = None) -> str:
     """A version stored between full checkpoints (``checkpoint_every_versions``): its recipe, from which it is
-    rebuilt (workers/rebuild.py); its checkpoint key then names no object."""
-    return f"jobs/{job_id}/ckpt/v{version:06d}.recipe.aast"
+    rebuilt (workers/rebuild.py); its checkpoint key then names no object. With `part`: the recipe of that
+    parameter range of a version aggregated in parts (its checkpoint part names no object)."""
+    return recipe_of(checkpoint(job_id, version) if part is None else checkpoint_part(job_id, version, part))
+
+
+def recipe_of(checkpoint_key: str) -> str:
+    """The recipe stored in place of a checkpoint (or checkpoint part) between full checkpoints."""
+    return checkpoint_key.removesuffix(".aast") + ".recipe.aast"
 
 
 _RECIPE = re.compile(r"^jobs/(?P<job>[^/]+)/ckpt/v(?P<version>\d+)\.recipe\.aast$")
@@ -288,6 +294,17 @@ def recipe_versions(listed: Iterable[str]) -> list[int]:
 def checkpoint_part(job_id: str, version: int, part: int) -> str:
     """Parameter range `part` of a version aggregated in parts (its checkpoint key holds the list of parts)."""
     return f"jobs/{job_id}/ckpt/v{version:06d}.p{part:03d}.aast"
+
+
+_PART = re.compile(r"^jobs/(?P<job>[^/]+)/ckpt/v(?P<version>\d+)\.p(?P<part>\d+)\.aast$")
+
+
+def parse_version_key(key: str) -> tuple[int, int | None] | None:
+    """(version, part) a checkpoint key (part None) or a checkpoint part's key names; None for any other key."""
+    if (v := parse_checkpoint(key)) is not None:
+        return v, None
+    m = _PART.match(key)
+    return (int(m["version"]), int(m["part"])) if m else None
 
 
 def job_parts(job_id: str, version: int) -> str:

@@ -14,8 +14,8 @@ import time
 from typing import Any
 
 from pipeline import blobs
-from pipeline.aggregate import Accumulator, UpdateRejected, partition, select_round, sgd_step_
-from pipeline.checkpoint import Checkpoint, checkpoint_parts, param_sizes
+from pipeline.aggregate import Accumulator, UpdateRejected, select_round, sgd_step_
+from pipeline.checkpoint import Checkpoint, checkpoint_parts, part_state
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
 from pipeline.recipe import Source, full_checkpoint_of
@@ -185,10 +185,8 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     del mean, acc
     # How a shard worker holding version N builds N+1 from these blobs ({} where that would not save bytes); for
     # a version between full checkpoints, the version itself (written in place of its checkpoint).
-    every = spec.checkpoint_every_versions
-    full = every == 1 or (version + 1) % every == 0 or version + 1 >= job.total_rounds
     recipe = replay_recipe(version + 1, sources, ckpt.state, hparams, momentum, base_had_momentum=had_momentum,
-                           full=None if full else full_checkpoint_of(version + 1, every), always=every > 1)
+                           full=_full_of(spec, job, version + 1), always=spec.checkpoint_every_versions > 1)
     manifest = ctx.manifest(job.fields["manifest"])
     rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
     epoch = round((version + 1) * spec.local_steps / max(1, rounds * spec.local_steps / spec.epochs), 3)
@@ -199,17 +197,21 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
                                recipe=recipe)
 
 
+def _full_of(spec: JobSpec, job: JobState, version: int) -> int | None:
+    """None where `version` gets a full checkpoint (every ``checkpoint_every_versions``, and the job's last);
+    otherwise the version of the full checkpoint it is rebuilt from."""
+    every = spec.checkpoint_every_versions
+    if every == 1 or version % every == 0 or version >= job.total_rounds:
+        return None
+    return full_checkpoint_of(version, every)
+
+
 # ---------------------------------------------------------------- aggregation in parameter ranges
 
 
 def part_ranges(ctx: Context, spec: JobSpec) -> list[list[str]]:
     """The job's parameter ranges (the shards split their blobs the same way, from the same sizes)."""
-    ckey = f"ranges:{spec.model}:{json.dumps(spec.model_args, sort_keys=True)}:{spec.aggregation_parts}"
-    ranges = ctx.data.get(ckey)
-    if ranges is None:
-        ranges = partition(param_sizes(spec.model, spec.model_args), spec.aggregation_parts)
-        ctx.data.put(ckey, ranges)
-    return ranges  # type: ignore[no-any-return]
+    return ctx.part_ranges(spec.model, spec.model_args, spec.aggregation_parts)
 
 
 def _base_part(ctx: Context, job_id: str, version: int, part: int) -> Checkpoint:
@@ -232,18 +234,20 @@ def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], 
     if not 0 <= part < len(ranges):
         raise UpdateRejected(f"aggregation part {part} of job {job_id}: the job has {len(ranges)} parts")
     if str(part) not in ctx.jobs.parts_done(job_id, version):
-        _aggregate_one_part(ctx, job_id, spec, version, results, part, ranges, t0)
+        _aggregate_one_part(ctx, job, spec, version, results, part, ranges, t0)
     done = ctx.jobs.parts_done(job_id, version)
     if len(done) < len(ranges):
         return Commit(False, version, {"part": part})
     return _commit_parts(ctx, job, spec, version, [done[str(p)] for p in range(len(ranges))], ranges, t0)
 
 
-def _aggregate_one_part(ctx: Context, job_id: str, spec: JobSpec, version: int, results: list[Any], part: int,
+def _aggregate_one_part(ctx: Context, job: JobState, spec: JobSpec, version: int, results: list[Any], part: int,
                         ranges: list[list[str]], t0: float) -> None:
-    names = ranges[part]
+    job_id, names = job.job_id, ranges[part]
     base = _base_part(ctx, job_id, version, part)
-    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part)
+    sources: list[Source] = []
+    acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part,
+                     sources=sources)
     if down := ctx.take_unsent_down(job_id):  # a part does not commit: its reads are counted here
         ctx.jobs.add_bytes(job_id, down=down)
     t_fold = time.perf_counter()
@@ -251,19 +255,23 @@ def _aggregate_one_part(ctx: Context, job_id: str, spec: JobSpec, version: int, 
     ctx.forget_checkpoint(keys.checkpoint(job_id, version))
     mean, samples, train_loss = acc.mean()
     momentum = {n: t for n, t in base.opt.get("momentum", {}).items() if n in set(names)}
-    sgd_step_({n: base.state[n] for n in names}, mean, momentum, **opt_hparams(spec))
-    state = {n: base.state[n] for n in names}
-    if part == 0:  # buffers and other state outside the parameter ranges travel with the first part
-        trainable = {n for r in ranges for n in r}
-        state.update({k: v for k, v in base.state.items() if k not in trainable})
+    had_momentum, hparams = bool(momentum), opt_hparams(spec)
+    sgd_step_({n: base.state[n] for n in names}, mean, momentum, **hparams)
+    state = part_state(base.state, ranges, part)  # (part 0 carries the buffers outside the parameter ranges)
     t_step = time.perf_counter()
     new = Checkpoint(base.model, base.model_args, version + 1, state, {"momentum": momentum} if momentum else {},
                      {"job": job_id, "part": part})
-    ctx.write_checkpoint(keys.checkpoint_part(job_id, version + 1, part), new)
+    # With checkpoint_every_versions: this range's recipe, the range itself between full checkpoints (its blobs
+    # are this range's); the shard workers replay every version from the parts' recipes (the commit hands them on).
+    recipe = {} if spec.checkpoint_every_versions == 1 else replay_recipe(
+        version + 1, sources, state, hparams, momentum, base_had_momentum=had_momentum,
+        full=_full_of(spec, job, version + 1), always=True, part=part)
+    ctx.store_version(keys.checkpoint_part(job_id, version + 1, part), new, recipe)
     ctx.jobs.record_part(job_id, version, part, {
         "identities": [u.identity for u in acc.folded], "samples": samples, "train_loss": train_loss,
         "fold_s": round(t_fold - t0, 4), "step_s": round(t_step - t_fold, 4),
-        "write_s": round(time.perf_counter() - t_step, 4)})
+        "write_s": round(time.perf_counter() - t_step, 4), **({"recipe": recipe} if recipe else {})})
+    faults.point("aggregator.after_part", ctx.redis, job_id)
 
 
 def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done: list[dict[str, Any]],
@@ -281,8 +289,11 @@ def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done
     metrics = {"train_loss": done[0]["train_loss"], "samples": done[0]["samples"], "parts": len(ranges),
                **{k: max(float(d[k]) for d in done) for k in ("fold_s", "step_s", "write_s")},
                "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
+    recipes = [d.get("recipe") for d in done]  # the shard workers' way to the new version without reading it
+    recipe = {"version": version + 1, "parts": recipes} if all(recipes) else None
     after = ctx.jobs.commit_version(job_id, base_version=version, new_version=version + 1, checkpoint_key=ckey,
                                     identities=identities, metrics=metrics,
+                                    fields=None if recipe is None else {"recipe": json.dumps(recipe)},
                                     event={"version": version + 1, "train_loss": metrics["train_loss"],
                                            "parts": len(ranges)})
     return Commit(after is not None, version + 1, metrics, after)

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.recipe import encode_recipe
 from storage import keys
 from storage.jobstate import JobState
 from workers import faults
@@ -50,14 +49,7 @@ def commit_next_version(ctx: Context, job: JobState, base: Checkpoint, state: di
     new = Checkpoint(base.model, base.model_args, version + 1, state, opt, {"job": job_id})
     ckey = keys.checkpoint(job_id, version + 1)
     t_write = time.perf_counter()
-    if recipe and recipe.get("full") is not None:
-        # A version between full checkpoints: its recipe (a few hundred bytes, signed) stands for it; any reader
-        # rebuilds it from the full checkpoint and the blobs (workers/rebuild.py). This process
-        # keeps it: the next round starts from it.
-        ctx.store.put(keys.version_recipe(job_id, version + 1), encode_recipe(recipe, signing_key=ctx.signing_key))
-        ctx.keep_checkpoint(ckey, new)
-    else:
-        ctx.write_checkpoint(ckey, new)
+    ctx.store_version(ckey, new, recipe)
     t_write = time.perf_counter() - t_write
     faults.point("aggregator.after_checkpoint", ctx.redis, job_id)
     metrics: dict[str, Any] = {

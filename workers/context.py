@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from pipeline.aggregate import partition
 from pipeline.blobs import BlobError
 from pipeline.checkpoint import (
     Checkpoint,
@@ -23,8 +24,11 @@ from pipeline.checkpoint import (
     encode_optimizer,
     merge_parts,
     param_names,
+    param_sizes,
+    part_state,
     parts_of,
 )
+from pipeline.recipe import encode_recipe
 from pipeline.settings import get_settings
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -159,15 +163,15 @@ class Context(Services):
         try:
             data = self.store.get(key)
         except ObjectNotFound as missing:
-            version = keys.parse_checkpoint(key)
-            if not rebuild or version is None:
+            named = keys.parse_version_key(key)
+            if not rebuild or named is None:
                 raise
+            version, part = named
             try:
-                last = read_recipe(self, job_id, version)
+                last = read_recipe(self, job_id, version, part)
             except ObjectNotFound:
                 raise missing from None  # neither a checkpoint nor a recipe: name the checkpoint
-            base = self._read_checkpoint(keys.checkpoint(job_id, last["full"]), job_id, with_opt=True,
-                                         defer_count=defer_count, rebuild=False)
+            base = self._full_base(job_id, last["full"], part, defer_count)
             ckpt, n = rebuild_version(self, job_id, base, last)
             if defer_count:
                 self.defer_down(job_id, n)
@@ -195,6 +199,32 @@ class Context(Services):
             raise BlobError(key, f"its parts must be this job's checkpoint parts (under {prefix})")
         return merge_parts(ckpt, [self._read_checkpoint(p, job_id, with_opt=with_opt, defer_count=defer_count)
                                   for p in parts], key)
+
+    def _full_base(self, job_id: str, full: int, part: int | None, defer_count: bool) -> Checkpoint:
+        """The full checkpoint a version stored as its recipe is rebuilt from: version `full`, or its range `part`
+        (version 0 is one checkpoint whatever the job's parts: the range is cut from it)."""
+        if part is None or full > 0:
+            key = keys.checkpoint(job_id, full) if part is None else keys.checkpoint_part(job_id, full, part)
+            return self._read_checkpoint(key, job_id, with_opt=True, defer_count=defer_count, rebuild=False)
+        whole = self._read_checkpoint(keys.checkpoint(job_id, 0), job_id, with_opt=True, defer_count=defer_count,
+                                      rebuild=False)
+        spec = self.jobs.get(job_id).spec
+        ranges = self.part_ranges(str(spec.get("model")), dict(spec.get("model_args") or {}),
+                                  int(spec.get("aggregation_parts") or 1))
+        if not 0 <= part < len(ranges):
+            raise BlobError(keys.checkpoint(job_id, 0), f"has no parameter range {part}: the job has {len(ranges)}")
+        return Checkpoint(whole.model, whole.model_args, 0, part_state(whole.state, ranges, part), {},
+                          {**whole.meta, "part": part})
+
+    def part_ranges(self, model: str, model_args: dict[str, Any], parts: int) -> list[list[str]]:
+        """A model's parameter ranges for aggregation in `parts` (the shards split their blobs the same way, from
+        the same sizes), computed once per process."""
+        ckey = f"ranges:{model}:{json.dumps(model_args, sort_keys=True)}:{parts}"
+        ranges = self.data.get(ckey)
+        if ranges is None:
+            ranges = partition(param_sizes(model, model_args), parts)
+            self.data.put(ckey, ranges)
+        return ranges  # type: ignore[no-any-return]
 
     def model(self, key: str, job_id: str, device: torch.device, spec: dict[str, Any] | None = None
               ) -> torch.nn.Module:
@@ -278,6 +308,17 @@ class Context(Services):
             self.store.put(keys.optimizer_state(key), opt)
         self.store.put(key, checkpoint_parts(ckpt, signing_key=self.signing_key, with_opt=False))
         self.checkpoints.put(key + "#opt", ckpt)  # the next round starts from it: no download of our own write
+
+    def store_version(self, key: str, ckpt: Checkpoint, recipe: dict[str, Any] | None) -> None:
+        """Store a version (or a part of one) this process computed: for a version between full checkpoints, its
+        `recipe` (a few hundred bytes, signed) stands for it, and any reader rebuilds it from the full checkpoint
+        and the blobs (workers/rebuild.py); otherwise its weights and optimizer state. Kept cached either way:
+        the next round starts from it."""
+        if recipe and recipe.get("full") is not None:
+            self.store.put(keys.recipe_of(key), encode_recipe(recipe, signing_key=self.signing_key))
+            self.keep_checkpoint(key, ckpt)
+        else:
+            self.write_checkpoint(key, ckpt)
 
     def keep_checkpoint(self, key: str, ckpt: Checkpoint) -> None:
         """Cache a version this process computed and stored as its recipe only: the next round starts from it."""

@@ -7,7 +7,8 @@ and buffers it stepped to. The blobs are kept (a job never deletes the blobs it 
 such a job, so the full checkpoint the recipe names and the recipes after it determine the version: each
 recipe's blobs are read and verified as the aggregator verifies them, folded and stepped with its code
 (``fold_blob``, ``Accumulator``, ``sgd_step_``), and checked against the CRC. Nothing half-built is ever
-returned: a missing or bad blob, or a CRC that differs, raises.
+returned: a missing or bad blob, or a CRC that differs, raises. A job aggregated in parameter ranges stores a
+recipe per range (its blobs are that range's), and each range is rebuilt from that range of the full checkpoint.
 
 Every reader of a version gets it this way without knowing (``Context._read_checkpoint``): the aggregator after
 a restart, a shard worker that holds no earlier version, the evaluation and registry task, ``aas resume``.
@@ -33,11 +34,11 @@ from workers.updates import fold_blob
 log = logging.getLogger(__name__)
 
 
-def read_recipe(svc: Services, job_id: str, version: int) -> dict[str, Any]:
-    """Version `version`'s stored recipe, verified (signature, digest, version). ObjectNotFound when the version
-    is not stored that way."""
-    key = keys.version_recipe(job_id, version)
-    return decode_recipe(svc.store.get(key), key, version=version, signing_key=svc.signing_key)
+def read_recipe(svc: Services, job_id: str, version: int, part: int | None = None) -> dict[str, Any]:
+    """Version `version`'s stored recipe (of parameter range `part`, for a job aggregated in parts), verified
+    (signature, digest, version, part). ObjectNotFound when the version is not stored that way."""
+    key = keys.version_recipe(job_id, version, part)
+    return decode_recipe(svc.store.get(key), key, version=version, signing_key=svc.signing_key, part=part)
 
 
 def fold_recipe(svc: Services, job_id: str, r: dict[str, Any], shapes: dict[str, tuple[int, ...]], *,
@@ -49,7 +50,8 @@ def fold_recipe(svc: Services, job_id: str, r: dict[str, Any], shapes: dict[str,
     acc = Accumulator(shapes)
     for bkey, digest, _, shard in r["updates"]:
         mine = None if held is None else held.get(bkey)
-        expect = {"job": job_id, "shard": shard, "base_version": r["version"] - 1}
+        expect = {"job": job_id, "shard": shard, "base_version": r["version"] - 1,
+                  **({} if r["part"] is None else {"part": r["part"]})}
         n = fold_blob(svc, job_id, bkey, digest, shapes, expect, acc, held=mine)
         if mine is None and on_read is not None:
             on_read(n)
@@ -68,16 +70,16 @@ def step_checked(r: dict[str, Any], params: dict[str, torch.Tensor], state: Mapp
 
 def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) -> tuple[Checkpoint, int]:
     """Version ``last["version"]`` from `base` (the full checkpoint ``last["full"]``, weights and optimizer state,
-    owned by the caller: stepped in place) and the recipes from there to `last`. Returns the version and the
-    bytes of blobs read (for the caller to count in the job)."""
-    version, full = last["version"], last["full"]
+    owned by the caller: stepped in place) and the recipes from there to `last`. For a job aggregated in parts,
+    `last` is one part's recipe and `base` that part of the full checkpoint. Returns the version and the bytes of
+    blobs read (for the caller to count in the job)."""
+    version, full, part = last["version"], last["full"], last["part"]
     if base.version != full:
-        raise blobs.BlobError(keys.version_recipe(job_id, version), f"names full checkpoint v{full}, given v"
-                                                                    f"{base.version}")
-    chain = [read_recipe(svc, job_id, v) for v in range(full + 1, version)] + [last]
+        raise blobs.BlobError(keys.version_recipe(job_id, version, part), f"names full checkpoint v{full}, given v"
+                                                                          f"{base.version}")
+    chain = [read_recipe(svc, job_id, v, part) for v in range(full + 1, version)] + [last]
     state, momentum = base.state, dict(base.opt.get("momentum", {}))
-    names = param_names(base)
-    params = {n: state[n] for n in names}
+    params = {n: state[n] for n in param_names(base) if n in state}  # (a part's state holds its range only)
     shapes = {n: tuple(t.shape) for n, t in params.items()}
     read: list[int] = []
     for r in chain:
@@ -85,9 +87,10 @@ def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) 
         if not r["hparams"]["momentum"] or not r["base_momentum"]:
             momentum = {}  # the step creates the buffers (or keeps none), as the aggregator's did
         if not step_checked(r, params, state, mean, momentum):
-            raise blobs.BlobError(keys.version_recipe(job_id, r["version"]), f"version {r['version']} rebuilt from "
-                                  f"full checkpoint v{full} differs from the aggregator's (CRC): not used")
+            raise blobs.BlobError(keys.version_recipe(job_id, r["version"], part), f"version {r['version']} rebuilt "
+                                  f"from full checkpoint v{full} differs from the aggregator's (CRC): not used")
         del mean
-    log.info("job %s v%d rebuilt from checkpoint v%d and %d recipe(s)", job_id, version, full, len(chain))
+    log.info("job %s v%d%s rebuilt from checkpoint v%d and %d recipe(s)", job_id, version,
+             "" if part is None else f" part {part}", full, len(chain))
     return Checkpoint(base.model, base.model_args, version, state, {"momentum": momentum} if momentum else {},
-                      {"job": job_id, "rebuilt_from": full}), sum(read)
+                      {"job": job_id, "rebuilt_from": full, **({} if part is None else {"part": part})}), sum(read)

@@ -284,12 +284,22 @@ def main(argv: list[str] | None = None) -> int:
                     "running aggregator does); replaces the floor table")
     ap.add_argument("--pin", action="store_true", help="with --parts: one core per aggregation process (core p for "
                     "part p; core 0 for K=1), as K aggregator hosts of one core each")
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="with --parts: the jobs' "
+                    "checkpoint_every_versions (timed round 1 then writes version 2 as its recipe, for K = 1 and K > 1 "
+                    "alike, where it is > 2)")
     ap.add_argument("--child", choices=["floor", "aggregate", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.child:
         if os.environ.get(PIN_ENV):
             os.sched_setaffinity(0, {int(os.environ[PIN_ENV])})  # this process and the threads it starts
+        import torch
+
+        from pipeline.settings import get_settings
+
+        # As a worker process is set up (workers/app.py): without it torch ran an OpenMP thread per core, and two
+        # unpinned part processes' threads waited on each other (a 12M-element SGD step took 0.39 s, not 0.02).
+        torch.set_num_threads(get_settings().torch_threads)
         job = json.loads(sys.stdin.readline() if a.child == "part" else sys.stdin.read())
         run = {"floor": child_floor, "aggregate": child_aggregate}.get(a.child)
         print(json.dumps(run(job) if run else child_part(job, a.part)))
@@ -332,19 +342,26 @@ def compare_parts(a: argparse.Namespace) -> int:
     for env, params_m, shards in configurations(a):
         for parts in [int(x) for x in a.parts.split(",")]:
             print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr, flush=True)
-            job = stage(params_m, shards, parts, rounds=2)
-            row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1, "pinned": a.pin}
+            every = {"checkpoint_every_versions": a.checkpoint_every} if a.checkpoint_every > 1 else {}
+            job = stage(params_m, shards, parts, rounds=2, spec=every)
+            row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1, "pinned": a.pin,
+                   "checkpoint_every": a.checkpoint_every}
             row.update(run_parts(job, env, a.pin) if job["parts"] > 1 else
                        {k: v for k, v in run_child("aggregate", job, env, a.pin).items()
                         if k in ("task_s", "task_peak_mb", "fold_s", "step_s", "write_s")})
             rows.append(row)
-    print("| params | shards | parts | aggregation s | × one part | peak MB per process |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print(f"checkpoint every {a.checkpoint_every} version(s); {'one core each' if a.pin else 'unpinned'}")
+    print("| params | shards | parts | aggregation s | × one part | fold / step / write s (per part) "
+          "| peak MB per process |")
+    print("|---:|---:|---:|---:|---:|---|---:|")
     for r in rows:
         one = next((x for x in rows if x["params"] == r["params"] and x["shards"] == r["shards"]
                     and x["parts"] == 1), None)
         ratio = f"{r['task_s'] / one['task_s']:.2f}×" if one else "–"
-        print(f"| {r['params'] / 1e6:.1f}M | {r['shards']} | {r['parts']} | {r['task_s']:.2f} | {ratio} "
+        per = r.get("per_part") or [r]
+        phases = " / ".join("–".join(sorted({f"{float(p[k]):.2f}" for p in per if p.get(k) is not None}))
+                            for k in ("fold_s", "step_s", "write_s"))
+        print(f"| {r['params'] / 1e6:.1f}M | {r['shards']} | {r['parts']} | {r['task_s']:.2f} | {ratio} | {phases} "
               f"| {r['task_peak_mb']:.0f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))

@@ -30,13 +30,14 @@ INT8 = {"codec": "int8", "momentum": 0.0, "lr": 0.1, "batch_size": 16, "shards":
 class Fleet:
     """An aggregator and two shard workers, each with its own Context; counts each worker's checkpoint reads."""
 
-    def __init__(self, unit_ctx: Context, **settings: object) -> None:
+    def __init__(self, unit_ctx: Context, parts: int = 1, **settings: object) -> None:
         def ctx(**extra: object) -> Context:
             s = Settings(redis_url="redis://fake", store_root=unit_ctx.settings.store_root, **extra)
             return Context(settings=s, redis=unit_ctx.redis, store=unit_ctx.store, jobs=JobStore(unit_ctx.redis),
                            dispatch=StubDispatcher())
 
         self.agg = ctx()
+        self.parts = [self.agg] + [ctx() for _ in range(parts - 1)]  # with parts > 1: a process per range
         self.workers = [ctx(**settings), ctx(**settings)]
         self.reads: list[str] = []
         for w in self.workers:
@@ -53,7 +54,11 @@ class Fleet:
     def round(self, job_id: str, version: int, step: int | None = None) -> list[dict]:
         step = version if step is None else step
         results = [shard.train_shard(w, job_id, s, version, step, 0) for s, w in enumerate(self.workers)]
-        assert aggregator.aggregate_round(self.agg, job_id, version, results).committed
+        if len(self.parts) == 1:
+            assert aggregator.aggregate_round(self.agg, job_id, version, results).committed
+        else:
+            done = [aggregator.aggregate_part(a, job_id, version, results, p) for p, a in enumerate(self.parts)]
+            assert [d.committed for d in done] == [False] * (len(done) - 1) + [True]  # the last part commits
         return results
 
     def checkpoint(self, job_id: str, version: int) -> dict[str, torch.Tensor]:
@@ -401,10 +406,10 @@ def test_resume_from_the_store_finds_the_newest_version_stored_as_a_recipe(unit_
 def test_checkpoint_every_versions_is_refused_where_versions_cannot_be_rebuilt() -> None:
     from pipeline.spec import SpecError, parse_spec
 
-    for bad in ({"mode": "async"}, {"aggregation_parts": 2}):
-        with pytest.raises(SpecError, match="checkpoint_every_versions: versions between full checkpoints"):
-            parse_spec({"checkpoint_every_versions": 4, **bad})
+    with pytest.raises(SpecError, match="checkpoint_every_versions: versions between full checkpoints"):
+        parse_spec({"checkpoint_every_versions": 4, "mode": "async"})
     assert parse_spec({"checkpoint_every_versions": 4}).checkpoint_every_versions == 4
+    assert parse_spec({"checkpoint_every_versions": 4, "aggregation_parts": 2}).aggregation_parts == 2
 
 
 def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(unit_ctx) -> None:
@@ -426,3 +431,94 @@ def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(un
     rec = reg.get(out["registered"]["model"], out["registered"]["version"])
     served = dequantized_state(reg.fetch_artifact(rec.model, rec.version), rec.artifact_key)
     assert_bitwise_equal(served, ref.checkpoint(whole, 2))  # the default chain (zstd) is lossless
+
+
+# ---------------------------------------------------------------- in parameter ranges, recipes between full checkpoints
+
+
+def part_objects(ctx: Context, job_id: str) -> tuple[list[int], list[int]]:
+    """(versions whose every range is stored whole, versions whose every range is stored as its recipe)."""
+    listed = set(ctx.store.list(keys.checkpoint_prefix(job_id)))
+    versions = keys.checkpoint_versions(listed)
+    whole = [v for v in versions if all(keys.checkpoint_part(job_id, v, p) in listed for p in range(2))]
+    recipes = [v for v in versions if all(keys.version_recipe(job_id, v, p) in listed for p in range(2))]
+    return whole, recipes
+
+
+@pytest.mark.parametrize("spec", [FP32_MOMENTUM, {**INT8, "local_steps": 2}], ids=["fp32-nesterov", "diloco-int8"])
+def test_versions_aggregated_in_parts_are_stored_as_a_recipe_per_range_and_rebuilt_bit_for_bit(unit_ctx, spec
+                                                                                               ) -> None:
+    """Two aggregation parts in processes of their own, a full checkpoint every 3 versions: each part writes its
+    range whole at v3 and as its recipe at v1, v2, v4, v5; the shard workers replay every version from the parts'
+    recipes; every version, read by a process holding nothing, equals the job aggregated in one part that
+    checkpoints every version (weights and momentum buffers)."""
+    h = spec.get("local_steps", 1)
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    every = fleet.client.stage({**spec, "checkpoint_every_versions": 3, "aggregation_parts": 2})
+    whole = ref.client.stage(spec)
+    for v in range(5):
+        ref.round(whole, v, step=h * v)
+        results = fleet.round(every, v, step=h * v)
+        assert all(len(r["parts"]) == 2 for r in results)
+        assert [r["replayed"] for r in results] == [v > 0] * 2
+    assert part_objects(unit_ctx, every) == ([3], [1, 2, 4, 5])  # (v0 is one checkpoint, never in parts)
+    assert fleet.reads == [keys.checkpoint(every, 0)] * 2  # the workers never read a version whole
+    recipe = json.loads(unit_ctx.jobs.get(every).fields["recipe"])
+    assert recipe["version"] == 5 and [r["part"] for r in recipe["parts"]] == [0, 1]
+    assert_same_versions(unit_ctx, every, whole, range(6))
+    for i in range(2):
+        assert_bitwise_equal(fleet.held(i, every, 4), ref.held(i, whole, 4))
+
+
+def test_a_part_process_restarted_between_full_checkpoints_rebuilds_its_range_and_continues_exactly(unit_ctx
+                                                                                                      ) -> None:
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    every = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(6):
+        if v == 2:
+            fleet.parts[1] = Fleet(unit_ctx).agg  # a new process for range 1: its v2 exists only as its recipe
+        ref.round(whole, v)
+        fleet.round(every, v)
+    assert part_objects(unit_ctx, every) == ([4], [1, 2, 3, 5, 6])
+    assert_same_versions(unit_ctx, every, whole, range(7))
+
+
+def test_a_worker_joining_a_job_in_parts_rebuilds_or_reads_the_version_then_replays_with_its_momentum(unit_ctx
+                                                                                                       ) -> None:
+    """Joining at v2 (stored as recipes): rebuilt from v0 and the blobs, momentum buffers with it. Joining at v3
+    (a full checkpoint of each range): the ranges read whole, then each range's buffers once. Either way it
+    replays the next versions, bit for bit."""
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 3, "aggregation_parts": 2})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(6):
+        if v in (2, 3):
+            fleet.workers[v - 2] = Fleet(unit_ctx).workers[0]  # holds nothing
+        ref.round(whole, v)
+        replayed = [r["replayed"] for r in fleet.round(job_id, v)]
+        assert replayed == {0: [False] * 2, 2: [False, True], 3: [True, False]}.get(v, [True, True])
+        for i in range(2):
+            assert_bitwise_equal(fleet.held(i, job_id, v), ref.held(i, whole, v))
+    for w in fleet.workers:
+        held = w.held_momentum(keys.checkpoint(job_id, 5))
+        assert held is not None
+        assert_bitwise_equal(held, stored_version(unit_ctx, whole, 5)[1])
+
+
+def test_a_range_recipe_that_does_not_rebuild_its_range_is_refused_by_name(unit_ctx) -> None:
+    from pipeline.blobs import BlobError
+    from pipeline.recipe import encode_recipe
+
+    fleet = Fleet(unit_ctx, parts=2)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    for v in range(2):
+        fleet.round(job_id, v)
+    rkey = keys.version_recipe(job_id, 2, 1)
+    r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])["parts"][1]
+    unit_ctx.store.put(rkey, encode_recipe({**r, "crc": r["crc"] ^ 1}))
+    with pytest.raises(BlobError, match=rf"{rkey}.*version 2 rebuilt from full checkpoint v0 differs"):
+        stored_version(unit_ctx, job_id, 2)
+    unit_ctx.store.put(rkey, encode_recipe({**r, "part": 0}))  # range 0's recipe where range 1's belongs
+    with pytest.raises(BlobError, match=rf"{rkey}.*not the recipe of version 2 part 1"):
+        stored_version(unit_ctx, job_id, 2)
