@@ -225,6 +225,17 @@ class JobStore:
         pipe.expire(key, 7 * 24 * 3600)
         pipe.execute()
 
+    def claim_part(self, job_id: str, version: int, part: int, claimant: str) -> bool:
+        """Take parameter range `part` of round `version` for `claimant` (an aggregator process): True when it was
+        free or is already this claimant's."""
+        key = keys.job_part_claims(job_id, version)
+        pipe = self.r.pipeline()
+        pipe.hsetnx(key, str(part), claimant)
+        pipe.hget(key, str(part))
+        pipe.expire(key, 24 * 3600)
+        owner = pipe.execute()[1]
+        return (owner.decode() if isinstance(owner, bytes) else str(owner)) == claimant
+
     def parts_done(self, job_id: str, version: int) -> dict[str, dict[str, Any]]:
         return {(k.decode() if isinstance(k, bytes) else str(k)): json.loads(v)
                 for k, v in self.r.hgetall(keys.job_parts(job_id, version)).items()}

@@ -312,6 +312,16 @@ def job_parts(job_id: str, version: int) -> str:
     return f"{PREFIX}:job:{job_id}:parts:v{version}"
 
 
+def job_part_claims(job_id: str, version: int) -> str:
+    """Hash range → the aggregator process that took that parameter range of round `version`."""
+    return f"{PREFIX}:job:{job_id}:parts:v{version}:claims"
+
+
+def job_parts_pattern(job_id: str) -> str:
+    """SCAN pattern over a job's ``job_parts`` and ``job_part_claims`` hashes (retention expires them)."""
+    return f"{PREFIX}:job:{job_id}:parts:v*"
+
+
 def optimizer_state(checkpoint_key: str) -> str:
     """The optimizer state written beside a checkpoint's weights (shard workers never download it)."""
     return checkpoint_key.removesuffix(".aast") + ".opt.aast"

@@ -31,7 +31,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 def _version_keys(r: Any, job_id: str) -> list[bytes]:
     found: list[bytes] = []
     for pattern in (keys.job_consumed_pattern(job_id), keys.job_launched_pattern(job_id),
-                    keys.job_publish_pattern(job_id)):
+                    keys.job_publish_pattern(job_id), keys.job_parts_pattern(job_id)):
         found.extend(r.scan_iter(match=pattern, count=1000))
     return found
 

@@ -223,8 +223,9 @@ def _base_part(ctx: Context, job_id: str, version: int, part: int) -> Checkpoint
 
 
 def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], part: int) -> Commit:
-    """Range `part` of round `version`: fold its blobs, step its parameters, write its part of version+1; the
-    part that finds every part written commits the version (once: the commit is a compare-and-set)."""
+    """One of round `version`'s K part tasks: take a parameter range (``claim_range``), fold its blobs, step its
+    parameters, write its part of version+1; the task that finds every part written commits the version (once:
+    the commit is a compare-and-set)."""
     t0 = time.perf_counter()
     job = ctx.jobs.get(job_id)
     spec = JobSpec.model_validate(job.spec)
@@ -233,17 +234,36 @@ def aggregate_part(ctx: Context, job_id: str, version: int, results: list[Any], 
     ranges = part_ranges(ctx, spec)
     if not 0 <= part < len(ranges):
         raise UpdateRejected(f"aggregation part {part} of job {job_id}: the job has {len(ranges)} parts")
-    if str(part) not in ctx.jobs.parts_done(job_id, version):
-        _aggregate_one_part(ctx, job, spec, version, results, part, ranges, t0)
+    taken = claim_range(ctx, job_id, version, part, len(ranges))
+    if taken is not None:
+        _aggregate_one_part(ctx, job, spec, version, results, taken, ranges, t0)
     done = ctx.jobs.parts_done(job_id, version)
     if len(done) < len(ranges):
-        return Commit(False, version, {"part": part})
+        return Commit(False, version, {"part": taken})
     return _commit_parts(ctx, job, spec, version, [done[str(p)] for p in range(len(ranges))], ranges, t0)
+
+
+def claim_range(ctx: Context, job_id: str, version: int, part: int, n: int) -> int | None:
+    """The parameter range this task aggregates: the K tasks of a round are not routed to processes, so a task
+    takes a range when it starts, the range this process holds first (its own part of version `version`: no
+    read, no rebuild), then the one it was sent for (`part`: processes holding nothing still spread over the
+    ranges), then any other; each claimed once in Redis. When every range not yet written is claimed (a task sent
+    again after its process died), it takes one of those: two processes may then write the same range, which is
+    the same bytes. None when every range is written."""
+    done = ctx.jobs.parts_done(job_id, version)
+    held = [p for p in range(n) if ctx.holds_checkpoint(keys.checkpoint_part(job_id, version, p))]
+    order = [*held, *(p for p in [part, *range(n)] if p not in held)]
+    todo = list(dict.fromkeys(p for p in order if str(p) not in done))
+    for p in todo:
+        if ctx.jobs.claim_part(job_id, version, p, ctx.claimant):
+            return p
+    return todo[0] if todo else None
 
 
 def _aggregate_one_part(ctx: Context, job: JobState, spec: JobSpec, version: int, results: list[Any], part: int,
                         ranges: list[list[str]], t0: float) -> None:
     job_id, names = job.job_id, ranges[part]
+    held = version > 0 and ctx.holds_checkpoint(keys.checkpoint_part(job_id, version, part))
     base = _base_part(ctx, job_id, version, part)
     sources: list[Source] = []
     acc = fold_round(ctx, job_id, spec, version, results, {n: tuple(base.state[n].shape) for n in names}, part,
@@ -270,7 +290,7 @@ def _aggregate_one_part(ctx: Context, job: JobState, spec: JobSpec, version: int
     ctx.jobs.record_part(job_id, version, part, {
         "identities": [u.identity for u in acc.folded], "samples": samples, "train_loss": train_loss,
         "fold_s": round(t_fold - t0, 4), "step_s": round(t_step - t_fold, 4),
-        "write_s": round(time.perf_counter() - t_step, 4), **({"recipe": recipe} if recipe else {})})
+        "write_s": round(time.perf_counter() - t_step, 4), "held": held, **({"recipe": recipe} if recipe else {})})
     faults.point("aggregator.after_part", ctx.redis, job_id)
 
 
@@ -287,6 +307,8 @@ def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done
     ctx.store.put(ckey, checkpoint_parts(manifest, signing_key=ctx.signing_key))
     identities = sorted({i for d in done for i in d["identities"]})
     metrics = {"train_loss": done[0]["train_loss"], "samples": done[0]["samples"], "parts": len(ranges),
+               # the ranges whose process did not hold them from the round before (read or rebuilt from the store)
+               "parts_read": sum(not d.get("held", True) for d in done),
                **{k: max(float(d[k]) for d in done) for k in ("fold_s", "step_s", "write_s")},
                "t": time.time(), "round_s": round(time.perf_counter() - t0, 4)}
     recipes = [d.get("recipe") for d in done]  # the shard workers' way to the new version without reading it

@@ -7,6 +7,9 @@ process (keyed by object key, verified once) saves a GET per task.
 from __future__ import annotations
 
 import json
+import os
+import secrets
+import socket
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -90,6 +93,8 @@ class Context(Services):
     # Bytes read for a job and not yet counted in it (``defer_down``): a shard worker's read of the version
     # is counted with its upload, an aggregation's reads with its commit, each in the same round trip.
     _unsent_down: dict[str, int] = field(default_factory=dict)
+    # This process as it claims work in Redis (an aggregation part's parameter range): host, pid and a nonce.
+    claimant: str = field(default_factory=lambda: f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(4)}")
 
     def __post_init__(self) -> None:
         if self.dispatch is None:

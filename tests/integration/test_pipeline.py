@@ -226,3 +226,40 @@ def test_elastic_fleet_a_worker_joining_mid_job_takes_shards_and_one_leaving_los
     assert {"first", "late"} <= workers_seen
     for v in range(1, final["version"] + 1):
         assert len(client.jobs.consumed(job_id, v)) == 2
+
+
+def test_aggregation_parts_with_recipes_keep_each_range_on_its_aggregator_and_train_to_the_in_process_weights(
+        workers, tmp_path) -> None:
+    """Two aggregation parts on two aggregator processes, a full checkpoint every 8 versions. The part tasks are not
+    routed, so each takes the range its process holds (``aggregator.claim_range``): a range is read or rebuilt from
+    the store only where a process held none (round 0) or both tasks of a round reached one process. Without the
+    claim, about one range a version was rebuilt, from up to 7 rounds of blobs. The shard workers replay each version
+    from the ranges' recipes; the final weights equal the in-process run's (one part, every version whole)."""
+    import torch
+
+    from pipeline.checkpoint import decode_checkpoint
+    from pipeline.client import Client
+
+    spec = {"shards": 2, "epochs": 2, "batch_size": 64, "local_steps": 1, "momentum": 0.9,
+            "publish_every_versions": 0}
+    workers("shard0")
+    workers("shard1")
+    workers("aggregator", "aggregate")
+    workers("aggregator2", "aggregate")
+    client = Client()
+    job_id = client.submit({**spec, "aggregation_parts": 2, "checkpoint_every_versions": 8})
+    final = client.wait(job_id, timeout=240)
+    assert final["status"] == "succeeded", final.get("error")
+    last = final["version"]
+    read = [m["parts_read"] for m in final["metrics"]]
+    assert len(read) == last >= 20 and read[0] == 2, read  # round 0: version 0 is read whole by each part
+    assert sum(r > 0 for r in read[1:]) <= (last - 1) // 4, read
+    replayed = [bool(res.get("replayed")) for res in shard_results(client.redis, job_id)]
+    assert sum(replayed) >= len(replayed) // 4, replayed
+    got = decode_checkpoint(client.store.get(keys.checkpoint(job_id, last)), "final")
+    assert [p.rsplit("/", 1)[-1] for p in got.meta["parts"]] == [f"v{last:06d}.p000.aast", f"v{last:06d}.p001.aast"]
+    state = client._context().checkpoint(keys.checkpoint(job_id, last), job_id).state
+    reference = in_process_result(spec, tmp_path)
+    assert state.keys() == reference.keys()
+    for name in state:
+        assert torch.equal(state[name], reference[name]), name

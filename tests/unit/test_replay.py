@@ -522,3 +522,44 @@ def test_a_range_recipe_that_does_not_rebuild_its_range_is_refused_by_name(unit_
     unit_ctx.store.put(rkey, encode_recipe({**r, "part": 0}))  # range 0's recipe where range 1's belongs
     with pytest.raises(BlobError, match=rf"{rkey}.*not the recipe of version 2 part 1"):
         stored_version(unit_ctx, job_id, 2)
+
+
+def test_a_part_task_takes_the_range_its_process_holds_whichever_range_it_was_sent_for(unit_ctx) -> None:
+    """The K part tasks are not routed: a task that lands on the process holding another range than the one it was
+    sent for aggregates the range its process holds. Sent crosswise every round, neither process reads or rebuilds
+    a range after round 0, and every version is the one-part job's."""
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    reads: list[str] = []
+    for a in fleet.parts:
+        a._read_checkpoint = (lambda key, *x, _r=a._read_checkpoint, **k: (reads.append(key), _r(key, *x, **k))[1])
+    for v in range(6):
+        ref.round(whole, v)
+        results = [shard.train_shard(w, job_id, s, v, v, 0) for s, w in enumerate(fleet.workers)]
+        sent = [v % 2, 1 - v % 2]  # slot 0 and slot 1 swap processes every round
+        done = [aggregator.aggregate_part(a, job_id, v, results, p) for a, p in zip(fleet.parts, sent, strict=True)]
+        assert [d.committed for d in done] == [False, True]
+        taken = [d.metrics.get("part") for d in done[:1]]
+        assert taken == [0]  # process 0 took range 0 every round (range 0 was its first, sent at v0)
+        assert unit_ctx.jobs.metrics_at(job_id, v + 1)["parts_read"] == (2 if v == 0 else 0)
+    assert reads == [keys.checkpoint(job_id, 0)] * 2  # version 0, once per process; nothing after
+    assert_same_versions(unit_ctx, job_id, whole, range(7))
+
+
+def test_a_range_claimed_by_a_process_that_died_is_taken_by_the_task_sent_again(unit_ctx) -> None:
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(2):
+        ref.round(whole, v)
+        fleet.round(job_id, v)
+    ref.round(whole, 2)
+    results = [shard.train_shard(w, job_id, s, 2, 2, 0) for s, w in enumerate(fleet.workers)]
+    assert aggregator.claim_range(fleet.parts[0], job_id, 2, 0, 2) == 0  # ... and its process dies here
+    assert not aggregator.aggregate_part(fleet.parts[1], job_id, 2, results, 1).committed
+    survivor = fleet.parts[1]  # the dead process's task, delivered again to the process still running
+    assert aggregator.claim_range(survivor, job_id, 2, 0, 2) == 0  # claimed by the dead process, not written
+    assert aggregator.aggregate_part(survivor, job_id, 2, results, 0).committed
+    assert aggregator.claim_range(survivor, job_id, 2, 0, 2) is None  # every range written
+    assert_same_versions(unit_ctx, job_id, whole, range(4))
