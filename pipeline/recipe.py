@@ -19,16 +19,31 @@ KIND = "recipe"
 Source = tuple[str, str | None, int, int]  # a folded update blob: key, digest (None: not known), size, shard
 
 
-def state_crc(state: Mapping[str, torch.Tensor]) -> int:
-    """CRC-32 of a state dict's names, dtypes, shapes and bytes, in name order (~3 GB/s: 15 ms for 43 MB). It
-    checks that two computations gave the same bits; the blobs themselves are signed and digested."""
+CHECK = "xxh3_64"  # the checksum new recipes record; "crc32" (zlib), what recipes recorded before, is still read
+CHECKS = ("crc32", "xxh3_64")
+
+
+def state_crc(state: Mapping[str, torch.Tensor], check: str = CHECK) -> int:
+    """A checksum of a state dict's names, dtypes, shapes and bytes, in name order: xxh3-64 (~11 GB/s here, memory
+    speed: 18 ms for weights + momentum of 25M parameters) or CRC-32 (zlib, ~2.2 GB/s: 92 ms). It checks that two
+    computations gave the same bits; the blobs themselves are signed and digested."""
+    xxh = None
+    if _check_name(check) == "xxh3_64":
+        import xxhash
+
+        xxh = xxhash.xxh3_64()
     crc = 0
     for name in sorted(state):
         t = state[name].detach()
-        crc = zlib.crc32(f"{name}:{t.dtype}:{tuple(t.shape)};".encode(), crc)
+        parts = [f"{name}:{t.dtype}:{tuple(t.shape)};".encode()]
         if t.numel():
-            crc = zlib.crc32(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy(), crc)
-    return crc
+            parts.append(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        for p in parts:
+            if xxh is not None:
+                xxh.update(p)
+            else:
+                crc = zlib.crc32(p, crc)
+    return xxh.intdigest() if xxh is not None else crc
 
 
 def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
@@ -60,7 +75,7 @@ def recipe(version: int, sources: list[Source], state: Mapping[str, torch.Tensor
             "hparams": {"lr": hparams["lr"], "momentum": mu, "nesterov": hparams["nesterov"],
                         "weight_decay": hparams["weight_decay"]},
             "base_momentum": base_had_momentum if mu else False,
-            "crc": state_crc({**state, **momentum_entries(momentum if mu else {})}),
+            "crc": state_crc({**state, **momentum_entries(momentum if mu else {})}), "check": CHECK,
             **({} if full is None else {"full": full}), **({"always": True} if always else {}),
             **({} if part is None else {"part": part})}
 
@@ -82,10 +97,17 @@ def parse(r: Any) -> dict[str, Any]:
                 "hparams": {"lr": float(h["lr"]), "momentum": float(h.get("momentum") or 0.0),
                             "nesterov": bool(h["nesterov"]), "weight_decay": float(h["weight_decay"])},
                 "base_momentum": bool(r.get("base_momentum")), "bytes": int(r["bytes"]), "crc": int(r["crc"]),
+                "check": _check_name(r.get("check", "crc32")),
                 "full": None if full is None else int(full), "always": bool(r.get("always")),
                 "part": None if part is None else int(part)}
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ValueError(f"malformed recipe ({type(e).__name__}: {e})") from None
+
+
+def _check_name(check: Any) -> str:
+    if check not in CHECKS:
+        raise ValueError(f"unknown state checksum {check!r} (known: {', '.join(CHECKS)})")
+    return str(check)
 
 
 def encode_recipe(r: dict[str, Any], *, signing_key: bytes | None = None) -> list[bytes | memoryview]:

@@ -39,7 +39,7 @@ class JobSpec(BaseModel):
     # upload one blob per range, the K tasks run in parallel, the last one commits the version.
     aggregation_parts: int = Field(default=1, ge=1, le=64)
     # Sync: a full checkpoint (weights + optimizer state) every K versions and for the last; each version between
-    # is stored as its recipe (the update blobs it folded, the optimizer's settings, a CRC of the result; one per
+    # is stored as its recipe (the update blobs it folded, the optimizer's settings, a checksum of the result; one per
     # parameter range with aggregation_parts), from which any reader rebuilds it exactly (workers/rebuild.py).
     # 1: every version whole.
     checkpoint_every_versions: int = Field(default=1, ge=1, le=10_000)

@@ -84,7 +84,7 @@ SHARD_SECONDS = Histogram("aas_shard_task_duration_seconds", "One shard task: lo
 SHARD_TASKS = Counter("aas_shard_tasks", "Shard tasks finished", registry=_S)
 SHARD_UP_BYTES = Counter("aas_shard_up_bytes", "Bytes shard workers uploaded (gradient blobs)", registry=_S)
 SHARD_DOWN_BYTES = Counter("aas_shard_down_bytes", "Bytes shard workers downloaded (weights, data)", registry=_S)
-# workers/replay.py: a version built from the round's blobs, or not (and why): "replayed", "mismatch" (the CRC
+# workers/replay.py: a version built from the round's blobs, or not (and why): "replayed", "mismatch" (the checksum
 # differed: e.g. workers whose CPUs round differently from the aggregator's), "unreadable" (a blob missing or bad).
 REPLAY_OUTCOMES = ("replayed", "mismatch", "unreadable")
 VERSIONS_REPLAYED = Counter("aas_shard_versions_replayed", "Versions a shard worker built from the round's blobs "

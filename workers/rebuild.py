@@ -1,14 +1,15 @@
 """A version stored between full checkpoints, rebuilt exactly (``checkpoint_every_versions``).
 
-A sync job with ``checkpoint_every_versions`` K > 1 writes weights and momentum buffers whole only every K
-versions (and for the last); each version between is stored as its *recipe* (``pipeline/recipe.py``): the update
-blobs the aggregator folded, in order, with their digests, the optimizer's settings, and a CRC-32 of the weights
-and buffers it stepped to. The blobs are kept (a job never deletes the blobs it applied) and written durably for
-such a job, so the full checkpoint the recipe names and the recipes after it determine the version: each
-recipe's blobs are read and verified as the aggregator verifies them, folded and stepped with its code
-(``fold_blob``, ``Accumulator``, ``sgd_step_``), and checked against the CRC. Nothing half-built is ever
-returned: a missing or bad blob, or a CRC that differs, raises. A job aggregated in parameter ranges stores a
-recipe per range (its blobs are that range's), and each range is rebuilt from that range of the full checkpoint.
+A sync job with ``checkpoint_every_versions`` K > 1 writes weights and momentum buffers whole only every K versions
+(and for the last); each version between is stored as its *recipe* (``pipeline/recipe.py``): the update blobs the
+aggregator folded, in order, with their digests, the optimizer's settings, and a checksum (xxh3-64; CRC-32 in
+recipes stored before) of the weights and buffers it stepped to. The blobs are kept (a job never deletes the blobs
+it applied) and written durably for such a job, so the full checkpoint the recipe names and the recipes after it
+determine the version: each recipe's blobs are read and verified as the aggregator verifies them, folded and
+stepped with its code (``fold_blob``, ``Accumulator``, ``sgd_step_``), and checked against the checksum. Nothing
+half-built is ever returned: a missing or bad blob, or a checksum that differs, raises. A job aggregated in
+parameter ranges stores a recipe per range (its blobs are that range's), and each range is rebuilt from that range
+of the full checkpoint.
 
 Every reader of a version gets it this way without knowing (``Context._read_checkpoint``): the aggregator after
 a restart, a shard worker that holds no earlier version, the evaluation and registry task, ``aas resume``.
@@ -61,11 +62,11 @@ def fold_recipe(svc: Services, job_id: str, r: dict[str, Any], shapes: dict[str,
 def step_checked(r: dict[str, Any], params: dict[str, torch.Tensor], state: Mapping[str, torch.Tensor],
                  mean: dict[str, torch.Tensor], momentum: dict[str, torch.Tensor]) -> bool:
     """Step `params` (tensors of `state`) and the `momentum` buffers in place with `r`'s optimizer settings; True
-    when weights and buffers then match the CRC the aggregator recorded."""
+    when weights and buffers then match the checksum the aggregator recorded."""
     hp = r["hparams"]
     with torch.no_grad():
         sgd_step_(params, mean, momentum, **hp)
-    return state_crc({**state, **momentum_entries(momentum if hp["momentum"] else {})}) == r["crc"]
+    return state_crc({**state, **momentum_entries(momentum if hp["momentum"] else {})}, r["check"]) == r["crc"]
 
 
 def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) -> tuple[Checkpoint, int]:
@@ -88,7 +89,7 @@ def rebuild(svc: Services, job_id: str, base: Checkpoint, last: dict[str, Any]) 
             momentum = {}  # the step creates the buffers (or keeps none), as the aggregator's did
         if not step_checked(r, params, state, mean, momentum):
             raise blobs.BlobError(keys.version_recipe(job_id, r["version"], part), f"version {r['version']} rebuilt "
-                                  f"from full checkpoint v{full} differs from the aggregator's (CRC): not used")
+                                  f"from full checkpoint v{full} differs from the aggregator's (checksum): not used")
         del mean
     log.info("job %s v%d%s rebuilt from checkpoint v%d and %d recipe(s)", job_id, version,
              "" if part is None else f" part {part}", full, len(chain))

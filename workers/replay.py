@@ -1,28 +1,28 @@
 """Version N+1 from the round's update blobs: a shard worker that holds version N need not download N+1.
 
-A sync round's new weights are a pure function of version N, the optimizer's momentum buffers and the blobs
-the aggregator folded: ``Accumulator`` (the sample-weighted mean) then ``sgd_step_`` (SGD, momentum, Nesterov,
-weight decay, exactly as torch.optim.SGD). A shard worker holds w_N already (the module it trained on, its
-weights restored) and wrote one of the blobs itself; with compressed updates (int8, top-k, DiLoCo's int8 Δ)
-the *other* blobs are far fewer bytes than the weights. So the aggregator commits, with each version, its
-*recipe*: the blobs it folded, in folding order, each with its digest and size, the optimizer's settings, and a
-CRC-32 of the new weights and momentum buffers. A worker holding N reads the blobs it does not hold (verified as
-the aggregator verifies them: key, signature, digest, identity, shapes), folds them with the same code in the
-same order, steps in place, and compares the CRC: equal, it trains on N+1 without reading the checkpoint;
-different (another CPU's arithmetic, a module whose weights a task changed), it drops the module and reads the
-checkpoint as before. The design's "deltas between checkpoints", with the update sent as the compressed blobs
-that already exist rather than a new fp32 delta.
+A sync round's new weights are a pure function of version N, the optimizer's momentum buffers and the blobs the
+aggregator folded: ``Accumulator`` (the sample-weighted mean) then ``sgd_step_`` (SGD, momentum, Nesterov, weight
+decay, exactly as torch.optim.SGD). A shard worker holds w_N already (the module it trained on, its weights
+restored) and wrote one of the blobs itself; with compressed updates (int8, top-k, DiLoCo's int8 Δ) the *other*
+blobs are far fewer bytes than the weights. So the aggregator commits, with each version, its *recipe*: the blobs
+it folded, in folding order, each with its digest and size, the optimizer's settings, and a checksum (xxh3-64) of
+the new weights and momentum buffers. A worker holding N reads the blobs it does not hold (verified as the
+aggregator verifies them: key, signature, digest, identity, shapes), folds them with the same code in the same
+order, steps in place, and compares the checksum: equal, it trains on N+1 without reading the checkpoint; different
+(another CPU's arithmetic, a module whose weights a task changed), it drops the module and reads the checkpoint as
+before. The design's "deltas between checkpoints", with the update sent as the compressed blobs that already exist
+rather than a new fp32 delta.
 
 With momentum (sync SGD's, DiLoCo's Nesterov outer step) the worker also holds the buffers: none before the
 first step, then the ones its replay stepped; a worker that read a checkpoint instead (it joined late, sat a
-round out, or its CRC differed) reads that version's buffers once beside it (``prime``), and replays from the
+round out, or its checksum differed) reads that version's buffers once beside it (``prime``), and replays from the
 next version on. That is one more model's worth of memory in the worker.
 
 Written only where it pays: a sync round aggregated in one part whose blobs, less the one a worker holds, are
 fewer bytes than the weights — and for every version of a job with ``checkpoint_every_versions`` > 1, whose
 versions between full checkpoints exist only as their recipes (workers/rebuild.py: how a process that holds no
 version reads one). Such a job aggregated in parameter ranges (``aggregation_parts``) commits one recipe per
-range, each for that range's blobs and CRC: the worker folds and steps each range in turn. Replayed on the CPU
+range, each for that range's blobs and checksum: the worker folds and steps each range in turn. Replayed on the CPU
 only.
 """
 
@@ -110,7 +110,7 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
         buffers.update(mine)
     if not same:
         ctx.drop_models()  # stepped to something else: never trained on
-        log.warning("job %s v%d: the replayed weights differ from the aggregator's (CRC); reading the checkpoint",
+        log.warning("job %s v%d: the replayed weights differ from the aggregator's (checksum); reading the checkpoint",
                     job_id, version)
         observe_replay("mismatch")
         return False

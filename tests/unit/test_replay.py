@@ -244,15 +244,41 @@ def test_the_recipe_is_written_only_where_it_saves_bytes_and_checks_the_momentum
     assert m["crc"] == state_crc({**state, **momentum_entries(buf)}) != r["crc"]
 
 
-def test_the_state_crc_sees_every_bit_name_and_shape() -> None:
+@pytest.mark.parametrize("check", ["xxh3_64", "crc32"])
+def test_the_state_crc_sees_every_bit_name_and_shape(check: str) -> None:
     a = {"x": torch.arange(6, dtype=torch.float32), "y": torch.ones(2)}
-    crc = state_crc(a)
-    assert state_crc({k: t.clone() for k, t in a.items()}) == crc
+    crc = state_crc(a, check)
+    assert state_crc({k: t.clone() for k, t in a.items()}, check) == crc
     flipped = a["x"].clone()
     flipped.view(torch.int32)[3] ^= 1  # one bit of one float
-    assert state_crc({**a, "x": flipped}) != crc
-    assert state_crc({"z": a["x"], "y": a["y"]}) != crc
-    assert state_crc({**a, "x": a["x"].reshape(2, 3)}) != crc
+    assert state_crc({**a, "x": flipped}, check) != crc
+    assert state_crc({"z": a["x"], "y": a["y"]}, check) != crc
+    assert state_crc({**a, "x": a["x"].reshape(2, 3)}, check) != crc
+    with pytest.raises(ValueError, match="unknown state checksum 'md5'"):
+        state_crc(a, "md5")
+
+
+def test_a_recipe_recorded_with_crc32_before_xxh3_is_still_followed(unit_ctx) -> None:
+    """Recipes stored before the checksum became xxh3-64 carry a zlib CRC-32 and no ``check``: a version stored
+    that way is rebuilt, and checked, as before."""
+    from pipeline.recipe import encode_recipe, parse
+
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(2):
+        ref.round(whole, v)
+        fleet.round(job_id, v)
+    r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])
+    assert r["check"] == "xxh3_64"
+    weights, momentum = stored_version(unit_ctx, job_id, 2)
+    old = {k: v for k, v in r.items() if k != "check"} | {"crc": state_crc({**weights, **momentum_entries(momentum)},
+                                                                            "crc32")}
+    assert parse(old)["check"] == "crc32"
+    unit_ctx.store.put(keys.version_recipe(job_id, 2), encode_recipe(old))
+    assert_same_versions(unit_ctx, job_id, whole, range(3))
+    with pytest.raises(ValueError, match="unknown state checksum"):
+        parse({**r, "check": "md5"})
 
 
 def test_a_worker_holds_its_blobs_of_one_round_only(unit_ctx) -> None:
@@ -378,7 +404,7 @@ def test_a_recipe_that_does_not_rebuild_its_version_is_refused_by_name(unit_ctx)
     good = unit_ctx.store.get(rkey)
     r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])
     unit_ctx.store.put(rkey, encode_recipe({**r, "hparams": {**r["hparams"], "lr": r["hparams"]["lr"] * 2}}))
-    with pytest.raises(BlobError, match=r"version 2 rebuilt from full checkpoint v0 differs .*CRC"):
+    with pytest.raises(BlobError, match=r"version 2 rebuilt from full checkpoint v0 differs .*checksum"):
         stored_version(unit_ctx, job_id, 2)
     unit_ctx.store.put(rkey, bytes(good[:-1]) + bytes([good[-1] ^ 1]))  # torn: fails its digest
     with pytest.raises(BlobError, match=rkey):
