@@ -5,9 +5,9 @@ Layout (all integers little-endian)::
     b"AAST" | u8 format version (2) | u32 header length | header JSON (utf-8, space-padded) | payload
 
 The header holds ``compression`` ("none" | "zstd"), ``payload_bytes`` (uncompressed size),
-``digest`` = sha256(meta JSON ‖ payload as stored), optional ``sig`` = HMAC-SHA256 of that digest
-(format 1, still read: HMAC over the bytes themselves), and ``meta``: a JSON object for whatever the
-writer needs to describe (codec, shapes, base version, ...). The payload is a safetensors file whose
+``digest`` = BLAKE3(meta JSON ‖ payload as stored) (formats 1 and 2, still read: SHA-256), optional ``sig`` =
+HMAC-SHA256 of that digest (format 1: HMAC over the bytes themselves), and ``meta``: a JSON object for whatever
+the writer needs to describe (codec, shapes, base version, ...). The payload is a safetensors file whose
 data starts 64-byte aligned, so tensors are read as views of the blob (``pipeline/tensorfile.py``).
 A reader makes one pass over the bytes (the digest); nothing here unpickles anything.
 """
@@ -28,8 +28,10 @@ from pipeline import tensorfile
 from pipeline.reasons import Refusal
 
 MAGIC = b"AAST"
-FORMAT = 2  # 1: the signature covered the whole blob; 2: it covers the digest (one pass). Both are read.
-FORMATS = (1, 2)
+# 1: the signature covered the whole blob; 2: it covers the digest (one pass); 3: the digest is BLAKE3 (~6 GB/s
+# on one core here) instead of SHA-256 (~1.2-1.7 GB/s), which bounded the aggregator's fold. All three are read.
+FORMAT = 3
+FORMATS = (1, 2, 3)
 _PRELUDE = struct.Struct("<4sBI")  # magic, format, header length
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
@@ -68,17 +70,31 @@ def _mac(key: bytes, meta_bytes: bytes, payload: bytes | memoryview) -> str:
     return h.hexdigest()
 
 
-def _mac_digest(key: bytes, digest: str) -> str:
-    """Format 2's signature: HMAC over the sha256 digest the reader computes anyway (hash-then-MAC), so a
-    signed blob is read in one pass over its bytes, not two."""
-    return hmac.new(key, b"aas-blob-v2:" + digest.encode(), hashlib.sha256).hexdigest()
+def _mac_digest(key: bytes, digest: str, fmt: int) -> str:
+    """Formats 2 and 3's signature: HMAC over the digest the reader computes anyway (hash-then-MAC), so a
+    signed blob is read in one pass over its bytes, not two. The format is in the MAC's input."""
+    return hmac.new(key, f"aas-blob-v{fmt}:".encode() + digest.encode(), hashlib.sha256).hexdigest()
 
 
-def _digest(meta_bytes: bytes, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...]) -> str:
-    h = hashlib.sha256(meta_bytes)
+def hasher(fmt: int, meta_bytes: bytes) -> Any:
+    """The digest's hash of format `fmt`, fed the canonical meta: BLAKE3 from format 3, SHA-256 before. Its
+    ``update`` releases the GIL on large buffers (both)."""
+    if fmt >= 3:
+        import blake3
+
+        return blake3.blake3(meta_bytes)
+    return hashlib.sha256(meta_bytes)
+
+
+def digest_name(fmt: int) -> str:
+    return "blake3" if fmt >= 3 else "sha256"
+
+
+def _digest(meta_bytes: bytes, parts: list[bytes | memoryview] | tuple[bytes | memoryview, ...], fmt: int) -> str:
+    h = hasher(fmt, meta_bytes)
     for p in parts:
         h.update(p)
-    return h.hexdigest()
+    return str(h.hexdigest())
 
 
 def encode_parts(
@@ -88,12 +104,16 @@ def encode_parts(
     compress: bool = False,
     level: int = 3,
     signing_key: bytes | None = None,
+    fmt: int = FORMAT,
 ) -> list[bytes | memoryview]:
     """The blob as a list of buffers (envelope, then each tensor's own memory): write them as they are.
 
     Concatenated they are the bytes ``encode`` returns. Uncompressed, no tensor is copied: a 4 GB model
-    costs no extra 4 GB (or 8: safetensors' ``save`` and the concatenation each made one).
+    costs no extra 4 GB (or 8: safetensors' ``save`` and the concatenation each made one). `fmt`: 2 writes the
+    SHA-256 format a reader of an older release reads (3, the default, is BLAKE3).
     """
+    if fmt not in (2, 3):
+        raise ValueError(f"blobs are written in format 2 or 3, not {fmt}")
     meta = dict(meta or {})
     st_head, views = tensorfile.dump(tensors)
     payload: list[bytes | memoryview] = [st_head, *views]
@@ -103,7 +123,7 @@ def encode_parts(
 
         payload = [zstandard.ZstdCompressor(level=level).compress(b"".join(payload))]
     meta_bytes = _canonical(meta)
-    digest = _digest(meta_bytes, payload)
+    digest = _digest(meta_bytes, payload, fmt)
     header: dict[str, Any] = {
         "compression": "zstd" if compress else "none",
         "payload_bytes": raw_len,
@@ -111,12 +131,12 @@ def encode_parts(
         "meta": meta,
     }
     if signing_key:
-        header["sig"] = _mac_digest(signing_key, digest)
+        header["sig"] = _mac_digest(signing_key, digest, fmt)
     head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     # Pad with JSON whitespace so that the payload starts 64-byte aligned: tensors read back as views
     # of the blob are then aligned for their dtype.
     head += b" " * (-(_PRELUDE.size + len(head)) % 64)
-    return [_PRELUDE.pack(MAGIC, FORMAT, len(head)) + head, *payload]
+    return [_PRELUDE.pack(MAGIC, fmt, len(head)) + head, *payload]
 
 
 def encode(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None, **options: Any) -> bytes:
@@ -158,7 +178,7 @@ def digest_of(data: bytes | bytearray | memoryview) -> str:
 
 def verify(data: bytes | bytearray | memoryview, where: str = "<bytes>", *, signing_key: bytes | None = None,
            expect_digest: str | None = None) -> tuple[dict[str, Any], memoryview]:
-    """Check the digest (one sha256 pass) and the signature; return the header and the payload."""
+    """Check the digest (one pass over the bytes) and the signature; return the header and the payload."""
     header, payload = read_header(data, where)
     _verify_parsed(header, payload, where, signing_key=signing_key, expect_digest=expect_digest)
     return header, payload
@@ -170,7 +190,7 @@ def _verify_parsed(header: dict[str, Any], payload: memoryview, where: str, *, s
         meta_bytes = _canonical(header["meta"])
     except ValueError as e:
         raise BlobError(where, f"meta is not canonical JSON: {e}") from None
-    _check_digest_and_sig(header, _digest(meta_bytes, (payload,)), where, signing_key=signing_key,
+    _check_digest_and_sig(header, _digest(meta_bytes, (payload,), header["format"]), where, signing_key=signing_key,
                           expect_digest=expect_digest, mac_v1=lambda key: _mac(key, meta_bytes, payload))
 
 
@@ -178,17 +198,17 @@ def _check_digest_and_sig(header: dict[str, Any], actual: str, where: str, *, si
                           expect_digest: str | None, mac_v1: Callable[[bytes], str] | None) -> None:
     """The declared digest against what the writer reported and what the bytes hash to, then the signature
     (format 2: of the digest; format 1: of the bytes, through `mac_v1`, which a stream cannot give)."""
-    declared = str(header.get("digest", ""))
+    declared, algo = str(header.get("digest", "")), digest_name(header["format"])
     if expect_digest is not None and not hmac.compare_digest(declared, expect_digest):
-        raise BlobError(where, "sha256 digest differs from what the writer reported")
+        raise BlobError(where, f"{algo} digest differs from what the writer reported")
     if not hmac.compare_digest(declared, actual):
-        raise BlobError(where, "sha256 mismatch: the blob is corrupt or was modified")
+        raise BlobError(where, f"{algo} mismatch: the blob is corrupt or was modified")
     if signing_key:
         sig = header.get("sig")
         if not sig:
             raise BlobError(where, "unsigned, but a signing key is configured", code="signature")
         if header["format"] >= 2:
-            want = _mac_digest(signing_key, declared)
+            want = _mac_digest(signing_key, declared, header["format"])
         else:
             want = mac_v1(signing_key) if mac_v1 is not None else ""
         if not want or not hmac.compare_digest(str(sig), want):
@@ -273,7 +293,7 @@ class BlobStream:
             self._meta_bytes = _canonical(self.meta)
         except ValueError as e:
             raise BlobError(where, f"meta is not canonical JSON: {e}") from None
-        self._hash = hashlib.sha256(self._meta_bytes)
+        self._hash = hasher(self.header["format"], self._meta_bytes)
         self._head = head
 
     def _read(self, n: int) -> bytearray:

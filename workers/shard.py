@@ -153,5 +153,6 @@ def _put_blob(ctx: Context, job_id: str, key: str, tensors: dict[str, torch.Tens
     if compress or versions_from_blobs:  # (an fp32 update is the model's size: held where replay is certain)
         ctx.hold_blob(key, parts)  # the next version's replay folds it from memory (workers/replay.py)
     ctx.jobs.add_bytes(job_id, up=size, down=ctx.take_unsent_down(job_id))  # the version's read, counted here
-    # The envelope's digest: the reader checks it in its one pass over the bytes.
+    # The envelope's digest: the reader checks it in its one pass over the bytes. (BLAKE3 from blob format 3; the
+    # result's field keeps the name "sha256" it had, which results already queued carry.)
     return {"key": key, "sha256": blobs.digest_of(parts[0]), "bytes": size}

@@ -284,9 +284,8 @@ def main(argv: list[str] | None = None) -> int:
                     "running aggregator does); replaces the floor table")
     ap.add_argument("--pin", action="store_true", help="with --parts: one core per aggregation process (core p for "
                     "part p; core 0 for K=1), as K aggregator hosts of one core each")
-    ap.add_argument("--checkpoint-every", type=int, default=1, help="with --parts: the jobs' "
-                    "checkpoint_every_versions (timed round 1 then writes version 2 as its recipe, for K = 1 and K > 1 "
-                    "alike, where it is > 2)")
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="the jobs' checkpoint_every_versions: where it "
+                    "is > 2 the timed round stores its version as its recipe (version 1; version 2 with --parts)")
     ap.add_argument("--child", choices=["floor", "aggregate", "part"], help=argparse.SUPPRESS)
     ap.add_argument("--part", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -310,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for env, params_m, shards in configurations(a):
         print(f"[aggregation] {params_m:g}M parameters × {shards} shards: staging", file=sys.stderr, flush=True)
-        job = stage(params_m, shards)
+        job = stage(params_m, shards, spec=_every(a))
         row = {"params": job["params"], "model_mb": round(job["model_mb"], 1), "shards": shards}
         row.update(run_child("floor", job, env))
         row.update(run_child("aggregate", job, env))
@@ -337,13 +336,17 @@ def configurations(a: argparse.Namespace) -> Iterator[tuple[dict[str, str], floa
                 shutil.rmtree(Path(tmp) / "store", ignore_errors=True)
 
 
+def _every(a: argparse.Namespace) -> dict[str, Any]:
+    """The staged jobs' checkpoint_every_versions (--checkpoint-every), where it is not the default."""
+    return {"checkpoint_every_versions": a.checkpoint_every} if a.checkpoint_every > 1 else {}
+
+
 def compare_parts(a: argparse.Namespace) -> int:
     rows = []
     for env, params_m, shards in configurations(a):
         for parts in [int(x) for x in a.parts.split(",")]:
             print(f"[aggregation] {params_m:g}M × {shards} shards, {parts} part(s)", file=sys.stderr, flush=True)
-            every = {"checkpoint_every_versions": a.checkpoint_every} if a.checkpoint_every > 1 else {}
-            job = stage(params_m, shards, parts, rounds=2, spec=every)
+            job = stage(params_m, shards, parts, rounds=2, spec=_every(a))
             row = {"params": job["params"], "shards": shards, "parts": job["parts"], "round": 1, "pinned": a.pin,
                    "checkpoint_every": a.checkpoint_every}
             row.update(run_parts(job, env, a.pin) if job["parts"] > 1 else

@@ -49,7 +49,7 @@ def test_corrupt_checkpoint_fails_the_job_after_retries_and_keeps_the_last_good_
     advance(client._context(), job_id)
     final = client.wait(job_id, timeout=120)
     assert final["status"] == "failed"
-    assert "sha256 mismatch" in final["error"] and "gave up after 3 retries" in final["error"]
+    assert "blake3 mismatch" in final["error"] and "gave up after 3 retries" in final["error"]
     assert final["version"] == 0
     retries = [e for e in client.jobs.events(job_id) if e["kind"] == "retry"]
     assert len(retries) == 3

@@ -181,7 +181,7 @@ def _poison(value: float) -> Callable[[dict[str, torch.Tensor], dict[str, Any]],
 DEFECTS: dict[str, tuple[Callable[[Any, dict[str, Any]], dict[str, Any]], str]] = {
     "truncated to its prelude": (lambda ctx, r: put_bytes(ctx, r, ctx.store.get(r["key"])[:6]), "truncated"),
     "truncated payload": (lambda ctx, r: put_bytes(ctx, r, ctx.store.get(r["key"])[:-100]), "truncated"),
-    "bit-flipped payload": (lambda ctx, r: put_bytes(ctx, r, _flip(ctx.store.get(r["key"]), -50)), "sha256 mismatch"),
+    "bit-flipped payload": (lambda ctx, r: put_bytes(ctx, r, _flip(ctx.store.get(r["key"]), -50)), "blake3 mismatch"),
     "a pickle instead of a blob": (lambda ctx, r: put_bytes(ctx, r, pickle.dumps({"w": 1})), "not an AaS blob"),
     "an unknown codec": (lambda ctx, r: rewrite(ctx, r, lambda t, m: m["codec"].update(codec="zz")), "unknown codec"),
     "wrong shapes": (lambda ctx, r: rewrite(ctx, r, _reshape_bias), "has shape (11,)"),

@@ -82,7 +82,7 @@ def test_a_blob_streamed_in_pieces_gives_the_same_tensors_and_checks_its_digest_
     bad = _stream(bytes(flipped))
     for _ in bad.pieces(bad.tensors()):
         pass
-    with pytest.raises(blobs.BlobError, match="sha256 mismatch"):
+    with pytest.raises(blobs.BlobError, match="blake3 mismatch"):
         bad.finish()
     for_key = _stream(data)
     for _ in for_key.pieces(for_key.tensors()):
@@ -91,6 +91,34 @@ def test_a_blob_streamed_in_pieces_gives_the_same_tensors_and_checks_its_digest_
         for_key.finish(signing_key=b"other")
     with pytest.raises(blobs.BlobError, match="truncated"):
         _stream(data[:-10]).tensors()
+
+
+@pytest.mark.parametrize("fmt", [2, 3])
+def test_blobs_of_the_sha256_format_and_the_blake3_format_are_read_streamed_and_checked(fmt: int) -> None:
+    """Format 3 (written now) digests with BLAKE3, format 2 (written before) with SHA-256: both are decoded and
+    streamed, their signature checked and a flipped bit refused naming the hash; a blob whose format byte is
+    rewritten to the other format fails its digest."""
+    w = torch.randn(5_000)
+    data = blobs.encode({"w": w}, {"k": 1}, signing_key=b"key", fmt=fmt)
+    algo = "blake3" if fmt == 3 else "sha256"
+    assert data[4] == fmt and len(blobs.digest_of(data)) == 64
+    assert torch.equal(blobs.decode(data, "b", signing_key=b"key", expect_digest=blobs.digest_of(data)).tensors["w"], w)
+    bs = _stream(data)
+    for _ in bs.pieces(bs.tensors(), max_bytes=4096):
+        pass
+    bs.finish(signing_key=b"key")
+    flipped = bytearray(data)
+    flipped[-5] ^= 1
+    with pytest.raises(blobs.BlobError, match=f"{algo} mismatch"):
+        blobs.decode(bytes(flipped), "b")
+    with pytest.raises(blobs.BlobError, match="bad signature"):
+        blobs.decode(data, "b", signing_key=b"other")
+    other = bytearray(data)
+    other[4] = 5 - fmt
+    with pytest.raises(blobs.BlobError, match="mismatch"):
+        blobs.decode(bytes(other), "b")
+    with pytest.raises(ValueError, match="format 2 or 3"):
+        blobs.encode({"w": w}, fmt=1)
 
 
 def test_the_local_store_writes_parts_without_joining_them_and_streams_reads(tmp_path: Any) -> None:
@@ -150,7 +178,7 @@ def test_a_blob_whose_digest_fails_after_it_was_streamed_leaves_the_round_uncomm
     data = bytearray(unit_ctx.store.get(results[1]["key"]))
     data[-7] ^= 0x10  # inside the last tensor: noticed only when the whole blob has been folded
     unit_ctx.store.put(results[1]["key"], data)
-    with pytest.raises(aggregator.RoundIncomplete, match="sha256 mismatch") as err:
+    with pytest.raises(aggregator.RoundIncomplete, match="blake3 mismatch") as err:
         aggregator.aggregate_round(unit_ctx, job_id, 0, results)
     assert err.value.recompute == [1] and unit_ctx.jobs.get(job_id).version == 0
     assert not unit_ctx.store.exists(keys.checkpoint(job_id, 1))

@@ -194,7 +194,7 @@ def test_a_half_written_artifact_is_never_visible(r: fakeredis.FakeRedis, tmp_pa
 def test_corrupt_bytes_are_refused_at_register(reg: Registry, store: LocalStore, blob: bytes) -> None:
     bad = bytearray(blob)
     bad[-10] ^= 0xFF
-    with pytest.raises(InvalidArtifact, match="sha256 mismatch"):
+    with pytest.raises(InvalidArtifact, match="blake3 mismatch"):
         register(reg, bytes(bad))
     with pytest.raises(InvalidArtifact, match="not an AaS blob"):
         register(reg, b"garbage" * 10)

@@ -86,7 +86,7 @@ def test_corrupt_gradient_blob_is_never_applied_and_its_shard_is_recomputed(unit
     with pytest.raises(aggregator.RoundIncomplete) as err:
         aggregator.aggregate_round(unit_ctx, job_id, 0, results)
     assert err.value.recompute == [1]
-    assert "sha256" in str(err.value)
+    assert "blake3 mismatch" in str(err.value)
     assert not unit_ctx.store.exists(key)  # removed, so it can never be applied
     assert unit_ctx.jobs.get(job_id).version == 0
     events = [e for e in unit_ctx.jobs.events(job_id) if e["kind"] == "rejected"]
