@@ -589,3 +589,19 @@ def test_a_range_claimed_by_a_process_that_died_is_taken_by_the_task_sent_again(
     assert aggregator.aggregate_part(survivor, job_id, 2, results, 0).committed
     assert aggregator.claim_range(survivor, job_id, 2, 0, 2) is None  # every range written
     assert_same_versions(unit_ctx, job_id, whole, range(4))
+
+
+def test_resume_from_the_store_finds_and_rebuilds_a_version_stored_as_range_recipes(unit_ctx) -> None:
+    from storage.retention import forget_job
+    from workers.staging import rebuild_job
+
+    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(6):
+        ref.round(whole, v)
+        fleet.round(job_id, v)
+    forget_job(unit_ctx.redis, job_id)  # Redis lost the job, its parts' records and claims with it
+    assert not list(unit_ctx.redis.scan_iter(match=keys.job_parts_pattern(job_id)))
+    assert rebuild_job(fleet.client.services, job_id).version == 6  # v6: each range a recipe (v4 the full one)
+    assert_same_versions(unit_ctx, job_id, whole, range(7))
