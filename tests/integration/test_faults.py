@@ -89,11 +89,9 @@ def test_aggregator_killed_between_read_and_commit_loses_nothing_and_applies_not
     assert_one_blob_per_shard_per_version(client, job["job_id"], job["version"], 2)
 
 
-def test_aggregator_killed_after_a_version_stored_as_its_recipe_rebuilds_it_and_trains_to_the_same_weights(
-        workers) -> None:
-    """checkpoint_every_versions=4: version 1 is stored only as its recipe when the aggregator that committed it
-    dies; the one that takes over rebuilds it from version 0 and the kept blobs, and every version after is the
-    same as a job that checkpoints every version."""
+def _run_past_a_dying_aggregator(workers, fault: str, spec: dict) -> tuple[object, dict, dict]:
+    """A clean run of SPEC, then `spec` on two aggregators of which one dies at `fault` (once): (client, the clean
+    job, the job), the job checked to have committed as many versions as the clean one, each shard once a version."""
     from pipeline.client import Client
 
     start = workers
@@ -104,24 +102,37 @@ def test_aggregator_killed_after_a_version_stored_as_its_recipe_rebuilds_it_and_
     clean = run_job(client)
     group = start.group  # type: ignore[attr-defined]
     group.kill("aggregator")
-    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": "aggregator.after_commit",
-                                                        "AAS_AGGREGATOR_PUBLISHES": "false"})
+    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": fault, "AAS_AGGREGATOR_PUBLISHES": "false"})
     start("aggregator2", "aggregate")
-    job = run_job(client, {**SPEC, "checkpoint_every_versions": 4})
-    job_id, last = job["job_id"], job["version"]
-    assert client.redis.exists(keys.fault_fired("aggregator.after_commit", job_id)), "the fault never fired"
+    job = run_job(client, spec)
+    assert client.redis.exists(keys.fault_fired(fault, job["job_id"])), "the fault never fired"
     assert group.procs["faulty-aggregator"].poll() is not None, "the faulty aggregator should have died"
-    assert last == clean["version"] and len(job["metrics"]) == last
-    listed = list(client.store.list(keys.checkpoint_prefix(job_id)))
-    assert keys.checkpoint_versions(listed) == sorted({*range(0, last, 4), last})
-    assert keys.recipe_versions(listed) == [v for v in range(1, last) if v % 4]
-    assert_one_blob_per_shard_per_version(client, job_id, last, 2)
+    assert job["version"] == clean["version"] and len(job["metrics"]) == job["version"]
+    assert_one_blob_per_shard_per_version(client, job["job_id"], job["version"], 2)
+    return client, clean, job
+
+
+def assert_every_version_rebuilds_to_the_clean_jobs(client, job_id: str, clean_id: str, last: int) -> None:
     ctx = client._context()  # a process that holds no version: each one rebuilt from the store
     for v in range(1, last + 1):
         got = ctx.checkpoint(keys.checkpoint(job_id, v), job_id, with_opt=True)
-        want = ctx.checkpoint(keys.checkpoint(clean["job_id"], v), clean["job_id"], with_opt=True)
+        want = ctx.checkpoint(keys.checkpoint(clean_id, v), clean_id, with_opt=True)
         assert_same_weights(got.state, want.state)
         assert_same_weights(got.opt["momentum"], want.opt["momentum"])
+
+
+def test_aggregator_killed_after_a_version_stored_as_its_recipe_rebuilds_it_and_trains_to_the_same_weights(
+        workers) -> None:
+    """checkpoint_every_versions=4: version 1 is stored only as its recipe when the aggregator that committed it
+    dies; the one that takes over rebuilds it from version 0 and the kept blobs, and every version after is the
+    same as a job that checkpoints every version."""
+    client, clean, job = _run_past_a_dying_aggregator(workers, "aggregator.after_commit",
+                                                      {**SPEC, "checkpoint_every_versions": 4})
+    job_id, last = job["job_id"], job["version"]
+    listed = list(client.store.list(keys.checkpoint_prefix(job_id)))
+    assert keys.checkpoint_versions(listed) == sorted({*range(0, last, 4), last})
+    assert keys.recipe_versions(listed) == [v for v in range(1, last) if v % 4]
+    assert_every_version_rebuilds_to_the_clean_jobs(client, job_id, clean["job_id"], last)
 
 
 def test_aggregation_part_killed_after_storing_its_range_as_a_recipe_is_rebuilt_and_trains_to_the_same_weights(
@@ -130,36 +141,15 @@ def test_aggregation_part_killed_after_storing_its_range_as_a_recipe_is_rebuilt_
     version as that range's recipe dies before looking for the commit. Its message is delivered again and the
     version committed once; whichever process takes that range next rebuilds it from the full checkpoint and
     the kept blobs; every version equals a job aggregated in one part that checkpoints every version."""
-    from pipeline.client import Client
-
-    start = workers
-    start("shard0")
-    start("shard1")
-    start("aggregator", "aggregate")
-    client = Client()
-    clean = run_job(client)
-    group = start.group  # type: ignore[attr-defined]
-    group.kill("aggregator")
-    start("faulty-aggregator", "aggregate", extra_env={"AAS_FAULTS": "aggregator.after_part",
-                                                        "AAS_AGGREGATOR_PUBLISHES": "false"})
-    start("aggregator2", "aggregate")
-    job = run_job(client, {**SPEC, "checkpoint_every_versions": 4, "aggregation_parts": 2})
+    client, clean, job = _run_past_a_dying_aggregator(workers, "aggregator.after_part",
+                                                      {**SPEC, "checkpoint_every_versions": 4, "aggregation_parts": 2})
     job_id, last = job["job_id"], job["version"]
-    assert client.redis.exists(keys.fault_fired("aggregator.after_part", job_id)), "the fault never fired"
-    assert group.procs["faulty-aggregator"].poll() is not None, "the faulty aggregator should have died"
-    assert last == clean["version"] and len(job["metrics"]) == last
     listed = set(client.store.list(keys.checkpoint_prefix(job_id)))
     for v in range(1, last + 1):
         whole = v % 4 == 0 or v == last
         assert all((keys.checkpoint_part(job_id, v, p) in listed) == whole for p in range(2)), v
         assert all((keys.version_recipe(job_id, v, p) in listed) != whole for p in range(2)), v
-    assert_one_blob_per_shard_per_version(client, job_id, last, 2)
-    ctx = client._context()  # a process that holds no version: each one rebuilt from the store
-    for v in range(1, last + 1):
-        got = ctx.checkpoint(keys.checkpoint(job_id, v), job_id, with_opt=True)
-        want = ctx.checkpoint(keys.checkpoint(clean["job_id"], v), clean["job_id"], with_opt=True)
-        assert_same_weights(got.state, want.state)
-        assert_same_weights(got.opt["momentum"], want.opt["momentum"])
+    assert_every_version_rebuilds_to_the_clean_jobs(client, job_id, clean["job_id"], last)
 
 
 def test_job_whose_redis_state_was_lost_resumes_from_its_last_checkpoint(workers) -> None:

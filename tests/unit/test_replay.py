@@ -263,12 +263,7 @@ def test_a_recipe_recorded_with_crc32_before_xxh3_is_still_followed(unit_ctx) ->
     that way is rebuilt, and checked, as before."""
     from pipeline.recipe import encode_recipe, parse
 
-    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
-    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4})
-    whole = ref.client.stage(FP32_MOMENTUM)
-    for v in range(2):
-        ref.round(whole, v)
-        fleet.round(job_id, v)
+    _, _, job_id, whole = paired_jobs(unit_ctx, every=4, rounds=2, parts=1)
     r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])
     assert r["check"] == "xxh3_64"
     weights, momentum = stored_version(unit_ctx, job_id, 2)
@@ -462,6 +457,19 @@ def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(un
 # ---------------------------------------------------------------- in parameter ranges, recipes between full checkpoints
 
 
+def paired_jobs(ctx: Context, every: int, rounds: int, parts: int = 2) -> tuple[Fleet, Fleet, str, str]:
+    """A job with a full checkpoint every `every` versions, in `parts` parts (a process per part), and the same spec
+    in one part, every version whole, each run `rounds` rounds: (reference fleet, fleet, job, reference job)."""
+    ref, fleet = Fleet(ctx), Fleet(ctx, parts=parts)
+    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": every,
+                                 **({"aggregation_parts": parts} if parts > 1 else {})})
+    whole = ref.client.stage(FP32_MOMENTUM)
+    for v in range(rounds):
+        ref.round(whole, v)
+        fleet.round(job_id, v)
+    return ref, fleet, job_id, whole
+
+
 def part_objects(ctx: Context, job_id: str) -> tuple[list[int], list[int]]:
     """(versions whose every range is stored whole, versions whose every range is stored as its recipe)."""
     listed = set(ctx.store.list(keys.checkpoint_prefix(job_id)))
@@ -536,10 +544,7 @@ def test_a_range_recipe_that_does_not_rebuild_its_range_is_refused_by_name(unit_
     from pipeline.blobs import BlobError
     from pipeline.recipe import encode_recipe
 
-    fleet = Fleet(unit_ctx, parts=2)
-    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
-    for v in range(2):
-        fleet.round(job_id, v)
+    _, _, job_id, _ = paired_jobs(unit_ctx, every=4, rounds=2)
     rkey = keys.version_recipe(job_id, 2, 1)
     r = json.loads(unit_ctx.jobs.get(job_id).fields["recipe"])["parts"][1]
     unit_ctx.store.put(rkey, encode_recipe({**r, "crc": r["crc"] ^ 1}))
@@ -574,12 +579,7 @@ def test_a_part_task_takes_the_range_its_process_holds_whichever_range_it_was_se
 
 
 def test_a_range_claimed_by_a_process_that_died_is_taken_by_the_task_sent_again(unit_ctx) -> None:
-    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
-    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
-    whole = ref.client.stage(FP32_MOMENTUM)
-    for v in range(2):
-        ref.round(whole, v)
-        fleet.round(job_id, v)
+    ref, fleet, job_id, whole = paired_jobs(unit_ctx, every=4, rounds=2)
     ref.round(whole, 2)
     results = [shard.train_shard(w, job_id, s, 2, 2, 0) for s, w in enumerate(fleet.workers)]
     assert aggregator.claim_range(fleet.parts[0], job_id, 2, 0, 2) == 0  # ... and its process dies here
@@ -595,12 +595,7 @@ def test_resume_from_the_store_finds_and_rebuilds_a_version_stored_as_range_reci
     from storage.retention import forget_job
     from workers.staging import rebuild_job
 
-    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx, parts=2)
-    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": 4, "aggregation_parts": 2})
-    whole = ref.client.stage(FP32_MOMENTUM)
-    for v in range(6):
-        ref.round(whole, v)
-        fleet.round(job_id, v)
+    _, fleet, job_id, whole = paired_jobs(unit_ctx, every=4, rounds=6)
     forget_job(unit_ctx.redis, job_id)  # Redis lost the job, its parts' records and claims with it
     assert not list(unit_ctx.redis.scan_iter(match=keys.job_parts_pattern(job_id)))
     assert rebuild_job(fleet.client.services, job_id).version == 6  # v6: each range a recipe (v4 the full one)
