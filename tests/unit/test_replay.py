@@ -433,18 +433,14 @@ def test_checkpoint_every_versions_is_refused_where_versions_cannot_be_rebuilt()
     assert parse_spec({"checkpoint_every_versions": 4, "aggregation_parts": 2}).aggregation_parts == 2
 
 
-def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(unit_ctx) -> None:
+@pytest.mark.parametrize("parts", [1, 2])
+def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(unit_ctx, parts: int) -> None:
     from pipeline.artifacts import dequantized_state
     from workers.publish import evaluate_and_publish
 
-    ref, fleet = Fleet(unit_ctx), Fleet(unit_ctx)
-    spec = {**FP32_MOMENTUM, "publish_every_versions": 2}
-    every = fleet.client.stage({**spec, "checkpoint_every_versions": 4})
-    whole = ref.client.stage(spec)
-    for v in range(3):
-        ref.round(whole, v)
-        fleet.round(every, v)
-    assert not unit_ctx.store.exists(keys.checkpoint(every, 2))  # v2: its recipe only
+    ref, _, every, whole = paired_jobs(unit_ctx, every=4, rounds=3, parts=parts, publish_every_versions=2)
+    stored = keys.checkpoint(every, 2) if parts == 1 else keys.checkpoint_part(every, 2, 0)
+    assert not unit_ctx.store.exists(stored)  # v2: its recipe only (one per range)
     publisher = Fleet(unit_ctx).agg  # a process of its own (the publish queue's): it holds no version
     out = evaluate_and_publish(publisher, every, 2)
     assert out["registered"] is not None and out["registered"]["lineage"]["round"] == 2
@@ -457,13 +453,15 @@ def test_the_publisher_evaluates_and_registers_a_version_stored_as_its_recipe(un
 # ---------------------------------------------------------------- in parameter ranges, recipes between full checkpoints
 
 
-def paired_jobs(ctx: Context, every: int, rounds: int, parts: int = 2) -> tuple[Fleet, Fleet, str, str]:
+def paired_jobs(ctx: Context, every: int, rounds: int, parts: int = 2, **spec: object
+                ) -> tuple[Fleet, Fleet, str, str]:
     """A job with a full checkpoint every `every` versions, in `parts` parts (a process per part), and the same spec
-    in one part, every version whole, each run `rounds` rounds: (reference fleet, fleet, job, reference job)."""
+    in one part, every version whole, each run `rounds` rounds: (reference fleet, fleet, job, reference job).
+    `spec`: fields both jobs add to FP32_MOMENTUM."""
     ref, fleet = Fleet(ctx), Fleet(ctx, parts=parts)
-    job_id = fleet.client.stage({**FP32_MOMENTUM, "checkpoint_every_versions": every,
+    job_id = fleet.client.stage({**FP32_MOMENTUM, **spec, "checkpoint_every_versions": every,
                                  **({"aggregation_parts": parts} if parts > 1 else {})})
-    whole = ref.client.stage(FP32_MOMENTUM)
+    whole = ref.client.stage({**FP32_MOMENTUM, **spec})
     for v in range(rounds):
         ref.round(whole, v)
         fleet.round(job_id, v)
