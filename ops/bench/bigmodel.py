@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-aggregator", action="store_true",
                     help="start no aggregator: measure round 0's shard tasks alone, then stop")
     ap.add_argument("--min-free-gb", type=float, default=3.0, help="stop everything below this MemAvailable")
+    ap.add_argument("--spec", default="{}", help="JSON fields added to the job's spec, e.g. "
+                    "'{\"checkpoint_every_versions\": 8}' or '{\"aggregation_parts\": 2}'")
     ap.add_argument("--timeout-s", type=float, default=1800.0)
     ap.add_argument("--json", help="write the report here")
     a = ap.parse_args(argv)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
         get_settings.cache_clear()
         settings = get_settings()
-        spec = job_spec(a.size, a.shards or a.workers, a.rounds, a.batch_size, a.block_size)
+        spec = {**job_spec(a.size, a.shards or a.workers, a.rounds, a.batch_size, a.block_size), **json.loads(a.spec)}
         n_params = config_for(**spec["model_args"]).n_params()
         report.update(params=n_params, model_fp32_gb=round(4 * n_params / GB, 3), spec=spec)
         print(f"[bigmodel] gpt {a.size}: {n_params / 1e6:.1f}M parameters, {4 * n_params / GB:.2f} GB fp32; "
