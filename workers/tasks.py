@@ -174,7 +174,9 @@ def _recompute_missing(task: Task, job_id: str, version: int) -> Callable[[Conte
 
 @app.task(name=TASK_AGGREGATE_PART, bind=True)
 def aggregate_part_task(self: Task, results: list[Any], job_id: str, version: int, part: int) -> dict[str, Any]:
-    """Range `part` of round `version`; the part that completes the set commits and starts the next round."""
+    """One of round `version`'s part tasks, sent for range `part`: it aggregates the range its process holds, if
+    not yet written, else `part` or another range not yet taken (``aggregator.claim_range``); the task that
+    completes the set commits and starts the next round."""
     job_id, version, part = str(job_id), int(version), int(part)
     results = results if isinstance(results, list) else []
 
@@ -182,7 +184,8 @@ def aggregate_part_task(self: Task, results: list[Any], job_id: str, version: in
         outcome = aggregator.aggregate_part(ctx, job_id, version, results, part)
         if outcome.committed:
             advance(ctx, job_id)
-        return {"job": job_id, "version": outcome.version, "part": part, "committed": outcome.committed}
+        return {"job": job_id, "version": outcome.version, "part": part, "range": outcome.metrics.get("part"),
+                "committed": outcome.committed}
 
     return _guarded(self, job_id, f"aggregation part {part} of job {job_id} v{version}", run,
                     _recompute_missing(self, job_id, version), slot=keys.slot_aggregate(version))
