@@ -76,6 +76,14 @@ def _mac_digest(key: bytes, digest: str, fmt: int) -> str:
     return hmac.new(key, f"aas-blob-v{fmt}:".encode() + digest.encode(), hashlib.sha256).hexdigest()
 
 
+def writing_format() -> int:
+    """The format this process writes (``AAS_BLOB_FORMAT``): 2 during a rolling upgrade from a release that reads
+    only formats 1 and 2, else 3."""
+    from pipeline.settings import get_settings
+
+    return int(get_settings().blob_format)
+
+
 def hasher(fmt: int, meta_bytes: bytes) -> Any:
     """The digest's hash of format `fmt`, fed the canonical meta: BLAKE3 from format 3, SHA-256 before. Its
     ``update`` releases the GIL on large buffers (both)."""
@@ -104,14 +112,16 @@ def encode_parts(
     compress: bool = False,
     level: int = 3,
     signing_key: bytes | None = None,
-    fmt: int = FORMAT,
+    fmt: int | None = None,
 ) -> list[bytes | memoryview]:
     """The blob as a list of buffers (envelope, then each tensor's own memory): write them as they are.
 
     Concatenated they are the bytes ``encode`` returns. Uncompressed, no tensor is copied: a 4 GB model
-    costs no extra 4 GB (or 8: safetensors' ``save`` and the concatenation each made one). `fmt`: 2 writes the
-    SHA-256 format a reader of an older release reads (3, the default, is BLAKE3).
+    costs no extra 4 GB (or 8: safetensors' ``save`` and the concatenation each made one). `fmt`: 3 (BLAKE3) or 2
+    (SHA-256, what a release before format 3 reads); None: the process's ``AAS_BLOB_FORMAT`` (default 3).
     """
+    if fmt is None:
+        fmt = writing_format()
     if fmt not in (2, 3):
         raise ValueError(f"blobs are written in format 2 or 3, not {fmt}")
     meta = dict(meta or {})

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
 
     # Limits on what is accepted.
     max_blob_bytes: int = Field(default=2 * 1024**3, ge=1)
+    # The blob format this process writes: 3 (BLAKE3 digests) or 2 (SHA-256), what a release before format 3 reads.
+    # Every release reads both; set 2 on the upgraded processes while older ones still run (a rolling upgrade).
+    blob_format: int = Field(default=3, ge=2, le=3)
     signing_key: SecretStr | None = None  # HMAC-SHA256 key for blobs and artifacts; required unless insecure_dev
     # Development only: run workers and inference without a signing key, and publish into registry models without
     # the registry's rights (see SECURITY.md). `aas demo` and the test fixtures turn it on explicitly.

@@ -121,6 +121,27 @@ def test_blobs_of_the_sha256_format_and_the_blake3_format_are_read_streamed_and_
         blobs.encode({"w": w}, fmt=1)
 
 
+def test_aas_blob_format_2_makes_a_process_write_what_a_release_before_format_3_reads(monkeypatch) -> None:
+    """A rolling upgrade: upgraded processes write format 2 (SHA-256) until no older process runs; a value that is
+    not a format is refused naming the setting."""
+    from pydantic import ValidationError
+
+    from pipeline.settings import Settings, get_settings
+
+    monkeypatch.setenv("AAS_BLOB_FORMAT", "2")
+    get_settings.cache_clear()
+    try:
+        data = blobs.encode({"w": torch.ones(3)}, {"k": 1}, signing_key=b"key")
+        assert data[4] == 2 and blobs.decode(data, "b", signing_key=b"key").meta == {"k": 1}
+        monkeypatch.setenv("AAS_BLOB_FORMAT", "4")
+        with pytest.raises(ValidationError, match="blob_format"):
+            Settings()
+    finally:
+        monkeypatch.delenv("AAS_BLOB_FORMAT")
+        get_settings.cache_clear()
+    assert blobs.encode({"w": torch.ones(3)})[4] == 3
+
+
 def test_the_local_store_writes_parts_without_joining_them_and_streams_reads(tmp_path: Any) -> None:
     store = LocalStore(tmp_path)
     parts = blobs.encode_parts({"w": torch.arange(100.0)}, {"k": 1})
