@@ -252,8 +252,7 @@ def claim_range(ctx: Context, job_id: str, version: int, part: int, n: int) -> i
     the same bytes. None when every range is written."""
     done = ctx.jobs.parts_done(job_id, version)
     held = [p for p in range(n) if ctx.holds_checkpoint(keys.checkpoint_part(job_id, version, p))]
-    order = [*held, *(p for p in [part, *range(n)] if p not in held)]
-    todo = list(dict.fromkeys(p for p in order if str(p) not in done))
+    todo = [p for p in dict.fromkeys([*held, part, *range(n)]) if str(p) not in done]
     for p in todo:
         if ctx.jobs.claim_part(job_id, version, p, ctx.claimant):
             return p
