@@ -184,6 +184,25 @@ def staleness_lr(lr: float, staleness: int, rule: str) -> float:
     return lr / (1 + staleness) if rule == "inverse" else lr
 
 
+def lr_factor(schedule: str, t: int, total: int, warmup: int = 0) -> float:
+    """The learning rate's multiplier for step `t` (0-based) of a job of `total` steps (its versions; the inner
+    steps' rounds with local steps). A linear warm-up over the first `warmup` steps, (t+1)/(warmup+1), then
+    "constant" (1) or "cosine": ½(1 + cos(π·(t − warmup)/(total − warmup))), from 1 down towards 0 at the
+    last step — torch's LinearLR(start_factor=1/(warmup+1), total_iters=warmup) followed by
+    CosineAnnealingLR(T_max=total − warmup, eta_min=0), in closed form (tests/unit/test_math.py). Decaying the
+    rate is also what lets async SGD's staleness error, which grows with η² × delay, die out by the end
+    (Mitliagkas et al. 2016; Zheng et al. 2017 run DC-ASGD on a decayed schedule)."""
+    t = max(0, t)
+    if t < warmup:
+        return (t + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr_schedule {schedule!r} (known: constant, cosine)")
+    progress = min(1.0, (t - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 DC_DECAY = 0.95  # the mean square's moving-average factor (Zheng et al. 2017, DC-ASGD-a)
 
 

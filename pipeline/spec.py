@@ -50,6 +50,12 @@ class JobSpec(BaseModel):
     momentum: float = Field(default=0.9, ge=0, lt=1)
     nesterov: bool = False
     weight_decay: float = Field(default=0.0, ge=0, le=1)
+    # The learning rate over the job: "constant", or "cosine" from its value down towards 0 at the job's last
+    # version (torch's CosineAnnealingLR over the job's versions), after a linear warm-up over the first
+    # lr_warmup_versions (pipeline/aggregate.py lr_factor). It schedules the aggregator's lr (sync and async), and
+    # with local_steps > 1 the inner lr (DiLoCo's inner cosine; the outer lr stays constant, as in the paper).
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    lr_warmup_versions: int = Field(default=0, ge=0, le=1_000_000)
     inner_optimizer: Literal["sgd", "adamw"] = "sgd"  # used when local_steps > 1
     inner_lr: float = Field(default=0.05, gt=0, le=100)
     outer_lr: float = Field(default=0.7, gt=0, le=100)

@@ -14,7 +14,7 @@ import time
 from typing import Any
 
 from pipeline import blobs
-from pipeline.aggregate import Accumulator, UpdateRejected, select_round, sgd_step_
+from pipeline.aggregate import Accumulator, UpdateRejected, lr_factor, select_round, sgd_step_
 from pipeline.checkpoint import Checkpoint, checkpoint_parts, part_state
 from pipeline.data import total_rounds
 from pipeline.reasons import reason_code
@@ -43,10 +43,13 @@ class RoundIncomplete(Exception):
         self.recompute = recompute
 
 
-def opt_hparams(spec: JobSpec) -> dict[str, Any]:
+def opt_hparams(spec: JobSpec, version: int, total: int) -> dict[str, Any]:
+    """The optimizer's settings for the step from `version` to `version` + 1 of a job of `total` versions (the
+    spec's lr_schedule; recipes record the lr used, so a rebuilt version never recomputes it)."""
     if spec.local_steps > 1:  # DiLoCo outer optimizer: Nesterov momentum on the mean pseudo-gradient
         return {"lr": spec.outer_lr, "momentum": spec.outer_momentum, "nesterov": True, "weight_decay": 0.0}
-    return {"lr": spec.lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
+    lr = spec.lr * lr_factor(spec.lr_schedule, version, total, spec.lr_warmup_versions)
+    return {"lr": lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
 
 
 def _find_blob(ctx: Context, job_id: str, version: int, shard: int, part: int | None = None) -> str | None:
@@ -180,7 +183,7 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     identities = [u.identity for u in acc.folded]  # in shard order
     momentum = dict(ckpt.opt.get("momentum", {}))
     had_momentum = bool(momentum)
-    hparams = opt_hparams(spec)
+    hparams = opt_hparams(spec, version, job.total_rounds)
     sgd_step_({n: ckpt.state[n] for n in names}, mean, momentum, **hparams)
     del mean, acc
     # How a shard worker holding version N builds N+1 from these blobs ({} where that would not save bytes); for
@@ -193,7 +196,8 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
     timings = {"load_s": round(t_read - t0, 4), "fold_s": round(t_fold - t_read, 4),
                "step_s": round(time.perf_counter() - t_fold, 4)}
     return commit_next_version(ctx, job, ckpt, ckpt.state, momentum, identities, mode="sync", started=t0,
-                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch, **timings},
+                               extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch,
+                                              "lr": hparams["lr"], **timings},
                                recipe=recipe)
 
 
@@ -274,7 +278,7 @@ def _aggregate_one_part(ctx: Context, job: JobState, spec: JobSpec, version: int
     ctx.forget_checkpoint(keys.checkpoint(job_id, version))
     mean, samples, train_loss = acc.mean()
     momentum = {n: t for n, t in base.opt.get("momentum", {}).items() if n in set(names)}
-    had_momentum, hparams = bool(momentum), opt_hparams(spec)
+    had_momentum, hparams = bool(momentum), opt_hparams(spec, version, job.total_rounds)
     sgd_step_({n: base.state[n] for n in names}, mean, momentum, **hparams)
     state = part_state(base.state, ranges, part)  # (part 0 carries the buffers outside the parameter ranges)
     t_step = time.perf_counter()
@@ -306,6 +310,7 @@ def _commit_parts(ctx: Context, job: JobState, spec: JobSpec, version: int, done
     ctx.store.put(ckey, checkpoint_parts(manifest, signing_key=ctx.signing_key))
     identities = sorted({i for d in done for i in d["identities"]})
     metrics = {"train_loss": done[0]["train_loss"], "samples": done[0]["samples"], "parts": len(ranges),
+               "lr": opt_hparams(spec, version, job.total_rounds)["lr"],
                # the ranges whose process did not hold them from the round before (read or rebuilt from the store)
                "parts_read": sum(not d.get("held", True) for d in done),
                **{k: max(float(d[k]) for d in done) for k in ("fold_s", "step_s", "write_s")},

@@ -168,12 +168,13 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
         acc.count(upd)
     mean, _, _ = acc.mean()
     staleness = [int(e["staleness"]) for e in pending]
-    hp = opt_hparams(spec)
+    hp = opt_hparams(spec, version, job.total_rounds)
     hp["momentum"] = staleness_momentum(float(hp["momentum"]), staleness, spec.staleness_momentum)
     params, bufs = sgd_step(params, mean, bufs, **hp)
     samples = sum(int(e["samples"]) for e in pending)
     extra = {"train_loss": sum(float(e["loss"]) * int(e["samples"]) for e in pending) / max(1, samples),
-             "samples": samples, "updates": len(pending), "staleness_mean": sum(staleness) / len(pending)}
+             "samples": samples, "updates": len(pending), "staleness_mean": sum(staleness) / len(pending),
+             "lr": hp["lr"], "momentum": hp["momentum"]}
     done = commit_next_version(ctx, job, ckpt, {**ckpt.state, **params}, bufs, [e["identity"] for e in pending],
                                mode="async", started=t0, extra_metrics=extra, pending_consumed=len(pending),
                                staleness=staleness, extra_opt={DC_SLOT: mean_square})

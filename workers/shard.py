@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
-from pipeline.aggregate import partition
-from pipeline.data import batch_rows, batches_per_epoch, hash_seed
+from pipeline.aggregate import lr_factor, partition
+from pipeline.data import batch_rows, batches_per_epoch, hash_seed, total_rounds
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
@@ -74,7 +74,9 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
         result = gradient(model, *batches[0], teacher, spec.temperature, spec.alpha,
                           micro_batch_size=spec.micro_batch_size, precision=spec.precision)
     else:
-        lr = spec.inner_lr
+        # The inner lr follows the job's schedule by round (its step // H of the job's rounds).
+        rounds = total_rounds(manifest.shard_sizes, spec.batch_size, spec.epochs, spec.local_steps)
+        lr = spec.inner_lr * lr_factor(spec.lr_schedule, step // spec.local_steps, rounds, spec.lr_warmup_versions)
         result = local_steps(model, batches, optimizer=spec.inner_optimizer, lr=lr, teacher=teacher,
                              temperature=spec.temperature, alpha=spec.alpha,
                              micro_batch_size=spec.micro_batch_size, precision=spec.precision,

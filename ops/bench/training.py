@@ -72,11 +72,13 @@ class Budget:
     row_timeout_s: float = 600.0
     async_spec: dict[str, Any] = field(default_factory=dict)  # --async-spec: fields set on the async rows only
     sync_spec: dict[str, Any] = field(default_factory=dict)  # --sync-spec: fields set on the sync pipeline rows only
+    common_spec: dict[str, Any] = field(default_factory=dict)  # --spec: fields set on every pipeline row
+
     def spec(self, **overrides: Any) -> dict[str, Any]:
         base = {"model": self.model, "model_args": self.model_args, "dataset": self.dataset,
                 "dataset_args": self.dataset_args, "shards": self.shards, "batch_size": self.batch_size,
                 "epochs": self.epochs, "lr": self.lr, "momentum": self.momentum, "inner_lr": self.lr,
-                "seed": self.seed, "publish_every_versions": 0, "promote": None}
+                "seed": self.seed, "publish_every_versions": 0, "promote": None, **self.common_spec}
         return {**base, **overrides}
 
 
@@ -398,12 +400,15 @@ def main(argv: list[str] | None = None) -> int:
                     help='spec fields for the async rows only, e.g. \'{"delay_compensation": 0}\' (default: none)')
     ap.add_argument("--sync-spec", default="{}", type=json.loads, metavar="JSON",
                     help='spec fields for the sync pipeline rows only, e.g. \'{"checkpoint_every_versions": 16}\'')
+    ap.add_argument("--spec", default="{}", type=json.loads, metavar="JSON",
+                    help='spec fields for every pipeline row, sync and async, e.g. \'{"lr_schedule": "cosine"}\'')
     ap.add_argument("--epochs", type=int, default=0, help="epochs of every row (default: the budget's)")
     ap.add_argument("--seed", type=int, default=0, help="the job seed: initial weights and data order (default 0)")
     args = ap.parse_args(argv)
     b = budget_for(args.model, args.quick)
-    b = replace(b, async_spec=args.async_spec, sync_spec=args.sync_spec, epochs=args.epochs or b.epochs,
-                seed=args.seed)
+    epochs = args.epochs or b.epochs
+    b = replace(b, async_spec=args.async_spec, sync_spec=args.sync_spec, common_spec=args.spec, epochs=epochs,
+                seed=args.seed, row_timeout_s=b.row_timeout_s * max(1.0, epochs / b.epochs))
     t0 = time.perf_counter()
     rows = run_all(b, set(args.rows) or None, cold=args.cold)
     table = markdown(rows, b)

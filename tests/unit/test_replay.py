@@ -80,9 +80,11 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
         assert torch.equal(a[name], b[name]), name
 
 
-def test_workers_build_each_version_from_the_blobs_bit_for_bit_and_never_read_its_checkpoint(unit_ctx) -> None:
+@pytest.mark.parametrize("schedule", [{}, {"lr_schedule": "cosine", "lr_warmup_versions": 2}])
+def test_workers_build_each_version_from_the_blobs_bit_for_bit_and_never_read_its_checkpoint(unit_ctx, schedule
+                                                                                              ) -> None:
     fleet = Fleet(unit_ctx)
-    job_id = fleet.client.stage(INT8)
+    job_id = fleet.client.stage({**INT8, **schedule})  # a scheduled lr: each recipe carries its version's own
     first = fleet.round(job_id, 0)
     assert [r["replayed"] for r in first] == [False, False]
     assert fleet.reads == [keys.checkpoint(job_id, 0)] * 2  # version 0: nothing to replay from
