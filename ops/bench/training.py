@@ -301,7 +301,9 @@ class Cluster:
                 "accuracy": last.get("accuracy"), "perplexity": last.get("perplexity"), "loss": last.get("loss"),
                 "bytes": final["bytes_up"] + final["bytes_down"], "compute": compute / busy, "io": io / busy,
                 "agg": sum(float(m.get("round_s", 0)) for m in metrics) / wall,
-                "note": f"{final['version']} versions, {tasks} shard tasks{staleness_note(metrics)}"}
+                "note": f"{final['version']} versions, {tasks} shard tasks{staleness_note(metrics)}",
+                # each version's training loss (and, async, its updates' mean staleness): where a run went astray
+                "curve": [[m.get("version"), m.get("train_loss"), m.get("staleness_mean")] for m in metrics]}
 
 
 def staleness_note(metrics: list[dict[str, Any]]) -> str:
