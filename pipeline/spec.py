@@ -68,15 +68,20 @@ class JobSpec(BaseModel):
     inner_state: Literal["keep", "reset"] = "reset"
     max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
-    # async: delay compensation's λ0 (DC-ASGD-a, Zheng et al. 2017; 0: none), applied to every stale update.
-    # Measured with a 3×-slow worker (docs/benchmarks.md): char-lm perplexity vs sync +60% at 8, +13% at 32,
-    # +29% at 100; digits within a point at 2 and 32.
-    delay_compensation: float = Field(default=32.0, ge=0, le=100)
+    # async: delay compensation's λ0 (DC-ASGD-a, Zheng et al. 2017; 0: none), applied to every stale update. Off by
+    # default: on char-lm at a budget where fp32 sync has converged (quick corpus, 16 epochs, cosine lr) it made
+    # async worse in every measurement (ops/bench/run async_sim: +25% perplexity against sync at λ0 2 and 32, +13%
+    # without; the pipeline at λ0 32 collapsed to a unigram-level model, +64% and +72%), and on digits at 24
+    # epochs it changed nothing (docs/benchmarks.md).
+    delay_compensation: float = Field(default=0.0, ge=0, le=100)
     # async: the fraction of asynchrony's implicit momentum, s̄/(1+s̄) for updates s̄ versions stale on average
-    # (Mitliagkas et al. 2016), taken off the momentum of each version's step (0: none, 1: all of it). Off by
-    # default: on char-lm at lr 0.1 it brought perplexity to +3%/+10% of sync (seeds 0/1), but it cost digits
-    # 8.7 accuracy points (its lr is not on the edge of stability, so less momentum only slows it).
-    staleness_momentum: float = Field(default=0.0, ge=0, le=1)
+    # (Mitliagkas et al. 2016, "Asynchrony begets momentum"), taken off the momentum of each version's step (0:
+    # none, 1: all of it, the default). Measured with one 3×-slow worker at converged budgets: char-lm within
+    # −10%…+9% of sync per seed, −1.2% averaged over two seeds (the old defaults, 0 with λ0 32: +64% and +72%,
+    # a collapse); digits at 24 epochs equal to sync.
+    # It lowers the step's effective rate lr/(1−μ), so a budget too short to converge learns slower: digits at 5
+    # epochs lost 5-9 points (set 0 there).
+    staleness_momentum: float = Field(default=1.0, ge=0, le=1)
     # async: a version every K accepted updates, one step on their mean (default for async jobs: `shards`)
     publish_every: int = Field(default=1, ge=1, le=100_000)
     codec: str = "none"
