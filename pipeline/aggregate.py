@@ -189,9 +189,7 @@ def lr_factor(schedule: str, t: int, total: int, warmup: int = 0) -> float:
     steps' rounds with local steps). A linear warm-up over the first `warmup` steps, (t+1)/(warmup+1), then
     "constant" (1) or "cosine": ½(1 + cos(π·(t − warmup)/(total − warmup))), from 1 down towards 0 at the
     last step — torch's LinearLR(start_factor=1/(warmup+1), total_iters=warmup) followed by
-    CosineAnnealingLR(T_max=total − warmup, eta_min=0), in closed form (tests/unit/test_math.py). Decaying the
-    rate is also what lets async SGD's staleness error, which grows with η² × delay, die out by the end
-    (Mitliagkas et al. 2016; Zheng et al. 2017 run DC-ASGD on a decayed schedule)."""
+    CosineAnnealingLR(T_max=total − warmup, eta_min=0), in closed form (tests/unit/test_lr_schedule.py)."""
     t = max(0, t)
     if t < warmup:
         return (t + 1) / (warmup + 1)
