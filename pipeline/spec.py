@@ -76,9 +76,9 @@ class JobSpec(BaseModel):
     delay_compensation: float = Field(default=0.0, ge=0, le=100)
     # async: the fraction of asynchrony's implicit momentum, s̄/(1+s̄) for updates s̄ versions stale on average
     # (Mitliagkas et al. 2016, "Asynchrony begets momentum"), taken off the momentum of each version's step (0:
-    # none, 1: all of it, the default). Measured with one 3×-slow worker at converged budgets: char-lm within
-    # −10%…+9% of sync per seed, −1.2% averaged over two seeds (the old defaults, 0 with λ0 32: +64% and +72%,
-    # a collapse); digits at 24 epochs equal to sync.
+    # none, 1: all of it, the default). Measured with one 3×-slow worker at converged budgets: char-lm 12.4–14.9
+    # perplexity on every seed, −5.1% of sync averaged over four seeds (sync's own seeds: 11.1–16.8; the old
+    # defaults, 0 with λ0 32: +64% and +72%, a collapse); digits at 24 epochs equal to sync.
     # It lowers the step's effective rate lr/(1−μ), so a budget too short to converge learns slower: digits at 5
     # epochs lost 5-9 points (set 0 there).
     staleness_momentum: float = Field(default=1.0, ge=0, le=1)
