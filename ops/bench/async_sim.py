@@ -29,11 +29,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training import budget_for, final_metric, initial_model, shard_plan  # noqa: E402  (sibling bench module)
 
-from pipeline.aggregate import Accumulator, delay_compensated, lr_factor, sgd_step_, staleness_lr, staleness_momentum
+from pipeline.aggregate import Accumulator, Update, delay_compensated, sgd_step_, staleness_lr, staleness_momentum
 from pipeline.async_plan import accept, frontier
 from pipeline.data import batch_rows, load_dataset
 from pipeline.spec import JobSpec
 from pipeline.training import gradient
+from workers.aggregator import opt_hparams
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -63,20 +64,14 @@ def run(spec: JobSpec, b: Any, ds: Any, *, slow: float, workers: int) -> dict[st
         rows = batch_rows(sizes[shard], b.batch_size, step, bpe, b.seed, shard)
         return gradient(model, xs[shard][rows], ys[shard][rows])
 
-    def hparams(version: int, total: int) -> dict[str, Any]:
-        lr = spec.lr * lr_factor(spec.lr_schedule, version, total, spec.lr_warmup_versions)
-        return {"lr": lr, "momentum": spec.momentum, "nesterov": spec.nesterov, "weight_decay": spec.weight_decay}
-
     if spec.mode == "sync":
         for v in range(rounds):
             acc = Accumulator({n: tuple(t.shape) for n, t in params.items()})
             for s in range(b.shards):
                 r = grad_at(params, s, v)
-                for n, t in r.update.items():
-                    acc.fold(n, 0, t.reshape(-1), r.samples)
-                acc.samples += r.samples
+                acc.add(Update(f"{s}/{v}", s, r.update, r.samples, r.loss))
             mean, _, _ = acc.mean()
-            sgd_step_(params, mean, bufs, **hparams(v, rounds))
+            sgd_step_(params, mean, bufs, **opt_hparams(spec, v, rounds))
         _load(model, params)
         return {**final_metric(model, ds, b), "versions": rounds, "staleness": 0.0}
 
@@ -129,7 +124,7 @@ def run(spec: JobSpec, b: Any, ds: Any, *, slow: float, workers: int) -> dict[st
                     acc.fold(n, 0, t.reshape(-1), scale * res.samples)
                 acc.samples += res.samples
             mean, _, _ = acc.mean()
-            hp = hparams(version, total)
+            hp = opt_hparams(spec, version, total)
             hp["momentum"] = staleness_momentum(hp["momentum"], [st for _, _, st in pending], spec.staleness_momentum)
             sgd_step_(params, mean, bufs, **hp)
             stale_all += [st for _, _, st in pending]
