@@ -14,7 +14,7 @@ every row, 2 shard workers + 1 aggregator as real processes (an embedded Redis a
 
     ops/bench/run compression [--model digits-cnn|char-lm] [--quick] [--json FILE] [--seeds 0,1]
                               [--codecs none,topk,topk-dgc] [--local-steps 1] [--epochs N] [--no-distill]
-                              [--no-speed] [--no-artifacts] [--plot PNG]
+                              [--no-speed] [--no-artifacts] [--spec JSON] [--plot PNG]
 
 Codec rows are a codec name or a variant in ``VARIANTS`` (the DGC top-k rows: momentum correction with
 momentum-factor masking, a 1-epoch density warm-up, the server's momentum moved to the workers), optionally
@@ -117,7 +117,8 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
     plan = [(codec, h) for text in codecs for codec, row_hs in [parse_row(text, hs)] for h in row_hs]
     for codec, h in sorted(plan, key=lambda ch: (ch[1], ch[0] != "none")):  # fp32 H=1 first: the artifacts' base
         label = f"{codec} H={h}"
-        spec = b.spec(codec=codec, local_steps=h, inner_lr=b.lr, publish_every_versions=0,
+        inner_lr = b.common_spec.get("inner_lr", b.common_spec.get("lr", b.lr))  # --spec's lr steps H>1 too
+        spec = b.spec(codec=codec, local_steps=h, inner_lr=inner_lr, publish_every_versions=0,
                       promote="production" if (codec == "none" and h == 1) else None,
                       register_as=b.model if (codec == "none" and h == 1) else None)
         if codec in VARIANTS:
@@ -221,28 +222,32 @@ def blob_anatomy(rows: list[str], density: float = 0.01, model: str = "digits-cn
     return out
 
 
-def budget(model: str, quick: bool, seed: int, epochs: int | None) -> Budget:
-    """Every row's budget: digits as issue 14 set it (5 epochs, 2 quick), any other model the training bench's."""
+def budget(model: str, quick: bool, seed: int, epochs: int | None, spec: dict[str, Any] | None = None) -> Budget:
+    """Every row's budget: digits as issue 14 set it (5 epochs, 2 quick), any other model the training bench's;
+    ``spec`` (``--spec``) is set on every row, under a variant's own fields."""
     if model == "digits-cnn":
         return Budget("digits-cnn", {}, "digits", {}, "classify", batch_size=32, epochs=epochs or (2 if quick else 5),
-                      lr=0.05, seed=seed, row_timeout_s=300 if quick else 900 * max(1, (epochs or 5) // 5))
+                      lr=0.05, seed=seed, row_timeout_s=300 if quick else 900 * max(1, (epochs or 5) // 5),
+                      common_spec=spec or {})
     b = budget_for(model, quick)
-    return replace(b, epochs=epochs or b.epochs, seed=seed, row_timeout_s=b.row_timeout_s * (epochs or b.epochs))
+    return replace(b, epochs=epochs or b.epochs, seed=seed, row_timeout_s=b.row_timeout_s * (epochs or b.epochs),
+                   common_spec=spec or {})
 
 
 def run(quick: bool, seeds: tuple[int, ...] = (0,), codecs: list[str] | None = None, hs: tuple[int, ...] = (1, 8),
         distill: bool = True, speed: bool = True, epochs: int | None = None,
-        artifacts: bool = True, model: str = "digits-cnn") -> dict[str, Any]:
+        artifacts: bool = True, model: str = "digits-cnn", spec: dict[str, Any] | None = None) -> dict[str, Any]:
     rows_wanted = codecs or (QUICK_CODECS if quick else CODECS)
     anatomy_rows = list(dict.fromkeys(parse_row(text, hs)[0] for text in rows_wanted))
     if model != "digits-cnn":  # the artifact and distillation rows evaluate digits classifiers
         artifacts = distill = False
-    b0 = budget(model, quick, seeds[0], epochs)
+    b0 = budget(model, quick, seeds[0], epochs, spec)
     result: dict[str, Any] = {"codecs": [], "artifacts": [],
                               "anatomy": blob_anatomy(anatomy_rows, model=b0.model, model_args=b0.model_args)}
     for seed in seeds:
-        b = budget(model, quick, seed, epochs)
-        result["budget"] = {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size, "seeds": list(seeds)}
+        b = budget(model, quick, seed, epochs, spec)
+        result["budget"] = {"epochs": b.epochs, "shards": b.shards, "batch_size": b.batch_size, "seeds": list(seeds),
+                            "spec": b.common_spec}
         if model != "digits-cnn":
             result["budget"] |= {"model": b.model, "dataset": b.dataset, "dataset_args": b.dataset_args, "lr": b.lr,
                                  "momentum": b.momentum}
@@ -291,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="skip the serving-artifact rows (always skipped for char-lm)")
     p.add_argument("--epochs", type=int, help="epoch budget of every row (digits: default 5, --quick 2, issue 14: 24; "
                                                 "char-lm: default 1)")
+    p.add_argument("--spec", default="{}", type=json.loads, metavar="JSON",
+                   help="spec fields set on every row, under a variant's own (e.g. '{\"lr_schedule\": \"cosine\"}')")
     p.add_argument("--plot", metavar="PNG",
                    help="accuracy (char-lm: perplexity) against bytes per sample for every codec row")
     args = p.parse_args(argv)
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             p.error(str(e))
     result = run(args.quick, tuple(int(x) for x in args.seeds.split(",")), codecs, hs, not args.no_distill,
-                 not args.no_speed, args.epochs, not args.no_artifacts, args.model)
+                 not args.no_speed, args.epochs, not args.no_artifacts, args.model, args.spec)
     if args.json:  # first: a failing plot must not lose an hour of training
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))
     print(markdown(result))

@@ -7,10 +7,10 @@ state (as shard-to-worker affinity keeps it in the real fleet). Sync jobs only. 
 test perplexity (or accuracy), the bytes uploaded per sample and the wall time.
 
     ops/bench/run inprocess --spec '{"codec": "topk+q4", "codec_momentum": 0.9, "momentum": 0}' [--epochs 4]
-        [--model char-lm|digits-cnn] [--seed S] [--json FILE]
+        [--model char-lm|digits-cnn] [--quick] [--seed S] [--json FILE]
 
-The budget is the training benchmark's full one (``training.budget_for(model, quick=False)``); `--spec` fields
-override it.
+The budget is the training benchmark's (``training.budget_for(model, quick)``: the full one, or with ``--quick``
+the quick one, whose char-lm corpus is 60k characters); `--spec` fields override it.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec", default="{}", type=json.loads, help="spec fields over the budget's")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quick", action="store_true", help="the training bench's quick budget (char-lm: 60k characters)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from workers.dispatch import StubDispatcher
 
     torch.set_num_threads(a.threads)
-    b = budget_for(a.model, quick=False)
+    b = budget_for(a.model, quick=a.quick)
     spec = {**b.spec(mode="sync"), "epochs": a.epochs, "seed": a.seed, **a.spec}
     if spec.get("mode", "sync") != "sync":
         raise SystemExit("--spec: sync jobs only")
@@ -79,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = ctx.manifest(job.fields["manifest"])
         xt, yt = ctx.split(manifest.test, job_id)
         metrics = evaluate(final.build("cpu"), xt, yt, b.task)
-    out = {"model": a.model, "spec": a.spec, "epochs": a.epochs, "seed": a.seed, "rounds": total, "samples": samples,
-           "bytes_up_per_sample": up / max(1, samples), **metrics, "wall_s": round(time.time() - t0, 1)}
+    out = {"model": a.model, "quick": a.quick, "spec": a.spec, "epochs": a.epochs, "seed": a.seed, "rounds": total,
+           "samples": samples, "bytes_up_per_sample": up / max(1, samples), **metrics,
+           "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(out))
     if a.json:
         Path(a.json).write_text(json.dumps(out, indent=1))
