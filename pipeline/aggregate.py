@@ -201,6 +201,19 @@ def lr_factor(schedule: str, t: int, total: int, warmup: int = 0) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def predict_weights_(params: Tensors, momentum_buffers: Mapping[str, torch.Tensor], *, lr: float,
+                     steps: float) -> None:
+    """Weight prediction, in place: the weights `steps` optimizer steps ahead if each repeats the last one,
+    w − steps·lr·buf (for SGD with momentum, without Nesterov or weight decay, lr·buf is exactly the step that
+    made w). An async update computed on the predicted weights is a gradient near the weights it will be applied
+    to, `steps` versions later, rather than behind them (SpecTrain, Chen et al. 2018, arXiv:1809.02839; Kosson et
+    al. 2021, "Pipelined Backpropagation at Scale", arXiv:2003.11666). Parameters without a buffer stay."""
+    for name, p in params.items():
+        buf = momentum_buffers.get(name)
+        if buf is not None:
+            p.sub_(buf.to(p.device, p.dtype), alpha=steps * lr)
+
+
 DC_DECAY = 0.95  # the mean square's moving-average factor (Zheng et al. 2017, DC-ASGD-a)
 
 

@@ -82,6 +82,11 @@ class JobSpec(BaseModel):
     # It lowers the step's effective rate lr/(1−μ), so a budget too short to converge learns slower: digits at 5
     # epochs lost 5-9 points (set 0 there).
     staleness_momentum: float = Field(default=1.0, ge=0, le=1)
+    # async: weight prediction (pipeline/aggregate.py predict_weights_): each shard task computes its gradient on
+    # the weights this many versions ahead of the newest, each step repeating the last one (w − k·lr·momentum),
+    # so an update applied late was computed near the weights it is applied to (SpecTrain, Chen et al. 2018). 0:
+    # none. Needs momentum (the last step's direction); a shard worker reads the version's momentum buffers once.
+    weight_prediction: float = Field(default=0.0, ge=0, le=16)
     # async: a version every K accepted updates, one step on their mean (default for async jobs: `shards`)
     publish_every: int = Field(default=1, ge=1, le=100_000)
     codec: str = "none"
@@ -233,6 +238,15 @@ class JobSpec(BaseModel):
         if self.checkpoint_every_versions > 1 and self.mode != "sync":
             raise ValueError("checkpoint_every_versions: versions between full checkpoints are rebuilt from their "
                              f"round's update blobs, which only sync jobs have (mode {self.mode!r})")
+        if self.weight_prediction and self.mode != "async":
+            raise ValueError(f"weight_prediction: predicts the weights an async update is applied to; a {self.mode} "
+                             "job's updates are applied to the weights they were computed on")
+        if self.weight_prediction and self.local_steps > 1:
+            raise ValueError("weight_prediction: predicts one SGD step per version; with local_steps > 1 a version "
+                             "is an outer (Nesterov) step")
+        if self.weight_prediction and not self.momentum:
+            raise ValueError("weight_prediction: repeats the last step, read from the momentum buffers; set momentum "
+                             "above 0")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
         if self.codec_dense_below and self.codec not in ERROR_FEEDBACK:

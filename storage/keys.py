@@ -323,7 +323,8 @@ def job_parts_pattern(job_id: str) -> str:
 
 
 def optimizer_state(checkpoint_key: str) -> str:
-    """The optimizer state written beside a checkpoint's weights (shard workers never download it)."""
+    """The optimizer state written beside a checkpoint's weights (shard workers read its momentum buffers only to
+    replay versions and for async weight prediction)."""
     return checkpoint_key.removesuffix(".aast") + ".opt.aast"
 
 

@@ -6,6 +6,7 @@ The work is deterministic in (job, shard, version, step), so a redelivered task 
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from typing import Any
@@ -13,13 +14,16 @@ from typing import Any
 import torch
 
 from pipeline import blobs, codecs
-from pipeline.aggregate import lr_factor, partition
+from pipeline.aggregate import lr_factor, partition, predict_weights_
+from pipeline.checkpoint import decode_optimizer
 from pipeline.data import batch_rows, batches_per_epoch, hash_seed, total_rounds
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
 from storage import keys
 from storage.jobstate import TERMINAL
+from storage.objectstore import ObjectNotFound
 from workers import affinity, codec_state, faults, replay
+from workers.aggregator import opt_hparams
 from workers.context import Context
 from workers.metrics import observe_shard_task
 
@@ -42,6 +46,8 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     model = ctx.model(keys.checkpoint(job_id, version), job_id, device, job.spec)  # once per version and process
     if not replayed:
         replay.prime(ctx, job_id, version, job.fields.get("recipe"), device)
+    if spec.weight_prediction and version > 0:  # async: the weights this update will be applied to, predicted
+        model = predicted_model(ctx, job_id, version, model, spec, job.total_rounds)
     x, y = ctx.split(manifest.shards[shard], job_id)
     t_io = time.perf_counter() - t0
 
@@ -110,6 +116,32 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
     t_io += time.perf_counter() - t2
     observe_shard_task(duration_s=time.perf_counter() - t0, samples=result.samples, bytes_up=out["bytes"])
     return {**out, "compute_s": round(t_compute, 4), "io_s": round(t_io, 4), "replayed": replayed}
+
+
+def predicted_model(ctx: Context, job_id: str, version: int, model: torch.nn.Module, spec: JobSpec,
+                    total: int) -> torch.nn.Module:
+    """A copy of `model` (version `version`, shared by this process's tasks: left as it is) moved
+    ``spec.weight_prediction`` steps ahead along the step that made it: lr·momentum buffer, with the lr of the step
+    from `version` − 1 (``predict_weights_``). The buffers are read from beside the checkpoint once per version
+    and process; a version stored without them (its step had no momentum) is predicted as itself. The same on
+    every worker: the task stays deterministic in (job, shard, version, step)."""
+    key = keys.checkpoint(job_id, version)
+    buffers = ctx.held_momentum(key)
+    if buffers is None:
+        try:
+            data = ctx.store.get(keys.optimizer_state(key))
+        except ObjectNotFound:
+            return model
+        buffers = decode_optimizer(data, key, version=version, signing_key=ctx.signing_key).get("momentum", {})
+        ctx.defer_down(job_id, len(data))
+        ctx.hold_momentum(key, buffers)
+    if not buffers:
+        return model
+    predicted = copy.deepcopy(model)
+    with torch.no_grad():
+        predict_weights_(dict(predicted.named_parameters()), buffers, lr=opt_hparams(spec, version - 1, total)["lr"],
+                         steps=spec.weight_prediction)
+    return predicted
 
 
 def upload_update(ctx: Context, job_id: str, shard: int, version: int, step: int, attempt: int,

@@ -2,11 +2,12 @@
 
 The pipeline's async job (``workers/async_agg.py``, ``pipeline/async_plan.py``) replayed without Celery, Redis or
 the store: the same global order of steps (one per shard in flight), each step's gradient computed on the newest
-version when a worker takes it, results applied in the order a clock with one worker ``--slow`` times slower
-than the others delivers them, every ``publish_every`` accepted updates one optimizer step (``pipeline.aggregate``:
-staleness weights, delay compensation, staleness momentum, the lr schedule). The sync row is the same data and
-optimizer with a barrier. Deterministic, so a setting's effect is not hidden by run-to-run timing noise (the
-real pipeline's order depends on the machine's timing: ``ops/bench/run training --rows fg`` measures that).
+version when a worker takes it (or on its weight prediction, ``weight_prediction``), results applied in the order
+a clock with one worker ``--slow`` times slower than the others delivers them, every ``publish_every`` accepted
+updates one optimizer step (``pipeline.aggregate``: staleness weights, delay compensation, staleness momentum,
+the lr schedule). The sync row is the same data and optimizer with a barrier. Deterministic, so a setting's
+effect is not hidden by run-to-run timing noise (the real pipeline's order depends on the machine's timing:
+``ops/bench/run training --rows fg`` measures that).
 
     ops/bench/run async_sim [--quick] [--epochs N] [--seeds 0,1] [--slow 3] \\
         [--settings '{"default": {}, "dc8-sm1": {"delay_compensation": 8, "staleness_momentum": 1}}']
@@ -29,7 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from training import budget_for, final_metric, initial_model, shard_plan  # noqa: E402  (sibling bench module)
 
-from pipeline.aggregate import Accumulator, Update, delay_compensated, sgd_step_, staleness_lr, staleness_momentum
+from pipeline.aggregate import (
+    Accumulator,
+    Update,
+    delay_compensated,
+    predict_weights_,
+    sgd_step_,
+    staleness_lr,
+    staleness_momentum,
+)
 from pipeline.async_plan import accept, frontier
 from pipeline.data import batch_rows, load_dataset
 from pipeline.spec import JobSpec
@@ -95,7 +104,11 @@ def run(spec: JobSpec, b: Any, ds: Any, *, slow: float, workers: int) -> dict[st
                 continue
             w = free.pop(0)
             issued.add((s, k))
-            r = grad_at(params, s, k)
+            at = params
+            if spec.weight_prediction and version > 0 and bufs:  # as workers/shard.py predicted_model
+                at = {n: t.clone() for n, t in params.items()}
+                predict_weights_(at, bufs, lr=opt_hparams(spec, version - 1, total)["lr"], steps=spec.weight_prediction)
+            r = grad_at(at, s, k)
             heapq.heappush(events, (clock + (slow if w == 0 else 1.0), seq, w, s, k, (r, version)))
             seq += 1
 

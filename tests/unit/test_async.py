@@ -203,3 +203,37 @@ def _opt(unit_ctx, job_id: str, version: int) -> bytes | None:
         return unit_ctx.store.get(keys.optimizer_state(keys.checkpoint(job_id, version)))
     except Exception:  # noqa: BLE001 - plain SGD without momentum or delay compensation keeps no state
         return None
+
+
+def test_weight_prediction_computes_the_gradient_one_step_ahead_and_leaves_the_cached_model(
+        unit_ctx, enqueued, monkeypatch) -> None:
+    seen: list[dict[str, torch.Tensor]] = []
+    real = shard.gradient
+
+    def recording(model, *args, **kwargs):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters()})
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(shard, "gradient", recording)
+    job_id = stage(unit_ctx, publish_every=1, weight_prediction=1.0, lr_schedule="cosine")
+    async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))  # version 0: nothing to predict
+    w0, w1 = (decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, v)), str(v)).state for v in (0, 1))
+    assert all(torch.equal(seen[0][n], w0[n]) for n in seen[0])
+    compute(unit_ctx, job_id, 1, 1, 0)  # on version 1: the step that made it, once more
+    compute(unit_ctx, job_id, 0, 1, 1)  # again, from the buffers this process holds
+    for name, w in seen[1].items():
+        assert torch.allclose(w, w1[name] + (w1[name] - w0[name]), atol=1e-6), name
+        assert not torch.equal(w, w1[name]), name
+        assert torch.equal(seen[2][name], w), name
+    cached = unit_ctx.cached_model(keys.checkpoint(job_id, 1), unit_ctx.device())
+    assert all(torch.equal(p, w1[n]) for n, p in cached.named_parameters())  # the shared module is untouched
+
+
+@pytest.mark.parametrize("spec, named", [({"mode": "sync"}, "async"), ({"local_steps": 4}, "local_steps"),
+                                         ({"momentum": 0.0}, "momentum")])
+def test_weight_prediction_is_refused_where_there_is_no_last_step_to_repeat(unit_ctx, spec: dict, named: str) -> None:
+    from pipeline.spec import SpecError
+
+    with pytest.raises(SpecError, match=f"weight_prediction: .*{named}"):
+        stage(unit_ctx, weight_prediction=1.0, **spec)
+    assert list(unit_ctx.store.list("")) == []

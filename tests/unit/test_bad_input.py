@@ -72,6 +72,7 @@ INVALID: dict[str, st.SearchStrategy[Any]] = {
     "codec_warmup_epochs": st.floats(max_value=-0.01) | st.floats(min_value=1001),
     "codec_clip_norm": st.floats(max_value=-0.01) | st.floats(min_value=1.01e6) | st.just(math.nan),
     "codec_state": st.sampled_from(["disk", "", "redis"]),
+    "weight_prediction": st.floats(max_value=-0.01) | st.floats(min_value=16.01) | st.just(math.nan),
     "promote": st.sampled_from(["a b", "latest", "123", "../prod", "", "x" * 200]),
     "model_args": st.sampled_from([{"hidden": -1}, {"no_such_arg": 1}, {"channels": [1]}, []]),
     "dataset_args": st.sampled_from([{"no_such_arg": 1}, "digits", {"test_fraction": 0}, {"test_fraction": 1.0},
@@ -116,6 +117,7 @@ def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: 
     ("dataset_args", {"test_fraction": 0}), ("model", "os:system"), ("dataset", "os:getcwd"), ("lr", 1e9),
     ("init_from", "a b@7"), ("model_args", {"pad": "x" * 20_000}),
     ("codec_momentum", 0.9),  # BASE's codec is not topk: momentum correction has nothing to correct
+    ("weight_prediction", 1.0),  # BASE is a sync job: its updates are applied to the weights they were computed on
 ])
 def test_fields_that_were_unchecked_are_refused_at_submit_naming_the_field(
         tmp_path: Path, field: str, value: Any) -> None:
