@@ -225,6 +225,9 @@ class JobSpec(BaseModel):
         if isinstance(data, dict) and data.get("codec_momentum"):  # DGC: the momentum moves to the workers
             # (with local steps the aggregator's momentum is the outer one: it moves too, unless set)
             data = {"momentum": 0.0, "outer_momentum": 0.0, **data}
+        if isinstance(data, dict) and data.get("weight_prediction"):
+            # The gradient is taken where the update lands: the staleness the momentum was lowered for is gone.
+            data = {"staleness_momentum": 0.0, **data}
         return data
 
     @model_validator(mode="after")

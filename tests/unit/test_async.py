@@ -216,6 +216,7 @@ def test_weight_prediction_computes_the_gradient_one_step_ahead_and_leaves_the_c
 
     monkeypatch.setattr(shard, "gradient", recording)
     job_id = stage(unit_ctx, publish_every=1, weight_prediction=1.0, lr_schedule="cosine")
+    assert unit_ctx.jobs.get(job_id).spec["staleness_momentum"] == 0  # its default with a prediction
     async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))  # version 0: nothing to predict
     w0, w1 = (decode_checkpoint(unit_ctx.store.get(keys.checkpoint(job_id, v)), str(v)).state for v in (0, 1))
     assert all(torch.equal(seen[0][n], w0[n]) for n in seen[0])
