@@ -69,18 +69,19 @@ class JobSpec(BaseModel):
     max_staleness: int = Field(default=4, ge=0, le=10_000)  # async: drop updates older than this many versions
     staleness_rule: Literal["inverse", "constant"] = "inverse"  # async: η/(1+s) or η
     # async: delay compensation's λ0 (DC-ASGD-a, Zheng et al. 2017; 0: none), applied to every stale update. Off by
-    # default: on char-lm at a budget where fp32 sync has converged (quick corpus, 16 epochs, cosine lr) it made
+    # default: on char-lm at its longest budget measured then (quick corpus, 16 epochs, lr 0.1, cosine) it made
     # async worse in every measurement (ops/bench/run async_sim: +25% perplexity against sync at λ0 2 and 32, +13%
     # without; the pipeline at λ0 32 collapsed to a unigram-level model, +64% and +72%), and on digits at 24
     # epochs it changed nothing (docs/benchmarks.md).
     delay_compensation: float = Field(default=0.0, ge=0, le=100)
     # async: the fraction of asynchrony's implicit momentum, s̄/(1+s̄) for updates s̄ versions stale on average
     # (Mitliagkas et al. 2016, "Asynchrony begets momentum"), taken off the momentum of each version's step (0:
-    # none, 1: all of it, the default). Measured with one 3×-slow worker at converged budgets: char-lm 12.4–14.9
-    # perplexity on every seed, −5.1% of sync averaged over four seeds (sync's own seeds: 11.1–16.8; the old
-    # defaults, 0 with λ0 32: +64% and +72%, a collapse); digits at 24 epochs equal to sync.
-    # It lowers the step's effective rate lr/(1−μ), so a budget too short to converge learns slower: digits at 5
-    # epochs lost 5-9 points (set 0 there).
+    # none, 1: all of it, the default). Measured with one 3×-slow worker: char-lm at lr 0.1 (16 epochs of the quick
+    # corpus, cosine) 12.4–14.9 perplexity on every seed, −5.1% of sync averaged over four seeds (sync's own seeds:
+    # 11.1–16.8; the old defaults, 0 with λ0 32: +64% and +72%, a collapse); digits at 24 epochs equal to sync.
+    # It lowers the step's effective rate lr/(1−μ), so it learns slower: digits at 5 epochs lost 5-9 points, and
+    # char-lm at lr 0.05, where sync is stable, ends ~20% above sync (weight_prediction does better there; at lr
+    # 0.1, on the edge of sync's own stability, only this keeps async from collapsing).
     staleness_momentum: float = Field(default=1.0, ge=0, le=1)
     # async: weight prediction (pipeline/aggregate.py predict_weights_): each shard task computes its gradient on
     # the weights this many versions ahead of the newest, each step repeating the last one (w − k·lr·momentum),

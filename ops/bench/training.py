@@ -417,7 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{args.model}: {b.shards} shards × batch {b.batch_size}, {b.epochs} epoch(s), SGD lr {b.lr} "
           f"momentum {b.momentum}; H={b.local_steps} row: inner SGD lr {b.lr}, outer Nesterov (spec defaults); "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; pipeline rows on "
-          f"{'a cold cluster' if args.cold else 'warm workers'}\n")
+          f"{'a cold cluster' if args.cold else 'warm workers'}")
+    for what, fields in (("every pipeline row", b.common_spec), ("sync rows", b.sync_spec),
+                         ("async rows", b.async_spec)):
+        if fields:  # over the budget's (an lr set here is the one the rows trained with)
+            print(f"spec fields for {what}: {json.dumps(fields)}")
+    print()
     print(table)
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
