@@ -86,7 +86,8 @@ class JobSpec(BaseModel):
     # async: weight prediction (pipeline/aggregate.py predict_weights_): each shard task computes its gradient on
     # the weights this many versions ahead of the newest, each step repeating the last one (w − k·lr·momentum),
     # so an update applied late was computed near the weights it is applied to (SpecTrain, Chen et al. 2018). 0:
-    # none. Needs momentum (the last step's direction); a shard worker reads the version's momentum buffers once.
+    # none. Needs momentum (the last step's direction); a shard worker reads the version's momentum buffers once
+    # and holds them beside the weights, and each task trains a copy of the weights (memory: ~3× the model's).
     weight_prediction: float = Field(default=0.0, ge=0, le=16)
     # async: a version every K accepted updates, one step on their mean (default for async jobs: `shards`)
     publish_every: int = Field(default=1, ge=1, le=100_000)

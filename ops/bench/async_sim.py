@@ -167,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     b0 = replace(b0, epochs=args.epochs or b0.epochs)
     metric = "perplexity" if b0.task == "lm" else "accuracy"
     rows = []
-    print(f"{args.model}, {b0.epochs} epoch(s), {b0.shards} shards × batch {b0.batch_size}, lr {b0.lr} momentum "
-          f"{b0.momentum}, one worker {args.slow}× slower; spec {args.spec}\n")
+    print(f"{args.model}, {b0.epochs} epoch(s), {b0.shards} shards × batch {b0.batch_size}, lr "
+          f"{args.spec.get('lr', b0.lr)} momentum {args.spec.get('momentum', b0.momentum)}, one worker {args.slow}× "
+          f"slower; spec {args.spec}\n")
     print(f"| seed | row | {metric} | Δ vs sync | staleness | s |\n|---:|---|---:|---:|---:|---:|")
     for seed in [int(s) for s in args.seeds.split(",")]:
         b = replace(b0, seed=seed)
