@@ -121,6 +121,14 @@ def advance(ctx: Context, job_id: str, version: int, raw: str | None, device: to
     return True
 
 
+def read_momentum(ctx: Context, job_id: str, ckey: str, version: int) -> dict[str, torch.Tensor]:
+    """The momentum buffers stored beside checkpoint `ckey` (its optimizer state), counted as read for the job."""
+    data = ctx.store.get(keys.optimizer_state(ckey))
+    momentum = decode_optimizer(data, ckey, version=version, signing_key=ctx.signing_key).get("momentum", {})
+    ctx.defer_down(job_id, len(data))
+    return momentum
+
+
 def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torch.device) -> None:
     """After this process read checkpoint `version` rather than replaying it, read the momentum buffers stored
     beside it (beside each of its parts, for a job aggregated in parts) too where the job's recipes need them,
@@ -135,10 +143,7 @@ def prime(ctx: Context, job_id: str, version: int, raw: str | None, device: torc
     momentum: dict[str, torch.Tensor] = {}
     try:
         for ckey in stored:
-            data = ctx.store.get(keys.optimizer_state(ckey))
-            momentum.update(decode_optimizer(data, ckey, version=version, signing_key=ctx.signing_key
-                                             ).get("momentum", {}))
-            ctx.defer_down(job_id, len(data))
+            momentum.update(read_momentum(ctx, job_id, ckey, version))
     except (StoreError, blobs.BlobError) as e:
         log.warning("job %s v%d: cannot read the momentum buffers (%s); the next versions are read whole",
                     job_id, version, e)

@@ -15,7 +15,6 @@ import torch
 
 from pipeline import blobs, codecs
 from pipeline.aggregate import lr_factor, partition, predict_weights_
-from pipeline.checkpoint import decode_optimizer
 from pipeline.data import batch_rows, batches_per_epoch, hash_seed, total_rounds
 from pipeline.spec import JobSpec
 from pipeline.training import gradient, local_steps
@@ -123,17 +122,15 @@ def predicted_model(ctx: Context, job_id: str, version: int, model: torch.nn.Mod
     """A copy of `model` (version `version`, shared by this process's tasks: left as it is) moved
     ``spec.weight_prediction`` steps ahead along the step that made it: lr·momentum buffer, with the lr of the step
     from `version` − 1 (``predict_weights_``). The buffers are read from beside the checkpoint once per version
-    and process; a version stored without them (its step had no momentum) is predicted as itself. The same on
-    every worker: the task stays deterministic in (job, shard, version, step)."""
+    and process (``replay.read_momentum``); a version stored without them (its step had no momentum) is predicted
+    as itself. The same on every worker: the task stays deterministic in (job, shard, version, step)."""
     key = keys.checkpoint(job_id, version)
     buffers = ctx.held_momentum(key)
     if buffers is None:
         try:
-            data = ctx.store.get(keys.optimizer_state(key))
+            buffers = replay.read_momentum(ctx, job_id, key, version)
         except ObjectNotFound:
-            return model
-        buffers = decode_optimizer(data, key, version=version, signing_key=ctx.signing_key).get("momentum", {})
-        ctx.defer_down(job_id, len(data))
+            buffers = {}  # held too: the next task on this version does not look again
         ctx.hold_momentum(key, buffers)
     if not buffers:
         return model
