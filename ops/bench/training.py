@@ -302,8 +302,30 @@ class Cluster:
                 "bytes": final["bytes_up"] + final["bytes_down"], "compute": compute / busy, "io": io / busy,
                 "agg": sum(float(m.get("round_s", 0)) for m in metrics) / wall,
                 "note": f"{final['version']} versions, {tasks} shard tasks{staleness_note(metrics)}",
-                # each version's training loss (and, async, its updates' mean staleness): where a run went astray
-                "curve": [[m.get("version"), m.get("train_loss"), m.get("staleness_mean")] for m in metrics]}
+                # samples/s and the checkpoint write's mean seconds in each quarter of the versions: whether a long
+                # job slows down as it goes, and whether its writes do
+                **pace(metrics, t0),
+                # each version's training loss (and, async, its updates' mean staleness): where a run went astray;
+                # then its commit time and checkpoint write seconds
+                "curve": [[m.get("version"), m.get("train_loss"), m.get("staleness_mean"), m.get("t"),
+                           m.get("write_s")] for m in metrics]}
+
+
+def pace(metrics: list[dict[str, Any]], t0: float, parts: int = 4) -> dict[str, list[float]]:
+    """Samples/s and mean checkpoint-write seconds over each of `parts` equal runs of versions (by commit time
+    ``t`` from `t0`, the submit); empty lists when the metrics carry no times."""
+    timed = [m for m in metrics if m.get("t") is not None]
+    if len(timed) < parts:
+        return {"pace": [], "write_s": []}
+    rate, write = [], []
+    start = t0
+    for i in range(parts):
+        chunk = timed[i * len(timed) // parts:(i + 1) * len(timed) // parts]
+        end = float(chunk[-1]["t"])
+        rate.append(round(sum(int(m.get("samples", 0)) for m in chunk) / max(end - start, 1e-9), 1))
+        write.append(round(sum(float(m.get("write_s", 0)) for m in chunk) / len(chunk), 4))
+        start = end
+    return {"pace": rate, "write_s": write}
 
 
 def staleness_note(metrics: list[dict[str, Any]]) -> str:
@@ -424,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"spec fields for {what}: {json.dumps(fields)}")
     print()
     print(table)
+    paced = [r for r in rows if r.get("pace")]
+    if paced:
+        print("\nper quarter of each pipeline job's versions: samples/s | mean checkpoint write (ms)")
+        for r in paced:
+            print(f"  {r['row']}: {' '.join(f'{p:.0f}' for p in r['pace'])} | "
+                  f"{' '.join(f'{1000 * w:.1f}' for w in r['write_s'])}")
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps({
