@@ -19,11 +19,13 @@ Exactly once: the job records, per shard, the steps it still awaits (a mark, and
 it). An update is accepted only for an awaited step, atomically with recording it and appending the update
 to ``pending``; a version is published (checkpoint, then ``commit_version``, which also trims ``pending``)
 every K accepted updates. A crash anywhere re-derives the same state from the last checkpoint plus
-``pending``, whose blobs stay in the store; a redelivered result finds its step already accepted.
+``pending``, whose blobs stay in the store; a redelivered result finds its step already accepted. Once a
+version is committed the blobs it applied are deleted (``drop_applied``): the version itself is stored whole.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -43,6 +45,7 @@ from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL
+from storage.objectstore import StoreError
 from workers import faults
 from workers.aggregator import opt_hparams
 from workers.commit import commit_next_version
@@ -50,6 +53,8 @@ from workers.context import Context
 from workers.lifecycle import advance
 from workers.metrics import observe_rejected
 from workers.updates import KeyRefused, load_update
+
+log = logging.getLogger(__name__)
 
 DC_SLOT = "dc_mean_square"  # the optimizer slot of delay compensation's moving mean square
 
@@ -68,8 +73,9 @@ def apply_update(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str,
         raise JobBusy(f"job {job_id} is being aggregated elsewhere")
     try:
         outcome = _apply_locked(ctx, job_id, result)
-        publish_if_due(ctx, job_id)
-        advance(ctx, job_id)
+        applied = publish_if_due(ctx, job_id)
+        advance(ctx, job_id)  # the next steps go out first: dropping blobs is off their path
+        drop_applied(ctx, job_id, applied)
         return outcome
     finally:
         try:
@@ -135,16 +141,17 @@ def _reissue(ctx: Context, job_id: str, shard: int, step: int) -> None:
     ctx.redis.hdel(keys.job_issued(job_id), f"{shard}@{step}")
 
 
-def publish_if_due(ctx: Context, job_id: str) -> bool:
-    """Fold pending updates into version N+1 when K have accumulated (or the budget is spent)."""
+def publish_if_due(ctx: Context, job_id: str) -> list[str]:
+    """Fold pending updates into version N+1 when K have accumulated (or the budget is spent). Returns the keys
+    of the update blobs the committed version applied (none when nothing was committed)."""
     job = ctx.jobs.get(job_id)
     if job.status in TERMINAL:
-        return False
+        return []
     spec = JobSpec.model_validate(job.spec)
     pending = ctx.jobs.pending(job_id)
     budget_spent = int(job.fields.get("accepted", 0)) >= int(job.fields.get("budget", 0))
     if not pending or (len(pending) < spec.publish_every and not budget_spent):
-        return False
+        return []
     t0 = time.perf_counter()
     version = job.version
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, version), job_id, with_opt=True)
@@ -178,7 +185,20 @@ def publish_if_due(ctx: Context, job_id: str) -> bool:
     done = commit_next_version(ctx, job, ckpt, {**ckpt.state, **params}, bufs, [e["identity"] for e in pending],
                                mode="async", started=t0, extra_metrics=extra, pending_consumed=len(pending),
                                staleness=staleness, extra_opt={DC_SLOT: mean_square})
-    return done.committed
+    return [str(e["key"]) for e in pending] if done.committed else []
+
+
+def drop_applied(ctx: Context, job_id: str, blob_keys: list[str]) -> None:
+    """Delete the update blobs a committed async version applied. Nothing reads them again: an async version is
+    stored whole (weights and optimizer state), a restarted aggregator re-reads only the updates still pending,
+    and a redelivered result finds its step already accepted without reading its blob. Kept, every version's
+    blobs (a model's size each) grew the store without bound, and on a local disk their write-back competed with
+    the checkpoints' fsyncs on the commit path (docs/benchmarks.md). A failed delete leaves an orphan, logged."""
+    for key in blob_keys:
+        try:
+            ctx.store.delete(key)
+        except StoreError as e:
+            log.warning("job %s: applied update %s not deleted (%s); it stays as an orphan", job_id, key, e)
 
 
 def _weights_at(ctx: Context, job_id: str, base: int, version: int, now: dict[str, torch.Tensor]

@@ -91,6 +91,23 @@ def test_a_version_is_one_step_on_the_mean_of_shards_updates_as_a_sync_round(uni
         assert torch.allclose(got[name], want[name], atol=1e-6), name
 
 
+def test_the_blobs_a_committed_version_applied_are_deleted_and_pending_ones_kept(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx)  # a version every 2 accepted updates (one per shard)
+    first, second = compute(unit_ctx, job_id, 0, 0, 0), compute(unit_ctx, job_id, 1, 0, 0)
+    assert async_agg.apply_update(unit_ctx, job_id, first)["outcome"] == "applied"
+    assert unit_ctx.jobs.get(job_id).version == 0 and unit_ctx.store.exists(first["key"])  # pending: kept
+    unit_ctx.update_cache.clear()  # an aggregator restarted here reads the pending update's blob again
+    assert async_agg.apply_update(unit_ctx, job_id, second)["outcome"] == "applied"
+    assert unit_ctx.jobs.get(job_id).version == 1
+    assert not unit_ctx.store.exists(first["key"]) and not unit_ctx.store.exists(second["key"])
+    assert unit_ctx.store.exists(keys.checkpoint(job_id, 1))
+    third = compute(unit_ctx, job_id, 0, 1, 1)
+    async_agg.apply_update(unit_ctx, job_id, third)
+    assert unit_ctx.store.exists(third["key"])  # applied to no committed version yet
+    # A redelivered result of a deleted blob is a duplicate, not an error.
+    assert async_agg.apply_update(unit_ctx, job_id, first)["outcome"] == "duplicate"
+
+
 def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enqueued) -> None:
     job_id = stage(unit_ctx, publish_every=1)
     result = compute(unit_ctx, job_id, 0, 0, 0)
