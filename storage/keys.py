@@ -339,9 +339,14 @@ def gradients_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/grads/"
 
 
+def gradients_of_round(job_id: str, version: int) -> str:
+    """The prefix of every blob computed on base version `version` (a sync round's, every shard and attempt)."""
+    return f"{gradients_prefix(job_id)}v{version:06d}/"
+
+
 def gradient_attempts(job_id: str, version: int, shard: int) -> str:
     """The prefix shared by every attempt of one shard's blob for one base version."""
-    return f"{gradients_prefix(job_id)}v{version:06d}/s{shard:05d}-a"
+    return f"{gradients_of_round(job_id, version)}s{shard:05d}-a"
 
 
 def codec_state(job_id: str, shard: int, step: int) -> str:

@@ -24,12 +24,12 @@ from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
 from storage.leases import round_results
-from storage.objectstore import ObjectNotFound
+from storage.objectstore import ObjectNotFound, StoreError
 from workers import faults
 from workers.commit import Commit, commit_next_version
 from workers.context import Context
 from workers.metrics import observe_rejected
-from workers.updates import KeyRefused, Shapes, fold_blob, load_update
+from workers.updates import KeyRefused, Shapes, drop_blobs, fold_blob, load_update
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +199,22 @@ def aggregate_round(ctx: Context, job_id: str, version: int, results: list[Any],
                                extra_metrics={"train_loss": train_loss, "samples": samples, "epoch": epoch,
                                               "lr": hparams["lr"], **timings},
                                recipe=recipe)
+
+
+def drop_spent_round(ctx: Context, job_id: str, spec: JobSpec, version: int) -> None:
+    """Version `version` + 1 is committed: delete round `version` − 1's blobs (every shard, part and attempt).
+    Round `version`'s stay one round more, for the shard workers that replay version `version` + 1 from them
+    (workers/replay.py); no reader needs an older round's once both later versions are stored whole. A job with
+    ``checkpoint_every_versions`` > 1 keeps every blob: its versions between full checkpoints are rebuilt from
+    them (workers/rebuild.py). Kept, a round's blobs (a model's size per shard) grew the store without bound."""
+    if spec.checkpoint_every_versions > 1 or version < 1:
+        return
+    try:
+        spent = list(ctx.store.list(keys.gradients_of_round(job_id, version - 1)))
+    except StoreError as e:
+        log.warning("job %s: round v%d's blobs not listed for deletion (%s)", job_id, version - 1, e)
+        return
+    drop_blobs(ctx, job_id, spent)
 
 
 def _full_of(spec: JobSpec, job: JobState, version: int) -> int | None:

@@ -25,7 +25,6 @@ version is committed the blobs it applied are deleted (``drop_applied``): the ve
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -45,16 +44,13 @@ from pipeline.reasons import reason_code
 from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL
-from storage.objectstore import StoreError
 from workers import faults
 from workers.aggregator import opt_hparams
 from workers.commit import commit_next_version
 from workers.context import Context
 from workers.lifecycle import advance
 from workers.metrics import observe_rejected
-from workers.updates import KeyRefused, load_update
-
-log = logging.getLogger(__name__)
+from workers.updates import KeyRefused, check_gradient_key, drop_blobs, load_update
 
 DC_SLOT = "dc_mean_square"  # the optimizer slot of delay compensation's moving mean square
 
@@ -109,6 +105,8 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         ctx.jobs.event(job_id, "dropped", shard=shard, step=step, base_version=base, reason=reason)
         observe_rejected("stale")
         _reissue(ctx, job_id, shard, step)
+        if _names_own_blob(job_id, shard, base, key):  # never applied (its step is issued again): an orphan else
+            drop_blobs(ctx, job_id, [key])
         return {"shard": shard, "step": step, "outcome": "stale", "staleness": staleness}
     ckpt = ctx.checkpoint(keys.checkpoint(job_id, job.version), job_id)
     params = {n: t for n, t in ckpt.state.items() if n in ctx.param_names(ckpt)}
@@ -130,6 +128,17 @@ def _apply_locked(ctx: Context, job_id: str, result: dict[str, Any]) -> dict[str
         ctx.update_cache.put(upd.identity, upd)
     faults.point("aggregator.after_accept", ctx.redis, job_id)
     return {"shard": shard, "step": step, "outcome": "applied" if accepted else "duplicate", "staleness": staleness}
+
+
+def _names_own_blob(job_id: str, shard: int, base: int, key: str) -> bool:
+    """Whether `key` is the blob of a result of (`shard`, base version `base`) of this job: what a dropped result
+    may have deleted, unread (a key outside the job's gradients, or of another step, never is)."""
+    try:
+        check_gradient_key(job_id, key)
+    except KeyRefused:
+        return False
+    g = keys.parse_gradient(key)
+    return g is not None and (g.job, g.shard, g.version) == (job_id, shard, base)
 
 
 def _shapes(params: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
@@ -193,12 +202,8 @@ def drop_applied(ctx: Context, job_id: str, blob_keys: list[str]) -> None:
     stored whole (weights and optimizer state), a restarted aggregator re-reads only the updates still pending,
     and a redelivered result finds its step already accepted without reading its blob. Kept, every version's
     blobs (a model's size each) grew the store without bound, and on a local disk their write-back competed with
-    the checkpoints' fsyncs on the commit path (docs/benchmarks.md). A failed delete leaves an orphan, logged."""
-    for key in blob_keys:
-        try:
-            ctx.store.delete(key)
-        except StoreError as e:
-            log.warning("job %s: applied update %s not deleted (%s); it stays as an orphan", job_id, key, e)
+    the checkpoints' fsyncs on the commit path (docs/benchmarks.md)."""
+    drop_blobs(ctx, job_id, blob_keys)
 
 
 def _weights_at(ctx: Context, job_id: str, base: int, version: int, now: dict[str, torch.Tensor]

@@ -152,6 +152,8 @@ def aggregate_task(self: Task, results: list[Any], job_id: str, version: int) ->
             return {"job": job_id, "version": version, "parts": len(ranges)}
         outcome = aggregator.aggregate_round(ctx, job_id, version, results, job)
         advance(ctx, job_id, outcome.job)
+        if outcome.committed:  # after the next round is launched: off its path
+            aggregator.drop_spent_round(ctx, job_id, spec, version)
         return {"job": job_id, "version": outcome.version, "committed": outcome.committed,
                 "accuracy": outcome.metrics.get("accuracy")}
 
@@ -184,6 +186,7 @@ def aggregate_part_task(self: Task, results: list[Any], job_id: str, version: in
         outcome = aggregator.aggregate_part(ctx, job_id, version, results, part)
         if outcome.committed:
             advance(ctx, job_id)
+            aggregator.drop_spent_round(ctx, job_id, JobSpec.model_validate(ctx.jobs.get(job_id).spec), version)
         return {"job": job_id, "version": outcome.version, "part": part, "range": outcome.metrics.get("part"),
                 "committed": outcome.committed}
 

@@ -5,6 +5,8 @@ version from the round's blobs runs too (workers/replay.py, workers/rebuild.py):
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -12,8 +14,10 @@ import torch
 from pipeline import blobs, codecs
 from pipeline.aggregate import Accumulator, Update, check_update
 from storage import keys
-from storage.objectstore import memory_reader
+from storage.objectstore import StoreError, memory_reader
 from storage.services import Services
+
+log = logging.getLogger(__name__)
 
 
 class KeyRefused(blobs.BlobError):
@@ -106,3 +110,13 @@ def fold_blob(ctx: Services, job_id: str, key: str, digest: str | None, shapes: 
         size = r.size
     acc.count(u)
     return size
+
+
+def drop_blobs(ctx: Services, job_id: str, blob_keys: Iterable[str]) -> None:
+    """Delete update blobs nothing will read again (a committed version's: ``async_agg.drop_applied``,
+    ``aggregator.drop_spent_round``). A failed delete leaves an orphan, logged; it never fails the caller."""
+    for key in blob_keys:
+        try:
+            ctx.store.delete(key)
+        except StoreError as e:
+            log.warning("job %s: spent update blob %s not deleted (%s); it stays as an orphan", job_id, key, e)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -11,6 +12,17 @@ from storage import keys
 from storage.leases import shard_results
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def blobs_left(client, job_id: str, settle_s: float, done) -> set[str]:
+    """The job's gradient blobs in the store, once `done(left)` holds or `settle_s` passes (the aggregator
+    deletes spent blobs after its commit, so just after the job ends)."""
+    deadline = time.monotonic() + settle_s
+    while True:
+        left = set(client.store.list(keys.gradients_prefix(job_id)))
+        if done(left) or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def test_sync_job_trains_digits_to_completion_on_real_workers(workers) -> None:
@@ -30,6 +42,11 @@ def test_sync_job_trains_digits_to_completion_on_real_workers(workers) -> None:
     # Every version consumed exactly one blob per shard.
     for v in range(1, final["version"] + 1):
         assert {keys.parse_identity(i).shard for i in client.jobs.consumed(job_id, v)} == {0, 1}
+    # Only the last round's blobs are left in the store: each earlier round's went once the version after its
+    # own was committed.
+    last = final["version"] - 1
+    left = blobs_left(client, job_id, 30, lambda ks: {keys.parse_gradient(k).version for k in ks} == {last})
+    assert {keys.parse_gradient(k).version for k in left} == {last}, sorted(left)
 
 
 def test_corrupt_checkpoint_fails_the_job_after_retries_and_keeps_the_last_good_version(workers) -> None:
@@ -115,6 +132,13 @@ def test_async_job_with_a_slow_worker_finishes_and_applies_each_data_step_once(w
         assert len(consumed) == 4
         identities |= consumed
     assert len(identities) == int(job.fields["budget"])  # no identity applied twice
+    # No blob of an applied update is left in the store (each went once its version was committed).
+
+    def applied_left(ks: set[str]) -> set[str]:
+        return {k for k in ks if keys.gradient_identity(job_id, (g := keys.parse_gradient(k)).shard, g.version,
+                                                        g.attempt) in identities}
+
+    assert applied_left(blobs_left(client, job_id, 30, lambda ks: not applied_left(ks))) == set()
     # It learns. The curve oscillates with the arrival order of stale updates (final test accuracy 0.40-0.77
     # over runs on this budget), so the check is on the best version; async accuracy against sync is
     # measured in ops/bench, not asserted here.

@@ -108,6 +108,15 @@ def test_the_blobs_a_committed_version_applied_are_deleted_and_pending_ones_kept
     assert async_agg.apply_update(unit_ctx, job_id, first)["outcome"] == "duplicate"
 
 
+def test_a_dropped_result_naming_another_steps_blob_deletes_nothing(unit_ctx, enqueued) -> None:
+    job_id = stage(unit_ctx, max_staleness=0, publish_every=1)
+    async_agg.apply_update(unit_ctx, job_id, compute(unit_ctx, job_id, 0, 0, 0))  # version 1
+    pending = compute(unit_ctx, job_id, 1, 1, 0)  # shard 1 on version 1: not yet applied
+    forged = {**compute(unit_ctx, job_id, 1, 0, 1), "key": pending["key"]}  # stale, naming the other's blob
+    assert async_agg.apply_update(unit_ctx, job_id, forged)["outcome"] == "stale"
+    assert unit_ctx.store.exists(pending["key"])
+
+
 def test_the_same_gradient_message_delivered_twice_is_applied_once(unit_ctx, enqueued) -> None:
     job_id = stage(unit_ctx, publish_every=1)
     result = compute(unit_ctx, job_id, 0, 0, 0)
@@ -131,6 +140,7 @@ def test_updates_staler_than_the_bound_are_dropped_and_the_shard_reissued(unit_c
     out = async_agg.apply_update(unit_ctx, job_id, old)
     assert out["outcome"] == "stale" and out["staleness"] == 2
     assert unit_ctx.jobs.get(job_id).version == 2
+    assert not unit_ctx.store.exists(old["key"])  # never to be applied: deleted
     # The same step again, on the newest version, as a new attempt of its shard.
     assert [a for _, s, _, step, a in enqueued if (s, step) == (1, 0)] == [0, 2]
     dropped = [e for e in unit_ctx.jobs.events(job_id) if e["kind"] == "dropped"]

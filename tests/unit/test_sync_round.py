@@ -9,6 +9,7 @@ from pipeline import blobs
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
 from pipeline.data import batch_rows, batches_per_epoch, load_digits
+from pipeline.spec import JobSpec
 from pipeline.training import loss_fn
 from storage import keys
 from storage.datastore import Manifest, read_split
@@ -250,3 +251,22 @@ def test_a_shard_that_moves_continues_from_its_stored_inner_state_and_its_error_
     unit_ctx.residuals.clear()  # another worker process: both states come from the store
     moved = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
     assert moved["sha256"] == warm["sha256"]
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_a_rounds_blobs_are_deleted_once_the_version_after_next_is_committed(unit_ctx, every: int) -> None:
+    """Round v's blobs serve the replay of version v+1 (workers/replay.py) while round v+1 computes; once
+    version v+2 is committed nothing reads them, unless the job rebuilds versions from blobs (every > 1)."""
+    job_id = stage(unit_ctx, shards=2, checkpoint_every_versions=every)
+    spec = JobSpec.model_validate(unit_ctx.jobs.get(job_id).spec)
+
+    def rounds_stored() -> set[int]:
+        return {keys.parse_gradient(k).version for k in unit_ctx.store.list(keys.gradients_prefix(job_id))}
+
+    for v in range(3):
+        results = [shard.train_shard(unit_ctx, job_id, s, v, v, 0) for s in range(2)]
+        assert aggregator.aggregate_round(unit_ctx, job_id, v, results).committed
+        aggregator.drop_spent_round(unit_ctx, job_id, spec, v)  # as the aggregation task does after its commit
+        if v == 0:
+            assert rounds_stored() == {0}
+    assert rounds_stored() == ({2} if every == 1 else {0, 1, 2})
