@@ -305,6 +305,7 @@ def load_bench(name: str) -> Any:
     try:
         spec = importlib.util.spec_from_file_location(f"aas_bench_{name}", BENCH / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[spec.name] = mod  # type: ignore[union-attr]  # a dataclass looks its module up while defined
         spec.loader.exec_module(mod)  # type: ignore[union-attr]
         return mod
     finally:
