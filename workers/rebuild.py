@@ -3,7 +3,7 @@
 A sync job with ``checkpoint_every_versions`` K > 1 writes weights and momentum buffers whole only every K versions
 (and for the last); each version between is stored as its *recipe* (``pipeline/recipe.py``): the update blobs the
 aggregator folded, in order, with their digests, the optimizer's settings, and a checksum (xxh3-64; CRC-32 in
-recipes stored before) of the weights and buffers it stepped to. The blobs are kept (a sync job never deletes the blobs
+recipes stored before) of the weights and buffers it stepped to. The blobs are kept (such a job never deletes the blobs
 it applied) and written durably for such a job, so the full checkpoint the recipe names and the recipes after it
 determine the version: each recipe's blobs are read and verified as the aggregator verifies them, folded and
 stepped with its code (``fold_blob``, ``Accumulator``, ``sgd_step_``), and checked against the checksum. Nothing

@@ -186,7 +186,7 @@ def aggregate_part_task(self: Task, results: list[Any], job_id: str, version: in
         outcome = aggregator.aggregate_part(ctx, job_id, version, results, part)
         if outcome.committed:
             advance(ctx, job_id)
-            aggregator.drop_spent_round(ctx, job_id, JobSpec.model_validate(ctx.jobs.get(job_id).spec), version)
+            aggregator.drop_spent_round(ctx, job_id, JobSpec.model_validate(outcome.job.spec), version)
         return {"job": job_id, "version": outcome.version, "part": part, "range": outcome.metrics.get("part"),
                 "committed": outcome.committed}
 

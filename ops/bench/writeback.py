@@ -27,17 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from storage.objectstore import LocalStore
+
 WINDOW_S = 30.0
-
-
-def _put(path: Path, data: bytes, sync: bool) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        if sync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def dirty_mb() -> int:
@@ -49,21 +41,21 @@ def dirty_mb() -> int:
 
 def replay(folder: Path, *, keep: bool, seconds: float, rate: float, data: bytes, blobs: int) -> dict[str, Any]:
     """Versions at `rate` per second for `seconds`; per window: mean fsync'd write (ms) and dirty MB at its end."""
-    folder.mkdir(parents=True)
+    store = LocalStore(folder)  # the local-folder store's own writes: temporary file, fsync where durable, rename
     t0 = last = time.monotonic()
     v, writes, windows = 0, [], []
     while time.monotonic() - t0 < seconds:
         start = time.monotonic()
-        spent = [folder / f"g{v}-{b}" for b in range(blobs)]
-        for p in spent:
-            _put(p, data, sync=False)
+        spent = [f"grads/v{v:06d}/s{b:05d}" for b in range(blobs)]
+        for key in spent:
+            store.put(key, data, durable=False)
         w = time.perf_counter()
-        _put(folder / f"opt{v}", data, sync=True)
-        _put(folder / f"w{v}", data, sync=True)
+        store.put(f"ckpt/v{v:06d}.opt", data)
+        store.put(f"ckpt/v{v:06d}", data)
         writes.append(time.perf_counter() - w)
         if not keep:
-            for p in spent:
-                p.unlink()
+            for key in spent:
+                store.delete(key)
         v += 1
         time.sleep(max(0.0, 1 / rate - (time.monotonic() - start)))
         if time.monotonic() - last >= WINDOW_S:
