@@ -349,10 +349,15 @@ def gradient_attempts(job_id: str, version: int, shard: int) -> str:
     return f"{gradients_of_round(job_id, version)}s{shard:05d}-a"
 
 
+def codec_states_prefix(job_id: str) -> str:
+    """Every codec state of a job (``codec_state="store"``) lies under this prefix."""
+    return f"jobs/{job_id}/codec-state/"
+
+
 def codec_state(job_id: str, shard: int, step: int) -> str:
     """A shard's top-k error-feedback state (residual, velocity) after its task at data step ``step``; the task
     at step s reads the one its shard wrote at s − H, so a redelivery reads the same state."""
-    return f"jobs/{job_id}/codec-state/s{shard:05d}/t{step:09d}.aast"
+    return f"{codec_states_prefix(job_id)}s{shard:05d}/t{step:09d}.aast"
 
 
 @dataclass(frozen=True)

@@ -24,12 +24,12 @@ from pipeline.spec import JobSpec
 from storage import keys
 from storage.jobstate import TERMINAL, JobState
 from storage.leases import round_results
-from storage.objectstore import ObjectNotFound, StoreError
+from storage.objectstore import ObjectNotFound
 from workers import faults
 from workers.commit import Commit, commit_next_version
 from workers.context import Context
 from workers.metrics import observe_rejected
-from workers.updates import KeyRefused, Shapes, drop_blobs, fold_blob, load_update
+from workers.updates import KeyRefused, Shapes, drop_under, fold_blob, load_update
 
 log = logging.getLogger(__name__)
 
@@ -209,12 +209,7 @@ def drop_spent_round(ctx: Context, job_id: str, spec: JobSpec, version: int) -> 
     them (workers/rebuild.py). Kept, a round's blobs (a model's size per shard) grew the store without bound."""
     if spec.checkpoint_every_versions > 1 or version < 1:
         return
-    try:
-        spent = list(ctx.store.list(keys.gradients_of_round(job_id, version - 1)))
-    except StoreError as e:
-        log.warning("job %s: round v%d's blobs not listed for deletion (%s)", job_id, version - 1, e)
-        return
-    drop_blobs(ctx, job_id, spent)
+    drop_under(ctx, job_id, keys.gradients_of_round(job_id, version - 1))
 
 
 def _full_of(spec: JobSpec, job: JobState, version: int) -> int | None:

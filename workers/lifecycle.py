@@ -20,6 +20,7 @@ from storage.leases import LeaseBook
 from workers import affinity
 from workers.context import Context
 from workers.publish import evaluation_due
+from workers.updates import drop_under
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def advance(ctx: Context, job_id: str, job: JobState | None = None) -> str:
     evaluated = int(job.fields.get("evaluated_version", 0))
     if is_finished(progress_of(ctx, job, spec)):
         if job.version == 0 or evaluated >= job.version:
-            ctx.jobs.set_status(job_id, "succeeded")
+            if ctx.jobs.set_status(job_id, "succeeded"):
+                drop_finished(ctx, job_id, spec)
             return "succeeded"
         request_publish(ctx, job_id, job.version)
         return "running"
@@ -62,6 +64,17 @@ def advance(ctx: Context, job_id: str, job: JobState | None = None) -> str:
     if evaluated < job.version and evaluation_due(spec, job.version, job.total_rounds):
         request_publish(ctx, job_id, job.version)
     return "running"
+
+
+def drop_finished(ctx: Context, job_id: str, spec: JobSpec) -> None:
+    """A job has succeeded: delete what only its training read. Its update blobs (a sync job's last two rounds,
+    and the orphans a process killed between a commit and its deletion left), unless its versions are rebuilt from
+    them (``checkpoint_every_versions`` > 1); and its shards' codec states (``codec_state="store"``: a dense
+    residual per shard and step). Its checkpoints, recipes and registered artifacts stay: every version is still
+    reconstructable from the store. A failed job keeps everything, for ``aas resume`` and for a look at why."""
+    if spec.checkpoint_every_versions == 1:
+        drop_under(ctx, job_id, keys.gradients_prefix(job_id))
+    drop_under(ctx, job_id, keys.codec_states_prefix(job_id))
 
 
 def request_publish(ctx: Context, job_id: str, version: int, *, force: bool = False) -> bool:

@@ -114,9 +114,20 @@ def fold_blob(ctx: Services, job_id: str, key: str, digest: str | None, shapes: 
 
 def drop_blobs(ctx: Services, job_id: str, blob_keys: Iterable[str]) -> None:
     """Delete update blobs nothing will read again (a committed version's: ``async_agg.drop_applied``,
-    ``aggregator.drop_spent_round``). A failed delete leaves an orphan, logged; it never fails the caller."""
+    ``aggregator.drop_spent_round``, ``drop_under``). A failed delete leaves an orphan, logged; it never fails the
+    caller."""
     for key in blob_keys:
         try:
             ctx.store.delete(key)
         except StoreError as e:
             log.warning("job %s: spent update blob %s not deleted (%s); it stays as an orphan", job_id, key, e)
+
+
+def drop_under(ctx: Services, job_id: str, prefix: str) -> None:
+    """Delete every object under `prefix` (``drop_blobs``); a failed listing is logged, never raised."""
+    try:
+        found = list(ctx.store.list(prefix))
+    except StoreError as e:
+        log.warning("job %s: %s not listed for deletion (%s); what it holds stays", job_id, prefix, e)
+        return
+    drop_blobs(ctx, job_id, found)

@@ -270,3 +270,38 @@ def test_a_rounds_blobs_are_deleted_once_the_version_after_next_is_committed(uni
         if v == 0:
             assert rounds_stored() == {0}
     assert rounds_stored() == ({2} if every == 1 else {0, 1, 2})
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_succeeded_job_leaves_no_update_blob_or_codec_state_and_keeps_every_version(unit_ctx, run_published,
+                                                                                      every: int) -> None:
+    """Once the job has succeeded nothing reads its last rounds' blobs or its shards' error feedback again; every
+    version stays reconstructable (checkpoints, and with every > 1 the blobs its recipes name)."""
+    from workers import lifecycle
+
+    job_id = stage(unit_ctx, shards=2, batch_size=512, epochs=1, codec="topk", codec_state="store",
+                   checkpoint_every_versions=every)
+    job = unit_ctx.jobs.get(job_id)
+    spec = JobSpec.model_validate(job.spec)
+    total = job.total_rounds
+    assert total >= 2
+    for v in range(total):
+        results = [shard.train_shard(unit_ctx, job_id, s, v, v, 0) for s in range(2)]
+        assert aggregator.aggregate_round(unit_ctx, job_id, v, results).committed
+        aggregator.drop_spent_round(unit_ctx, job_id, spec, v)
+
+    def stored(prefix: str) -> list[str]:
+        return list(unit_ctx.store.list(prefix))
+
+    assert stored(keys.gradients_prefix(job_id)) and stored(keys.codec_states_prefix(job_id))
+    lifecycle.advance(unit_ctx, job_id)
+    assert unit_ctx.jobs.get(job_id).status != "succeeded"  # its last version is not evaluated yet: all stays
+    assert stored(keys.codec_states_prefix(job_id))
+    run_published(unit_ctx)
+    assert unit_ctx.jobs.get(job_id).status == "succeeded"
+    assert stored(keys.codec_states_prefix(job_id)) == []
+    blobs_kept = {keys.parse_gradient(k).version for k in stored(keys.gradients_prefix(job_id))}
+    assert blobs_kept == (set() if every == 1 else set(range(total)))
+    listed = stored(keys.checkpoint_prefix(job_id))
+    kept = keys.checkpoint_versions(listed) + keys.recipe_versions(listed)
+    assert sorted(kept) == list(range(total + 1))
