@@ -76,18 +76,20 @@ class JobSpec(BaseModel):
     delay_compensation: float = Field(default=0.0, ge=0, le=100)
     # async: the fraction of asynchrony's implicit momentum, s̄/(1+s̄) for updates s̄ versions stale on average
     # (Mitliagkas et al. 2016, "Asynchrony begets momentum"), taken off the momentum of each version's step (0:
-    # none, 1: all of it, the default). Measured with one 3×-slow worker: char-lm at lr 0.1 (16 epochs of the quick
-    # corpus, cosine) 12.4–14.9 perplexity on every seed, −5.1% of sync averaged over four seeds (sync's own seeds:
-    # 11.1–16.8; the old defaults, 0 with λ0 32: +64% and +72%, a collapse); digits at 24 epochs equal to sync.
-    # It lowers the step's effective rate lr/(1−μ), so it learns slower: digits at 5 epochs lost 5-9 points, and
-    # char-lm at lr 0.05, where sync is stable, ends ~20% above sync (weight_prediction does better there; at lr
-    # 0.1, on the edge of sync's own stability, only this keeps async from collapsing).
+    # none, 1: all of it, the default without weight prediction; with it, 0). Measured with one 3×-slow worker:
+    # char-lm at lr 0.1 (16 epochs of the quick corpus, cosine) 12.4–14.9 perplexity on every seed, −5.1% of sync
+    # averaged over four seeds (sync's own seeds: 11.1–16.8; the old defaults, 0 with λ0 32: +64% and +72%, a
+    # collapse); digits at 24 epochs equal to sync. It lowers the step's effective rate lr/(1−μ), so it learns
+    # slower: digits at 5 epochs lost 5-9 points, and char-lm at lr 0.05, where sync is stable, ends ~20% above
+    # sync (weight_prediction does better there; at lr 0.1, on the edge of sync's own stability, only this keeps
+    # async from collapsing).
     staleness_momentum: float = Field(default=1.0, ge=0, le=1)
     # async: weight prediction (pipeline/aggregate.py predict_weights_): each shard task computes its gradient on
     # the weights this many versions ahead of the newest, each step repeating the last one (w − k·lr·momentum),
     # so an update applied late was computed near the weights it is applied to (SpecTrain, Chen et al. 2018). 0:
     # none. Needs momentum (the last step's direction); a shard worker reads the version's momentum buffers once
     # and holds them beside the weights, and each task trains a copy of the weights (memory: ~3× the model's).
+    # An async job that gives none gets 1 where it has momentum and one SGD step per version (_default_prediction).
     weight_prediction: float = Field(default=0.0, ge=0, le=16)
     # async: a version every K accepted updates, one step on their mean (default for async jobs: `shards`)
     publish_every: int = Field(default=1, ge=1, le=100_000)
@@ -227,10 +229,26 @@ class JobSpec(BaseModel):
         if isinstance(data, dict) and data.get("codec_momentum"):  # DGC: the momentum moves to the workers
             # (with local steps the aggregator's momentum is the outer one: it moves too, unless set)
             data = {"momentum": 0.0, "outer_momentum": 0.0, **data}
+        if isinstance(data, dict) and data.get("mode") == "async" and "weight_prediction" not in data:
+            data = {"weight_prediction": cls._default_prediction(data), **data}
         if isinstance(data, dict) and data.get("weight_prediction"):
             # The gradient is taken where the update lands: the staleness the momentum was lowered for is gone.
             data = {"staleness_momentum": 0.0, **data}
         return data
+
+    @classmethod
+    def _default_prediction(cls, data: dict[str, Any]) -> float:
+        """An async job's weight_prediction when it gives none: one step ahead where there is a last step to repeat
+        (momentum above 0, one SGD step per version), else none. Measured with one 3×-slow worker at the default lr
+        (docs/benchmarks.md): char-lm at 64 epochs 5.11–5.24 against sync's 5.67 / 4.95, where the staleness
+        momentum alone ended 51% above sync at 32 epochs; digits at 5 epochs −1.1 to +0.8 points against sync, where
+        it lost 5–8. At an lr on the edge of sync's own stability (char-lm at 0.1) the prediction diverges: set
+        weight_prediction 0 there, and the staleness momentum (its default then 1) holds async instead."""
+        fields = cls.model_fields
+        momentum = data.get("momentum", fields["momentum"].default)
+        steps = data.get("local_steps", fields["local_steps"].default)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (momentum, steps))
+        return 1.0 if numbers and momentum > 0 and steps == 1 else 0.0
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:

@@ -7,6 +7,7 @@ import torch
 
 from pipeline.checkpoint import decode_checkpoint
 from pipeline.client import Client
+from pipeline.spec import JobSpec
 from storage import keys
 from workers import aggregator, async_agg, lifecycle, shard
 
@@ -265,3 +266,19 @@ def test_weight_prediction_is_refused_where_there_is_no_last_step_to_repeat(unit
     with pytest.raises(SpecError, match=f"weight_prediction: .*{named}"):
         stage(unit_ctx, weight_prediction=1.0, **spec)
     assert list(unit_ctx.store.list("")) == []
+
+
+@pytest.mark.parametrize("given, prediction, staleness_momentum", [
+    ({}, 1.0, 0.0),  # the default: momentum 0.9, one SGD step per version
+    ({"weight_prediction": 0}, 0.0, 1.0),  # refused by hand: the staleness momentum holds async instead
+    ({"weight_prediction": 2}, 2.0, 0.0),
+    ({"momentum": 0.0}, 0.0, 1.0),  # no last step to repeat
+    ({"local_steps": 4}, 0.0, 1.0),  # a version is an outer step
+    ({"codec": "topk", "codec_momentum": 0.9}, 0.0, 1.0),  # DGC: the momentum is on the workers
+    ({"mode": "sync"}, 0.0, 1.0),
+])
+def test_an_async_job_predicts_its_weights_one_step_ahead_unless_it_has_no_step_to_repeat(
+        given: dict, prediction: float, staleness_momentum: float) -> None:
+    spec = JobSpec.model_validate({"mode": "async", "shards": 2, **given})
+    assert (spec.weight_prediction, spec.staleness_momentum) == (prediction, staleness_momentum)
+    assert JobSpec.model_validate(spec.model_dump()) == spec  # a stored spec reads back the same
