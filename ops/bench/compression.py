@@ -115,10 +115,9 @@ def codec_rows(cluster: Cluster, b: Budget, codecs: list[str],
     rows: list[dict[str, Any]] = []
     fp32_job: dict[str, Any] = {}
     plan = [(codec, h) for text in codecs for codec, row_hs in [parse_row(text, hs)] for h in row_hs]
-    inner_lr = b.common_spec.get("inner_lr", b.common_spec.get("lr", b.lr))  # --spec's lr steps H>1 too
     for codec, h in sorted(plan, key=lambda ch: (ch[1], ch[0] != "none")):  # fp32 H=1 first: the artifacts' base
         label = f"{codec} H={h}"
-        spec = b.spec(codec=codec, local_steps=h, inner_lr=inner_lr, publish_every_versions=0,
+        spec = b.spec(codec=codec, local_steps=h, publish_every_versions=0,
                       promote="production" if (codec == "none" and h == 1) else None,
                       register_as=b.model if (codec == "none" and h == 1) else None)
         if codec in VARIANTS:

@@ -75,11 +75,16 @@ class Budget:
     common_spec: dict[str, Any] = field(default_factory=dict)  # --spec: fields set on every pipeline row
 
     def spec(self, **overrides: Any) -> dict[str, Any]:
+        """The job's spec: the budget's fields, then --spec's, then `overrides`. The inner lr of local steps is
+        the resulting lr unless one of them sets it (a --spec lr that left it at the budget's lr ran H > 1 rows at
+        twice sync's rate)."""
         base = {"model": self.model, "model_args": self.model_args, "dataset": self.dataset,
                 "dataset_args": self.dataset_args, "shards": self.shards, "batch_size": self.batch_size,
-                "epochs": self.epochs, "lr": self.lr, "momentum": self.momentum, "inner_lr": self.lr,
+                "epochs": self.epochs, "lr": self.lr, "momentum": self.momentum,
                 "seed": self.seed, "publish_every_versions": 0, "promote": None, **self.common_spec}
-        return {**base, **overrides}
+        out = {**base, **overrides}
+        out.setdefault("inner_lr", out["lr"])
+        return out
 
 
 def budget_for(model: str, quick: bool) -> Budget:
