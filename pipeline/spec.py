@@ -58,6 +58,10 @@ class JobSpec(BaseModel):
     lr_warmup_versions: int = Field(default=0, ge=0, le=1_000_000)
     inner_optimizer: Literal["sgd", "adamw"] = "sgd"  # used when local_steps > 1
     inner_lr: float = Field(default=0.05, gt=0, le=100)
+    # Inner SGD's momentum (0: plain SGD, stateless). With inner_state "keep" each shard's momentum buffer goes from
+    # its round to its next (local SGD with momentum: SlowMo, Wang et al. 2020; Lin et al. 2020), as sync
+    # training's buffer goes from step to step.
+    inner_momentum: float = Field(default=0.0, ge=0, lt=1)
     outer_lr: float = Field(default=0.7, gt=0, le=100)
     outer_momentum: float = Field(default=0.9, ge=0, lt=1)
     # A stateful inner optimizer (AdamW) at H>1: "reset" it every round (the default), or "keep" its state from each
@@ -270,6 +274,9 @@ class JobSpec(BaseModel):
         if self.weight_prediction and not self.momentum:
             raise ValueError("weight_prediction: repeats the last step, read from the momentum buffers; set momentum "
                              "above 0")
+        if self.inner_momentum and self.inner_optimizer != "sgd":
+            raise ValueError(f"inner_momentum: is inner SGD's momentum; inner_optimizer {self.inner_optimizer!r} "
+                             "keeps its own moments")
         if self.kind == "distill" and not self.teacher:
             raise ValueError("teacher: a distill job needs a teacher ('model@version' or 'model@alias')")
         if self.codec_dense_below and self.codec not in ERROR_FEEDBACK:
@@ -298,7 +305,8 @@ class JobSpec(BaseModel):
     @property
     def keeps_inner_state(self) -> bool:
         """Local steps with a stateful inner optimizer whose state goes from a shard's round to its next."""
-        return self.local_steps > 1 and self.inner_optimizer == "adamw" and self.inner_state == "keep"
+        stateful = self.inner_optimizer == "adamw" or self.inner_momentum > 0
+        return self.local_steps > 1 and stateful and self.inner_state == "keep"
 
     @property
     def shard_state(self) -> bool:

@@ -21,8 +21,8 @@ class ShardResult:
     update: dict[str, torch.Tensor]  # gradient (H=1) or pseudo-gradient w_start − w_end (H>1), fp32
     samples: int  # samples that contributed (the aggregator's weight)
     loss: float  # mean training loss over those samples (before the update, for H=1)
-    # H>1 with a stateful inner optimizer (AdamW) asked to keep it: its state after the H steps, by
-    # "<param>.<exp_avg|exp_avg_sq|step>" (_adam_state), for the shard's next round
+    # H>1 with a stateful inner optimizer (AdamW, SGD with momentum) asked to keep it: its state after the H
+    # steps, by "<param>.<exp_avg|exp_avg_sq|step|momentum_buffer>" (_opt_state), for the shard's next round
     inner_state: dict[str, torch.Tensor] | None = None
 
 
@@ -121,27 +121,29 @@ def local_steps(
     precision: str = "fp32",
     state: dict[str, torch.Tensor] | None = None,
     keep_state: bool = False,
+    momentum: float = 0.0,
 ) -> ShardResult:
     """H inner optimizer steps (DiLoCo); returns Δ = w_start − w_end and the mean loss of the steps.
 
     The model's weights are restored to w_start on return (an error included): workers keep the module
     of a version between tasks, and the next task on that version must start from it.
 
-    ``state``: the inner optimizer's state to start from (AdamW's moments and step count, as a previous call
-    returned it with ``keep_state``); None starts fresh. DiLoCo (Douillard et al. 2023) keeps each worker's inner
-    AdamW state from round to round rather than resetting it: a reset restarts Adam's bias correction, whose
-    first steps move every weight by ~lr whatever its gradient's size, every H steps. Which is better depends on
-    the workload (JobSpec.inner_state).
+    ``state``: the inner optimizer's state to start from (AdamW's moments and step count, or SGD's momentum
+    buffers with ``momentum`` > 0, as a previous call returned it with ``keep_state``); None starts fresh.
+    DiLoCo (Douillard et al. 2023) keeps each worker's inner AdamW state from round to round rather than resetting
+    it: a reset restarts Adam's bias correction, whose first steps move every weight by ~lr whatever its
+    gradient's size, every H steps; local SGD with momentum keeps each worker's buffer the same way (SlowMo, Wang
+    et al. 2020). Which is better depends on the workload (JobSpec.inner_state).
     """
     params = trainable(model)
     start = {n: p.detach().float().cpu().clone() for n, p in params.items()}
     opt: torch.optim.Optimizer
     if optimizer == "adamw":
         opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
-        if state is not None:
-            _load_adam_state(opt, params, state)
-    else:
-        opt = torch.optim.SGD(params.values(), lr=lr)  # stateless: nothing to keep
+    else:  # with momentum, local SGD with momentum (SlowMo, Wang et al. 2020); without, stateless
+        opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum)
+    if state is not None and (optimizer == "adamw" or momentum):
+        _load_opt_state(opt, params, state, optimizer)
     samples, loss_sum = 0, 0.0
     try:
         for x, y in batches:
@@ -152,7 +154,7 @@ def local_steps(
             samples += int(x.shape[0])
             loss_sum += loss * int(x.shape[0])
         delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
-        kept = _adam_state(opt, params) if keep_state and optimizer == "adamw" else None
+        kept = _opt_state(opt, params, optimizer) if keep_state and (optimizer == "adamw" or momentum) else None
     finally:
         with torch.no_grad():
             for n, p in params.items():
@@ -161,41 +163,44 @@ def local_steps(
     return ShardResult(delta, samples, loss_sum / samples if samples else 0.0, kept)
 
 
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq", "step")
+STATE_KEYS = {"adamw": ("exp_avg", "exp_avg_sq", "step"), "sgd": ("momentum_buffer",)}  # per parameter
 
 
-def _adam_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    """AdamW's per-parameter state as "<param>.<key>" tensors (a parameter never stepped has none). Not copied: the
-    optimizer is dropped on return, and _load_adam_state copies what it starts from."""
+def _opt_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], optimizer: str
+               ) -> dict[str, torch.Tensor]:
+    """The inner optimizer's per-parameter state as "<param>.<key>" tensors (a parameter never stepped has none).
+    Not copied: the optimizer is dropped on return, and _load_opt_state copies what it starts from."""
     out: dict[str, torch.Tensor] = {}
     for n, p in params.items():
         st = opt.state.get(p)
         if st:
-            out |= {f"{n}.{k}": st[k].detach() for k in _ADAM_KEYS}
+            out |= {f"{n}.{k}": st[k].detach() for k in STATE_KEYS[optimizer]}
     return out
 
 
-def _load_adam_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter],
-                     state: dict[str, torch.Tensor]) -> None:
-    """Start AdamW from ``state`` (see _adam_state), checked against the model: a name or shape that does not
-    fit raises ValueError naming it (a state from another model or a torn one is never half applied)."""
-    names = {f"{n}.{k}" for n in params for k in _ADAM_KEYS}
+def _load_opt_state(opt: torch.optim.Optimizer, params: dict[str, nn.Parameter], state: dict[str, torch.Tensor],
+                    optimizer: str) -> None:
+    """Start the inner optimizer from ``state`` (see _opt_state), checked against the model: a name or shape that
+    does not fit raises ValueError naming it (a state from another model or a torn one is never half applied)."""
+    state_keys = STATE_KEYS[optimizer]
+    names = {f"{n}.{k}" for n in params for k in state_keys}
     extra = sorted(set(state) - names)
     if extra:
         raise ValueError(f"inner optimizer state holds tensors the model does not have: {extra[:3]}")
     loaded = {}
     for n, p in params.items():
-        got = [state.get(f"{n}.{k}") for k in _ADAM_KEYS]
-        if all(t is None for t in got):
+        got = {k: state.get(f"{n}.{k}") for k in state_keys}
+        if all(t is None for t in got.values()):
             continue
-        avg, sq, step = got
-        if avg is None or sq is None or step is None:
-            raise ValueError(f"inner optimizer state of {n!r} is incomplete (needs {', '.join(_ADAM_KEYS)})")
-        if tuple(avg.shape) != tuple(p.shape) or tuple(sq.shape) != tuple(p.shape) or step.numel() != 1:
-            raise ValueError(f"inner optimizer state of {n!r} has shapes {tuple(avg.shape)}/{tuple(sq.shape)}/"
-                             f"{tuple(step.shape)}, the parameter's is {tuple(p.shape)}")
-        loaded[p] = {"step": step.detach().to(torch.float32).cpu().reshape(()).clone(),
-                     "exp_avg": avg.detach().to(p).clone(), "exp_avg_sq": sq.detach().to(p).clone()}
+        if any(t is None for t in got.values()):
+            raise ValueError(f"inner optimizer state of {n!r} is incomplete (needs {', '.join(state_keys)})")
+        shapes = {k: tuple(t.shape) for k, t in got.items()}
+        if any(shape != tuple(p.shape) for k, shape in shapes.items() if k != "step") or \
+                ("step" in got and got["step"].numel() != 1):
+            raise ValueError(f"inner optimizer state of {n!r} has shapes {'/'.join(map(str, shapes.values()))}, "
+                             f"the parameter's is {tuple(p.shape)}")
+        loaded[p] = {k: (t.detach().to(torch.float32).cpu().reshape(()).clone() if k == "step"
+                         else t.detach().to(p).clone()) for k, t in got.items()}
     opt.state.update(loaded)
 
 

@@ -86,7 +86,7 @@ def train_shard(ctx: Context, job_id: str, shard: int, version: int, step: int, 
                              temperature=spec.temperature, alpha=spec.alpha,
                              micro_batch_size=spec.micro_batch_size, precision=spec.precision,
                              state=state.inner if spec.keeps_inner_state else None,
-                             keep_state=spec.keeps_inner_state)
+                             keep_state=spec.keeps_inner_state, momentum=spec.inner_momentum)
     if ctx.settings.slow_factor > 1:
         time.sleep((time.perf_counter() - t1) * (ctx.settings.slow_factor - 1))
     t_compute = time.perf_counter() - t1

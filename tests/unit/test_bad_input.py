@@ -118,6 +118,7 @@ def test_invalid_job_specs_are_refused_naming_the_field_and_write_nothing(data: 
     ("init_from", "a b@7"), ("model_args", {"pad": "x" * 20_000}),
     ("codec_momentum", 0.9),  # BASE's codec is not topk: momentum correction has nothing to correct
     ("weight_prediction", 1.0),  # BASE is a sync job: its updates are applied to the weights they were computed on
+    ("inner_momentum", 1.0), ("inner_momentum", -0.1),
 ])
 def test_fields_that_were_unchecked_are_refused_at_submit_naming_the_field(
         tmp_path: Path, field: str, value: Any) -> None:
@@ -371,3 +372,11 @@ def test_an_unreachable_redis_is_one_line_naming_it_not_a_traceback(
     err = capsys.readouterr().err
     assert "Traceback" not in err and "cannot reach Redis at redis://:***@127.0.0.1:1/0" in err
     assert "pw-Hq2" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_inner_momentum_is_refused_for_an_inner_optimizer_with_its_own_moments(tmp_path: Path) -> None:
+    r = fakeredis.FakeRedis()
+    client = offline_client(tmp_path, r)
+    with pytest.raises(SpecError, match="inner_momentum: .*'adamw'"):
+        client.submit({**BASE, "local_steps": 4, "inner_optimizer": "adamw", "inner_momentum": 0.9})
+    assert r.dbsize() == 0 and client.dispatch.sent == []

@@ -133,6 +133,25 @@ def test_a_kept_adamw_state_makes_two_rounds_of_h_steps_one_run_of_2h_and_a_rese
     assert local_steps(model, batches[:3], optimizer="sgd", lr=0.1, keep_state=True).inner_state is None
 
 
+def test_a_kept_sgd_momentum_buffer_makes_two_rounds_of_h_steps_one_run_of_2h_and_a_reset_does_not() -> None:
+    from pipeline.training import local_steps
+
+    model, batches = _tiny_model_and_batches(6)
+    whole = local_steps(model, batches, optimizer="sgd", lr=0.1, momentum=0.9)
+    first = local_steps(model, batches[:3], optimizer="sgd", lr=0.1, momentum=0.9, keep_state=True)
+    assert first.inner_state is not None and {k.rsplit(".", 1)[1] for k in first.inner_state} == {"momentum_buffer"}
+    _apply(model, first.update)
+    kept = local_steps(model, batches[3:], optimizer="sgd", lr=0.1, momentum=0.9, state=first.inner_state,
+                       keep_state=True)
+    reset = local_steps(model, batches[3:], optimizer="sgd", lr=0.1, momentum=0.9)
+    for n in whole.update:
+        assert torch.allclose(first.update[n] + kept.update[n], whole.update[n], atol=1e-6), n
+        assert not torch.allclose(first.update[n] + reset.update[n], whole.update[n], atol=1e-4), n
+    with pytest.raises(ValueError, match=r"'2\.weight'.*shapes"):
+        local_steps(model, batches, optimizer="sgd", lr=0.1, momentum=0.9,
+                    state={**first.inner_state, "2.weight.momentum_buffer": torch.zeros(3, 9)})
+
+
 def test_an_inner_state_that_does_not_fit_the_model_is_refused_naming_the_tensor() -> None:
     from pipeline.training import local_steps
 

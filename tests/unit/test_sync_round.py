@@ -241,12 +241,15 @@ def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_ke
     assert all(torch.equal(tensors[0][k], tensors[1][k]) for k in tensors[0])  # reset = a fresh start, each round
 
 
-def test_a_shard_that_moves_continues_from_its_stored_inner_state_and_its_error_feedback(unit_ctx) -> None:
-    job_id = stage(unit_ctx, shards=1, local_steps=2, inner_optimizer="adamw", inner_lr=1e-3, inner_state="keep",
-                   codec="topk+q2", codec_density=0.05, codec_state="store")
+@pytest.mark.parametrize("inner, kept_key", [({"inner_optimizer": "adamw", "inner_lr": 1e-3}, "exp_avg_sq"),
+                                              ({"inner_momentum": 0.9, "inner_lr": 0.05}, "momentum_buffer")])
+def test_a_shard_that_moves_continues_from_its_stored_inner_state_and_its_error_feedback(
+        unit_ctx, inner: dict, kept_key: str) -> None:
+    job_id = stage(unit_ctx, shards=1, local_steps=2, inner_state="keep", codec="topk+q2", codec_density=0.05,
+                   codec_state="store", **inner)
     shard.train_shard(unit_ctx, job_id, 0, 0, 0, 0)
     stored = blobs.decode(unit_ctx.store.get(keys.codec_state(job_id, 0, 0))).tensors
-    assert any(k.startswith("o.") for k in stored) and any(k.startswith("r.") for k in stored)
+    assert any(k.startswith("o.") and k.endswith(kept_key) for k in stored) and any(k.startswith("r.") for k in stored)
     warm = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
     unit_ctx.residuals.clear()  # another worker process: both states come from the store
     moved = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
