@@ -441,8 +441,10 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rows = run_all(b, set(args.rows) or None, cold=args.cold)
     table = markdown(rows, b)
-    print(f"\n{args.model}: {b.shards} shards × batch {b.batch_size}, {b.epochs} epoch(s), SGD lr {b.lr} "
-          f"momentum {b.momentum}; H={b.local_steps} row: inner SGD lr {b.lr}, outer Nesterov (spec defaults); "
+    row = b.spec()  # the budget's fields under --spec's
+    print(f"\n{args.model}: {b.shards} shards × batch {b.batch_size}, {b.epochs} epoch(s), SGD lr {row['lr']} "
+          f"momentum {row['momentum']}; H={b.local_steps} row: inner SGD lr {row['inner_lr']}, outer Nesterov "
+          "(spec defaults); "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}; pipeline rows on "
           f"{'a cold cluster' if args.cold else 'warm workers'}")
     for what, fields in (("every pipeline row", b.common_spec), ("sync rows", b.sync_spec),
