@@ -244,7 +244,7 @@ class JobSpec(BaseModel):
     def _default_prediction(cls, data: dict[str, Any]) -> float:
         """An async job's weight_prediction when it gives none: one step ahead where there is a last step to repeat
         (momentum above 0, one SGD step per version), else none. Measured with one 3×-slow worker at the default lr
-        (docs/benchmarks.md): char-lm at 64 epochs 5.11–5.24 against sync's 5.67 / 4.95, where the staleness
+        (docs/benchmarks.md): char-lm at 64 epochs 5.08–5.24 against sync's 5.65 / 4.95, where the staleness
         momentum alone ended 51% above sync at 32 epochs; digits at 5 epochs −1.1 to +0.8 points against sync, where
         it lost 5–8. At an lr on the edge of sync's own stability (char-lm at 0.1) the prediction diverges: set
         weight_prediction 0 there, and the staleness momentum (its default then 1) holds async instead."""

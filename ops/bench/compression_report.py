@@ -4,6 +4,8 @@ by it instead: perplexity and its change in percent against fp32 sync in the tab
 
     ops/bench/run compression_report --json FILE [FILE ...] [--plot PNG] [--out FILE]   # re-render saved runs
 
+A FILE may also be one ``ops/bench/run inprocess --json`` run (a row named by its ``--label``).
+
 Several files (one per seed, say) are merged: their codec rows in order, the first file's budget and anatomy.
 """
 
@@ -199,9 +201,34 @@ def plot(result: dict[str, Any], out: str | Path, *, title: str = "") -> Path:
     return path
 
 
+def from_inprocess(run: dict[str, Any]) -> dict[str, Any]:
+    """A run of ``ops/bench/run inprocess`` (one row: a spec at one seed) as a result of this report: its row named
+    by its ``--label`` (else its codec), H its local steps."""
+    spec = run.get("spec", {})
+    row = {"codec": run.get("label") or spec.get("codec", "none"), "H": int(spec.get("local_steps", 1)),
+           "seed": run["seed"], "samples": run["samples"], "bytes_per_sample": run["bytes_up_per_sample"],
+           "accuracy": run["accuracy"], "perplexity": run.get("perplexity"), "wall_s": run["wall_s"], "spec": spec}
+    return {"budget": {"model": run["model"], "epochs": run["epochs"]}, "codecs": [row]}
+
+
+def against_fp32(rows: list[dict[str, Any]]) -> None:
+    """Fill each row's change against fp32 sync (codec none, H=1) of its own seed where its run did not (in-process
+    runs are one row each): Δ perplexity %, Δ accuracy points, × fewer bytes per sample."""
+    base = {r.get("seed", 0): r for r in rows if r.get("codec") == "none" and r.get("H") == 1 and "error" not in r}
+    for r in rows:
+        b = base.get(r.get("seed", 0))
+        if b is None or "error" in r or r.get("accuracy_delta_pts") is not None:
+            continue
+        r["accuracy_delta_pts"] = 100 * (r["accuracy"] - b["accuracy"])
+        r["ratio_vs_fp32_step"] = b["bytes_per_sample"] / r["bytes_per_sample"]
+        if r.get("perplexity") is not None and b.get("perplexity"):
+            r["perplexity_delta_pct"] = 100 * (r["perplexity"] / b["perplexity"] - 1)
+
+
 def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from several runs: every run's codec rows (a row repeated for the same seed once: the first),
-    artifact rows, and the first run's other fields."""
+    artifact rows, and the first run's other fields. In-process runs count as one row each (``from_inprocess``)."""
+    results = [from_inprocess(r) if "codecs" not in r and "bytes_up_per_sample" in r else r for r in results]
     out = {**results[0], "codecs": [], "artifacts": []}
     seen: set[tuple[Any, Any, Any]] = set()
     for r in results:
@@ -214,12 +241,14 @@ def merge(results: list[dict[str, Any]]) -> dict[str, Any]:
     seeds = sorted({row.get("seed", 0) for row in out["codecs"] if "error" not in row})
     if "budget" in out:
         out["budget"] = {**out["budget"], "seeds": seeds}
+    against_fp32(out["codecs"])
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--json", required=True, nargs="+", metavar="FILE", help="results written by `compression --json`")
+    p.add_argument("--json", required=True, nargs="+", metavar="FILE",
+                   help="results written by `compression --json` or `inprocess --json`")
     p.add_argument("--plot", metavar="PNG")
     p.add_argument("--out", metavar="FILE", help="write the merged result here")
     args = p.parse_args(argv)

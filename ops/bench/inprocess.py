@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="the training bench's quick budget (char-lm: 60k characters)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     ap.add_argument("--json", help="also write the result here")
+    ap.add_argument("--label", help="the row's name in `compression_report` (default: its codec)")
     a = ap.parse_args(argv)
 
     import fakeredis
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = ctx.manifest(job.fields["manifest"])
         xt, yt = ctx.split(manifest.test, job_id)
         metrics = evaluate(final.build("cpu"), xt, yt, b.task)
-    out = {"model": a.model, "quick": a.quick, "spec": a.spec, "epochs": a.epochs, "seed": a.seed, "rounds": total,
+    out = {"model": a.model, "quick": a.quick, "spec": a.spec, **({"label": a.label} if a.label else {}),
+           "epochs": a.epochs, "seed": a.seed, "rounds": total,
            "samples": samples, "bytes_up_per_sample": up / max(1, samples), **metrics,
            "wall_s": round(time.time() - t0, 1)}
     print(json.dumps(out))

@@ -57,3 +57,26 @@ def test_the_plot_of_char_lm_rows_is_written(tmp_path: Path) -> None:
     assert merged["budget"]["seeds"] == [0, 1]
     out = report.plot(merged, tmp_path / "ppl.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_in_process_runs_are_rows_judged_against_fp32_sync_of_their_own_seed() -> None:
+    report = load_bench("compression_report")
+
+    def run(spec: dict, seed: int, ppl: float, bps: float, label: str | None = None) -> dict[str, Any]:
+        out = {"model": "char-lm", "quick": True, "spec": spec, "epochs": 64, "seed": seed, "rounds": 224,
+               "samples": 55_872, "bytes_up_per_sample": bps, "loss": 1.6, "accuracy": 0.6, "perplexity": ppl,
+               "wall_s": 300.0}
+        return out | ({"label": label} if label else {})
+
+    merged = report.merge([run({}, 0, 5.0, 200_000.0), run({}, 1, 4.0, 200_000.0),
+                           run({"local_steps": 8, "codec": "topk+q4"}, 0, 5.1, 400.0, label="q4-sgdm"),
+                           run({"local_steps": 8, "codec": "topk+q4"}, 1, 3.9, 500.0, label="q4-sgdm"),
+                           run({"codec": "topk"}, 2, 9.0, 100.0)])  # no fp32 row of seed 2: no change given
+    by = {(r["codec"], r["H"], r["seed"]): r for r in merged["codecs"]}
+    assert by[("q4-sgdm", 8, 0)]["perplexity_delta_pct"] == pytest.approx(2.0)
+    assert by[("q4-sgdm", 8, 1)]["perplexity_delta_pct"] == pytest.approx(-2.5)
+    assert by[("q4-sgdm", 8, 1)]["ratio_vs_fp32_step"] == pytest.approx(400.0)
+    assert by[("none", 1, 0)]["perplexity_delta_pct"] == 0.0
+    assert "perplexity_delta_pct" not in by[("topk", 1, 2)]
+    assert merged["budget"]["seeds"] == [0, 1, 2]
+    assert "| q4-sgdm | 8 | 0,1 | 450.0 | 400.0 |" in report.markdown(merged)
