@@ -95,6 +95,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "topk+q4-5%-adamw-avg": {"codec": "topk+q4", "codec_density": 0.05, "codec_dense_below": 1024, **_ADAMW_AVG},
     "none-sgdm-avg": {"codec": "none", **_SGDM_AVG},
     "topk+q2-8%-sgdm-avg": {"codec": "topk+q2", "codec_density": 0.08, "codec_dense_below": 1024, **_SGDM_AVG},
+    "topk+q4-5%-sgdm-avg": {"codec": "topk+q4", "codec_density": 0.05, "codec_dense_below": 1024, **_SGDM_AVG},
     # the same with the state in the store: exact whichever worker runs the shard, at the price of its bytes
     "topk+q4-dgc-3%-store": {"codec": "topk+q4", "codec_density": 0.03, "codec_momentum": 0.9, "momentum": 0.0,
                              "codec_state": "store"},
