@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(a.threads)
     b = budget_for(a.model, quick=a.quick)
-    spec = b.spec(mode="sync", epochs=a.epochs, seed=a.seed, **a.spec)
+    spec = b.spec(**{"mode": "sync", "epochs": a.epochs, "seed": a.seed, **a.spec})  # --spec's fields win
     if spec.get("mode", "sync") != "sync":
         raise SystemExit("--spec: sync jobs only")
     with tempfile.TemporaryDirectory(prefix="aas-inprocess-") as d:
