@@ -142,7 +142,8 @@ def local_steps(
         opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
     else:  # with momentum, local SGD with momentum (SlowMo, Wang et al. 2020); without, stateless
         opt = torch.optim.SGD(params.values(), lr=lr, momentum=momentum)
-    if state is not None and (optimizer == "adamw" or momentum):
+    stateful = optimizer == "adamw" or momentum > 0
+    if state is not None and stateful:
         _load_opt_state(opt, params, state, optimizer)
     samples, loss_sum = 0, 0.0
     try:
@@ -154,7 +155,7 @@ def local_steps(
             samples += int(x.shape[0])
             loss_sum += loss * int(x.shape[0])
         delta = {n: start[n] - p.detach().float().cpu() for n, p in params.items()}
-        kept = _opt_state(opt, params, optimizer) if keep_state and (optimizer == "adamw" or momentum) else None
+        kept = _opt_state(opt, params, optimizer) if keep_state and stateful else None
     finally:
         with torch.no_grad():
             for n, p in params.items():

@@ -120,7 +120,7 @@ def drop_blobs(ctx: Services, job_id: str, blob_keys: Iterable[str]) -> None:
         try:
             ctx.store.delete(key)
         except StoreError as e:
-            log.warning("job %s: spent update blob %s not deleted (%s); it stays as an orphan", job_id, key, e)
+            log.warning("job %s: spent object %s not deleted (%s); it stays as an orphan", job_id, key, e)
 
 
 def drop_under(ctx: Services, job_id: str, prefix: str) -> None:

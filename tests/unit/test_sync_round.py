@@ -150,7 +150,7 @@ def test_topk_error_feedback_residual_is_kept_per_job_and_shard_and_used_on_the_
     without = shard.train_shard(unit_ctx, job_id, 0, 0, 1, 0)
     assert with_feedback["sha256"] != without["sha256"]
     assert with_feedback["bytes"] < 0.1 * 4 * 38282  # 1% of the values (plus indices and header)
-    assert not list(unit_ctx.store.list(f"jobs/{job_id}/codec-state/"))
+    assert not list(unit_ctx.store.list(keys.codec_states_prefix(job_id)))
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
@@ -230,7 +230,7 @@ def test_a_kept_inner_adamw_state_is_the_shards_next_rounds_start_and_a_reset_ke
     unit_ctx.residuals.clear()  # a worker that never ran the shard starts its AdamW afresh
     fresh = shard.train_shard(unit_ctx, job_id, 0, 0, 2, 0)
     assert kept["sha256"] != fresh["sha256"]
-    assert not list(unit_ctx.store.list(f"jobs/{job_id}/codec-state/"))
+    assert not list(unit_ctx.store.list(keys.codec_states_prefix(job_id)))
 
     reset_id = stage(unit_ctx, **{**spec, "inner_state": "reset"})
     shard.train_shard(unit_ctx, reset_id, 0, 0, 0, 0)
